@@ -1,0 +1,167 @@
+"""Property tests for the compaction core and bipartite matching (pure tensor code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlprune.config import ReductionConfig, parse_schedule
+from vlprune.core import Plan, TokenState, combine_masks, identity_source, size_bias
+from vlprune.merging import bipartite_soft_matching, max_merge
+
+shapes = st.tuples(
+    st.integers(1, 3),  # batch
+    st.integers(2, 40),  # tokens
+    st.integers(0, 3),  # protected
+    st.integers(1, 8),  # channels
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, r=st.integers(0, 30), seed=st.integers(0, 2**16))
+def test_bipartite_plan_invariants(shape, r, seed):
+    B, N, P, C = shape
+    P = min(P, N)
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(B, N, C, generator=g)
+    plan = bipartite_soft_matching(metric, r, P)
+    r_eff = min(r, max_merge(N, P))
+    if r_eff == 0:
+        assert plan is None
+        return
+    assert plan.num_kept == N - r_eff
+    assert plan.num_merged == r_eff
+    # every input token is either kept or merged, exactly once
+    all_idx = torch.cat([plan.keep, plan.src], dim=1).sort(dim=1).values
+    assert torch.equal(all_idx, torch.arange(N).expand(B, N))
+    # protected prefix stays first, in order, and is never a merge target or source
+    assert torch.equal(plan.keep[:, :P], torch.arange(P).expand(B, P))
+    assert bool((plan.dst >= P).all()) and bool((plan.src >= P).all())
+    assert bool((plan.dst < plan.num_kept).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, r=st.integers(1, 20), steps=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_sizes_and_sources_conserve_tokens(shape, r, steps, seed):
+    B, N, P, C = shape
+    P = min(P, N)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    state = TokenState(num_protected=P, trace_source=True)
+    orig = x.clone()
+    for _ in range(steps):
+        plan = bipartite_soft_matching(torch.randn(B, x.shape[1], C, generator=g), r, P)
+        if plan is None:
+            break
+        x = state.compact(plan, x)
+    if state.size is None:
+        return
+    # sizes sum to the input token count; source rows sum to sizes; each input used once
+    assert torch.allclose(state.size.sum(dim=1).squeeze(-1), torch.full((B,), float(N), dtype=x.dtype))
+    assert torch.allclose(state.source.sum(dim=-1, keepdim=True), state.size)
+    assert torch.allclose(state.source.sum(dim=1), torch.ones(B, N, dtype=x.dtype))
+    # each token is the mean of the inputs it holds (size-weighted averaging is exact)
+    expected = (state.source @ orig) / state.size
+    assert torch.allclose(x, expected, atol=1e-9)
+    # protected tokens hold exactly themselves
+    assert torch.equal(state.source[:, :P], identity_source(B, N, dtype=x.dtype)[:, :P])
+
+
+def test_plan_pure_pruning_keeps_size_none():
+    x = torch.randn(2, 6, 3)
+    keep = torch.tensor([[0, 2, 4], [1, 3, 5]])
+    out, size = Plan(keep=keep, num_tokens=6).apply(x)
+    assert size is None
+    assert torch.equal(out, torch.stack([x[0, [0, 2, 4]], x[1, [1, 3, 5]]]))
+
+
+def test_plan_weighted_merge_and_src_weight():
+    x = torch.tensor([[[1.0], [3.0], [10.0]]])
+    size = torch.tensor([[[1.0], [3.0], [1.0]]])
+    plan = Plan(keep=torch.tensor([[0, 2]]), src=torch.tensor([[1]]), dst=torch.tensor([[0]]), num_tokens=3)
+    out, new_size = plan.apply(x, size)
+    assert torch.allclose(out[0, :, 0], torch.tensor([(1 * 1 + 3 * 3) / 4, 10.0]))
+    assert torch.allclose(new_size[0, :, 0], torch.tensor([4.0, 1.0]))
+    weighted = Plan(
+        keep=plan.keep, src=plan.src, dst=plan.dst, src_weight=torch.tensor([[[0.5]]]), num_tokens=3
+    )
+    out, new_size = weighted.apply(x, size)
+    assert torch.allclose(out[0, 0, 0], torch.tensor((1 + 0.5 * 3 * 3) / 2.5))
+
+
+def test_plan_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="together"):
+        Plan(keep=torch.zeros(1, 2, dtype=torch.long), src=torch.zeros(1, 1, dtype=torch.long))
+    plan = Plan(keep=torch.zeros(1, 2, dtype=torch.long), num_tokens=5)
+    with pytest.raises(ValueError, match="built for 5 tokens"):
+        plan.apply(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match=r"\(B, N, C\)"):
+        plan.apply(torch.randn(5, 2))
+
+
+def test_state_check_catches_stale_sizes():
+    state = TokenState(size=torch.ones(1, 5, 1))
+    with pytest.raises(RuntimeError, match="fresh token state"):
+        state.check(torch.randn(1, 7, 4))
+
+
+def test_size_bias_matches_proportional_attention():
+    """log(size) as an SDPA mask equals attending to each merged token `size` times."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    size = torch.tensor([[[1.0], [3.0], [1.0], [2.0]]])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))
+    rep = torch.tensor([0, 1, 1, 1, 2, 3, 3])  # each key repeated `size` times
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, rep], v[:, :, rep])
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_combine_masks_bool_and_float():
+    bias = torch.zeros(1, 1, 1, 3)
+    mask = torch.tensor([True, False, True]).view(1, 1, 1, 3)
+    out = combine_masks(mask, bias + 1.0, torch.float32)
+    assert out[0, 0, 0, 1] == float("-inf") and out[0, 0, 0, 0] == 1.0
+    assert combine_masks(None, bias, torch.float32) is bias
+    assert combine_masks(mask, None, torch.float32) is mask
+
+
+@pytest.mark.parametrize(
+    "merge_r, layers, expected",
+    [
+        (4, 3, [4, 4, 4]),
+        ([1, 2], 4, [1, 2, 0, 0]),
+        ((8, 0.5), 3, [4, 8, 12]),
+        ((8, -1.0), 3, [16, 8, 0]),
+        ((8, 0.0), 1, [8]),
+    ],
+)
+def test_parse_schedule(merge_r, layers, expected):
+    assert parse_schedule(merge_r, layers) == expected
+
+
+@settings(max_examples=50, deadline=None)
+@given(r=st.integers(0, 64), inflect=st.floats(-1, 1), layers=st.integers(2, 24))
+def test_parse_schedule_tuple_mean_is_r(r, inflect, layers):
+    sched = parse_schedule((r, inflect), layers)
+    assert len(sched) == layers and min(sched) >= 0
+    assert abs(sum(sched) / layers - r) <= 1.0  # int truncation only
+
+
+@pytest.mark.parametrize(
+    "bad", [-1, 1.5, "8", (8,), (8, 2.0), (-1, 0.0), [1, -2], [1, 2.5], True, None]
+)
+def test_config_rejects_bad_merge_r(bad):
+    with pytest.raises(ValueError, match="allowed"):
+        ReductionConfig(merge_r=bad)
+
+
+def test_schedule_longer_than_model_is_an_error():
+    with pytest.raises(ValueError, match="at most 2"):
+        parse_schedule([1, 2, 3], 2)
+
+
+def test_config_replace_unknown_name():
+    with pytest.raises(TypeError, match="known settings"):
+        ReductionConfig().replace(merge_rr=3)

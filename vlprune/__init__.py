@@ -1,0 +1,40 @@
+"""vlprune: training-free token reduction for vision and vision-language transformers.
+
+    import timm, vlprune
+    model = timm.create_model("vit_base_patch16_224", pretrained=True)
+    vlprune.patch(model, merge_r=16)   # ToMe merging, in place
+    vlprune.describe(model)            # tokens per layer and FLOPs
+    vlprune.unpatch(model)             # the original model back
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import UnsupportedModelError, supported_text  # noqa: E402
+from .api import (  # noqa: E402
+    Description,
+    configure,
+    describe,
+    disabled,
+    get_config,
+    get_source,
+    is_patched,
+    patch,
+    unpatch,
+)
+from .config import ReductionConfig, parse_schedule  # noqa: E402
+
+__all__ = [
+    "Description",
+    "ReductionConfig",
+    "UnsupportedModelError",
+    "configure",
+    "describe",
+    "disabled",
+    "get_config",
+    "get_source",
+    "is_patched",
+    "parse_schedule",
+    "patch",
+    "supported_text",
+    "unpatch",
+]

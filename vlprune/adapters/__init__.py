@@ -1,0 +1,9 @@
+"""Model-family adapters: where the reduction points are and how to patch them reversibly.
+
+Each adapter module imports its model library lazily; importing this package registers them.
+"""
+
+from . import timm_vit  # noqa: F401  (registers the adapter)
+from .base import UnsupportedModelError, supported_text
+
+__all__ = ["UnsupportedModelError", "supported_text"]

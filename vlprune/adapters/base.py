@@ -1,0 +1,186 @@
+"""What every adapter shares: the per-model context, class swapping for undo, the registry.
+
+A patched model holds one :class:`PatchContext` (attribute ``_vlprune`` on the root module);
+every patched submodule holds a reference to the same object (``_vlprune_ctx``). Patching
+swaps an instance's class for a dynamic subclass of that very class (so ``isinstance`` keeps
+working and no parameter changes) and remembers the original for :func:`restore`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ReductionConfig, parse_schedule
+from ..core.state import TokenState
+
+ATTR = "_vlprune"
+_ORIG_CLASS = "_vlprune_orig_class"
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or a part of it) has a structure no adapter knows."""
+
+
+@dataclass
+class LayerRecord:
+    """Tokens seen by one reduction point during a recorded forward."""
+
+    index: int
+    tokens_in: int
+    r_requested: int
+    tokens_out: int
+
+
+@dataclass
+class PatchContext:
+    """Settings and per-forward state of one patched model."""
+
+    config: ReductionConfig
+    family: str
+    num_layers: int
+    enabled: bool = True
+    schedule: list[int] = field(default_factory=list)
+    state: TokenState | None = None
+    # Keys handed from a patched attention module to its block (set only when asked for).
+    capture_metric: bool = False
+    metric: Tensor | None = None
+    # describe(): when a list, each reduction point appends a LayerRecord.
+    record: list[LayerRecord] | None = None
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Resolve the per-layer schedule from the config (after patch or configure)."""
+        self.schedule = parse_schedule(self.config.merge_r, self.num_layers)
+
+    @property
+    def reduces(self) -> bool:
+        return self.enabled and any(self.schedule)
+
+    def begin(self, num_protected: int) -> TokenState | None:
+        """Start the token state of a new forward pass."""
+        if not self.enabled:
+            self.state = None
+            return None
+        self.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
+        self.metric = None
+        self.capture_metric = False
+        return self.state
+
+    def take_metric(self) -> Tensor:
+        metric, self.metric = self.metric, None
+        if metric is None:
+            raise RuntimeError("the patched attention module did not hand over its keys")
+        return metric
+
+    def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
+        if self.record is not None and self.enabled:
+            self.record.append(LayerRecord(layer, tokens_in, self.schedule[layer], tokens_out))
+
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type, ctx: PatchContext, **attrs) -> None:
+    """Give ``module`` the class ``mixin + type(module)`` and a reference to ``ctx``."""
+    cls = type(module)
+    new_cls = _CLASS_CACHE.get((mixin, cls))
+    if new_cls is None:
+        new_cls = type(f"VLPrune{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+        _CLASS_CACHE[(mixin, cls)] = new_cls
+    module.__dict__[_ORIG_CLASS] = cls
+    module.__dict__["_vlprune_ctx"] = ctx
+    for k, v in attrs.items():
+        module.__dict__[f"_vlprune_{k}"] = v
+    module.__class__ = new_cls
+
+
+def restore(model: nn.Module) -> None:
+    """Undo every :func:`swap_class` below (and including) ``model``; drop our attributes."""
+    for module in model.modules():
+        orig = module.__dict__.get(_ORIG_CLASS)
+        if orig is not None:
+            module.__class__ = orig
+        for key in [k for k in module.__dict__ if k.startswith(ATTR)]:
+            del module.__dict__[key]
+
+
+class Adapter(ABC):
+    """Knows where the reduction points of one model family are.
+
+    Subclasses set ``name`` and ``supported`` (shown in errors) and implement the methods.
+    """
+
+    name: str = ""
+    supported: str = ""
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """True when this adapter handles ``model``."""
+
+    @abstractmethod
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        """Raise :class:`UnsupportedModelError` if the structure is not the one we know."""
+
+    @abstractmethod
+    def num_layers(self, model: nn.Module) -> int:
+        """How many reduction points (layers) the schedule spans."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        """Swap the classes of the model's reduction points (see :func:`swap_class`)."""
+
+    @abstractmethod
+    def example_input(
+        self, model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None
+    ) -> Tensor:
+        """A random input the model accepts (for describe and bench)."""
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(factory: Callable[[], Adapter]) -> Callable[[], Adapter]:
+    """Class decorator: register one instance of an adapter (first match wins)."""
+    adapter = factory()
+    if adapter.name in _ADAPTERS:
+        raise ValueError(f"adapter {adapter.name!r} is registered twice")
+    _ADAPTERS[adapter.name] = adapter
+    return factory
+
+
+def supported_text() -> str:
+    return "; ".join(f"{a.name} ({a.supported})" for a in _ADAPTERS.values())
+
+
+def find_adapter(model: nn.Module, family: str | None = None) -> Adapter:
+    """The adapter for ``model``: ``family`` by name, else the first whose ``matches`` is true."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if family is not None:
+        if family not in _ADAPTERS:
+            raise ValueError(f"unknown family {family!r}; known families: {sorted(_ADAPTERS)}")
+        return _ADAPTERS[family]
+    for adapter in _ADAPTERS.values():
+        if adapter.matches(model):
+            return adapter
+    raise UnsupportedModelError(
+        f"no vlprune adapter supports {type(model).__module__}.{type(model).__qualname__}. "
+        f"Supported: {supported_text()}"
+    )
+
+
+def class_path_in_mro(model: nn.Module) -> list[str]:
+    """``module.qualname`` of every class in the model's MRO (detection by name, no imports)."""
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__]
+
+
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)

@@ -1,0 +1,225 @@
+"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, AugReg, registers, LayerScale, qk-norm).
+
+Reduction point: inside each ``Block``, between the attention branch and the MLP branch (ToMe's
+place: the attention keys of this block are the merge metric). What is patched:
+
+* the model: ``forward_features`` / ``forward_intermediates`` start a fresh token state;
+  ``pool`` averages with token sizes (``avg``/``avgmax``) and gives MAP pooling proportional
+  attention;
+* each ``Block``: the copied two-line forward with the reduction step in between;
+* each ``Attention``: only when its block needs the keys, a copy of the upstream forward that
+  also hands over the head-averaged keys; otherwise the upstream forward runs untouched.
+
+timm is imported lazily: ``import vlprune`` does not need it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..config import ReductionConfig
+from ..core.attention import size_bias
+from ..merging.bipartite import bipartite_soft_matching
+from .base import (
+    Adapter,
+    PatchContext,
+    UnsupportedModelError,
+    class_path_in_mro,
+    device_dtype,
+    register_adapter,
+    swap_class,
+)
+
+MIN_TIMM = (1, 0)
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_ATTN_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop")
+
+
+def _timm_version() -> tuple[int, ...]:
+    import timm
+
+    parts = []
+    for p in timm.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+class _ViTMixin:
+    """Model-level patch of timm ``VisionTransformer``."""
+
+    def _vlprune_begin(self) -> None:
+        ctx: PatchContext = self._vlprune
+        ctx.begin(self.num_prefix_tokens)
+        if ctx.reduces and self.grad_checkpointing and torch.is_grad_enabled():
+            raise RuntimeError(
+                "token reduction cannot run with timm gradient checkpointing (the recomputed "
+                "blocks would see a different token state); call set_grad_checkpointing(False)"
+            )
+
+    def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
+        self._vlprune_begin()
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        self._vlprune_begin()
+        if self._vlprune.reduces:
+            bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
+            if bound.arguments.get("output_fmt", "NCHW") != "NLC":
+                raise ValueError(
+                    "forward_intermediates with output_fmt='NCHW' needs every patch token, but "
+                    "token reduction is on: pass output_fmt='NLC' (sequences of merged tokens) or "
+                    "run inside `with vlprune.disabled(model):`"
+                )
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        ctx: PatchContext = self._vlprune
+        size = ctx.state.size if ctx.enabled and ctx.state is not None else None
+        if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
+            return super().pool(x, pool_type)
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        if self.attn_pool is not None:
+            bias = size_bias(size[:, start:], x.dtype) if ctx.config.prop_attn else None
+            return self.attn_pool(x[:, start:], attn_mask=bias)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)  # 'token', 'max', '': sizes do not matter
+        xs, s = x[:, start:], size[:, start:]
+        avg = (xs * s).sum(dim=1) / s.sum(dim=1)
+        return avg if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + avg)
+
+
+class _BlockMixin:
+    """Patched timm ``Block``. Follows ``timm/models/vision_transformer.py::Block.forward``
+    (timm 1.0.31): every submodule upstream calls is still called, in the same order."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        ctx: PatchContext = self._vlprune_ctx
+        layer: int = self._vlprune_layer
+        state = ctx.state if ctx.enabled else None
+        r = ctx.schedule[layer] if state is not None else 0
+        bias = state.attn_bias(x.dtype) if state is not None and ctx.config.prop_attn else None
+        if r == 0 and bias is None:
+            out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            ctx.log(layer, x.shape[1], out.shape[1])
+            return out
+        state.check(x)
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "attn_mask / is_causal cannot be combined with token reduction (the mask would "
+                "have to follow the merged tokens); run inside `with vlprune.disabled(model):`"
+            )
+        n_in = x.shape[1]
+        ctx.capture_metric = r > 0
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
+        if r > 0:
+            plan = bipartite_soft_matching(ctx.take_metric(), r, state.num_protected)
+            if plan is not None:
+                x = state.compact(plan, x)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        ctx.log(layer, n_in, x.shape[1])
+        return x
+
+
+class _AttentionMixin:
+    """Patched timm ``Attention``: upstream forward unless the block asked for the keys."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        ctx: PatchContext = self._vlprune_ctx
+        if not ctx.capture_metric:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        ctx.capture_metric = False
+        # Follows timm/layers/attention.py::Attention.forward (timm 1.0.31) without the causal
+        # branch (refused by the block), and keeps the keys as the merge metric.
+        B, N, _ = x.shape
+        gate = getattr(self, "gate", None)
+        gate = gate(x).sigmoid() if gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        ctx.metric = k.mean(dim=1)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+@register_adapter
+class TimmViTAdapter(Adapter):
+    name = "timm_vit"
+    supported = (
+        "timm>=1.0 VisionTransformer / VisionTransformerDistilled with the standard Block and "
+        "Attention: ViT, DeiT, AugReg, register tokens, LayerScale, qk-norm, avg/token/map pooling"
+    )
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(
+            p.startswith("timm.") and p.endswith(".VisionTransformer") for p in class_path_in_mro(model)
+        )
+
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        if _timm_version() < MIN_TIMM:
+            import timm
+
+            raise UnsupportedModelError(f"timm {timm.__version__} found; vlprune needs timm>=1.0")
+        if not isinstance(getattr(model, "blocks", None), nn.Sequential):
+            raise UnsupportedModelError("timm ViT without an nn.Sequential `blocks`; " + self.supported)
+        for i, blk in enumerate(model.blocks):
+            if type(blk).forward is not Block.forward or not all(hasattr(blk, n) for n in _BLOCK_PARTS):
+                raise UnsupportedModelError(
+                    f"blocks[{i}] is {type(blk).__qualname__}; the timm adapter supports "
+                    f"timm.models.vision_transformer.Block only (not ResPostBlock, parallel or "
+                    f"diff-attention blocks). Supported: {self.supported}"
+                )
+            attn = blk.attn
+            if type(attn).forward is not Attention.forward or not all(
+                hasattr(attn, n) for n in _ATTN_PARTS
+            ):
+                raise UnsupportedModelError(
+                    f"blocks[{i}].attn is {type(attn).__qualname__}; the timm adapter supports "
+                    f"timm.layers.Attention only. Supported: {self.supported}"
+                )
+        if model.attn_pool is not None and "attn_mask" not in inspect.signature(
+            model.attn_pool.forward
+        ).parameters:
+            raise UnsupportedModelError(
+                f"{type(model.attn_pool).__qualname__} takes no attn_mask, so MAP pooling cannot "
+                "weight merged tokens; upgrade timm (1.0.31 works)"
+            )
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        swap_class(model, _ViTMixin, ctx)
+        model.__dict__["_vlprune"] = ctx
+        for i, blk in enumerate(model.blocks):
+            swap_class(blk, _BlockMixin, ctx, layer=i)
+            swap_class(blk.attn, _AttentionMixin, ctx)
+
+    def example_input(
+        self, model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None
+    ) -> Tensor:
+        if input_size is None:
+            h, w = model.patch_embed.img_size
+            input_size = (model.patch_embed.proj.in_channels, h, w)
+        device, dtype = device_dtype(model)
+        return torch.randn(batch_size, *input_size, device=device, dtype=dtype)

@@ -1,0 +1,208 @@
+"""The public verbs: patch, unpatch, configure, is_patched, disabled, describe, get_source."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapters.base import ATTR, LayerRecord, PatchContext, find_adapter, restore
+from .config import ReductionConfig
+
+
+def _context(model: nn.Module) -> PatchContext:
+    ctx = model.__dict__.get(ATTR)
+    if ctx is None:
+        raise ValueError(
+            f"{type(model).__name__} is not patched by vlprune; call vlprune.patch(model, ...) first"
+        )
+    return ctx
+
+
+def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings: Any) -> nn.Module:
+    """Make ``model`` run on fewer tokens, in place; returns the same ``model``.
+
+    Pass a :class:`ReductionConfig` or its fields as keywords, e.g. ``patch(vit, merge_r=16)``.
+    Patching an already patched model first undoes the old patch (patching twice equals
+    patching once). Unsupported models and invalid settings raise here, not at forward time.
+    """
+    if config is not None and settings:
+        raise TypeError("pass either a ReductionConfig or keyword settings, not both")
+    if config is None:
+        unknown = sorted(set(settings) - set(ReductionConfig.field_names()))
+        if unknown:
+            raise TypeError(
+                f"unknown setting(s) {unknown}; known settings: {list(ReductionConfig.field_names())}"
+            )
+        config = ReductionConfig(**settings)
+    elif not isinstance(config, ReductionConfig):
+        raise TypeError(f"config must be a ReductionConfig, got {type(config).__name__}")
+    previous = model.__dict__.get(ATTR)
+    if previous is not None:
+        restore(model)
+    try:
+        adapter = find_adapter(model, config.family)
+        adapter.check(model, config)
+        ctx = PatchContext(config=config, family=adapter.name, num_layers=adapter.num_layers(model))
+    except Exception:
+        if previous is not None:  # a failed re-patch leaves the old patch in place
+            find_adapter(model, previous.family).apply(model, previous)
+        raise
+    adapter.apply(model, ctx)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes and forwards; the ``state_dict`` is untouched."""
+    _context(model)
+    restore(model)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return ATTR in model.__dict__
+
+
+def configure(model: nn.Module, **changes: Any) -> nn.Module:
+    """Change settings of a patched model without re-patching (e.g. ``configure(m, merge_r=8)``)."""
+    ctx = _context(model)
+    if "family" in changes and changes["family"] != ctx.config.family:
+        raise ValueError("family cannot be changed by configure(); call vlprune.patch() again")
+    config = ctx.config.replace(**changes)
+    old = ctx.config
+    ctx.config = config
+    try:
+        ctx.refresh()
+    except ValueError:
+        ctx.config = old
+        raise
+    return model
+
+
+def get_config(model: nn.Module) -> ReductionConfig:
+    return _context(model).config
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the original computation inside the block (for A/B comparisons in one process)."""
+    ctx = _context(model)
+    previous = ctx.enabled
+    ctx.enabled = False
+    try:
+        yield model
+    finally:
+        ctx.enabled = previous
+
+
+def get_source(model: nn.Module) -> Tensor:
+    """``(B, N, N0)`` map of which input tokens each output token of the last forward holds.
+
+    Needs ``trace_source=True``. Row sums are the token sizes; columns sum to 1.
+    """
+    ctx = _context(model)
+    if not ctx.config.trace_source:
+        raise ValueError("source tracking is off: patch or configure with trace_source=True")
+    state = ctx.state
+    if state is None:
+        raise RuntimeError("no forward pass has run since patching (or it ran disabled)")
+    return state.source  # None means no token was merged: every token holds only itself
+
+
+@dataclass
+class Description:
+    """Effective tokens per layer and FLOPs of a patched model for one input shape."""
+
+    family: str
+    config: dict
+    input_shape: tuple[int, ...]
+    layers: list[LayerRecord] = field(default_factory=list)
+    flops: int | None = None
+    flops_baseline: int | None = None
+
+    @property
+    def flops_ratio(self) -> float | None:
+        """Baseline FLOPs / reduced FLOPs (>= 1 when the patch saves compute)."""
+        if not self.flops or not self.flops_baseline:
+            return None
+        return self.flops_baseline / self.flops
+
+    @property
+    def schedule(self) -> list[int]:
+        """Tokens removed at each layer, after capping."""
+        return [lr.tokens_in - lr.tokens_out for lr in self.layers]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["flops_ratio"] = self.flops_ratio
+        d["schedule"] = self.schedule
+        return d
+
+    def __str__(self) -> str:
+        lines = [f"vlprune {self.family}  input {tuple(self.input_shape)}  config {self.config}"]
+        lines.append(f"{'layer':>5} {'tokens in':>9} {'r asked':>7} {'r done':>6} {'tokens out':>10}")
+        for lr in self.layers:
+            lines.append(
+                f"{lr.index:>5} {lr.tokens_in:>9} {lr.r_requested:>7} "
+                f"{lr.tokens_in - lr.tokens_out:>6} {lr.tokens_out:>10}"
+            )
+        if self.flops is not None:
+            g = self.flops / 1e9
+            if self.flops_baseline:
+                lines.append(
+                    f"GFLOPs {g:.3f} (unpatched {self.flops_baseline / 1e9:.3f}, "
+                    f"{self.flops_ratio:.2f}x fewer)"
+                )
+            else:
+                lines.append(f"GFLOPs {g:.3f}")
+        return "\n".join(lines)
+
+
+def describe(
+    model: nn.Module,
+    inputs: Tensor | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+    batch_size: int = 1,
+    flops: bool = True,
+) -> Description:
+    """Run one forward and report the tokens entering and leaving each layer, and the FLOPs
+    (patched and unpatched, per forward of ``batch_size``).
+
+    ``inputs`` defaults to a random tensor of the model's default size (or ``input_size``,
+    without the batch dimension).
+    """
+    from .eval.flops import count_flops
+
+    ctx = _context(model)
+    adapter = find_adapter(model, ctx.family)
+    if inputs is None:
+        inputs = adapter.example_input(model, batch_size, input_size)
+    was_training = model.training
+    model.eval()
+    ctx.record = []
+    try:
+        with torch.no_grad():
+            if flops:
+                n = count_flops(lambda: model(inputs))
+                with disabled(model):
+                    n_base = count_flops(lambda: model(inputs))
+            else:
+                model(inputs)
+                n = n_base = None
+        layers = list(ctx.record)
+    finally:
+        ctx.record = None
+        model.train(was_training)
+    return Description(
+        family=ctx.family,
+        config={k: v for k, v in asdict(ctx.config).items() if k != "version"},
+        input_shape=tuple(inputs.shape),
+        layers=layers,
+        flops=n,
+        flops_baseline=n_base,
+    )
