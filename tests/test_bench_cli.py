@@ -1,0 +1,85 @@
+"""The benchmark runner and the `vlprune` command (structure and arithmetic, never timings)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import vlprune
+from vlprune.cli import main, parse_merge_list
+from vlprune.eval.bench import BASELINE, Setting, run_bench
+
+timm = pytest.importorskip("timm")
+
+
+def test_run_bench_rows_and_arithmetic(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=96).eval()
+    result = run_bench(
+        model, [Setting.merge(0), Setting.merge(4), Setting.merge((4, 0.5))],
+        model_name="test_vit", batch_size=2, rounds=2, iters=1, warmup=0, progress=False,
+    )
+    assert [r.setting for r in result.rows] == [BASELINE, "r=0", "r=4", "r=4@0.5"]
+    base = result.row(BASELINE)
+    assert base.flops_ratio == 1.0 and base.speedup == 1.0
+    assert result.row("r=0").gflops_per_img == base.gflops_per_img
+    for label in ("r=4", "r=4@0.5"):
+        row = result.row(label)
+        assert row.flops_ratio > 1.2
+        assert row.tokens_final < 37
+        assert row.efficiency == pytest.approx(row.speedup / row.flops_ratio)
+        assert row.speedup == pytest.approx(base.batch_ms / row.batch_ms)
+        assert len(row.times_ms) == 2 and row.peak_mem_mb > 0
+    assert not vlprune.is_patched(model)  # the runner leaves the model as it found it
+    result.write_json(tmp_path / "r.json")
+    result.write_csv(tmp_path / "r.csv")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["env"]["torch"] == torch.__version__ and len(data["rows"]) == 4
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [r["setting"] for r in rows] == [BASELINE, "r=0", "r=4", "r=4@0.5"]
+    assert "speedup" in result.table()
+
+
+def test_run_bench_rejects_duplicates():
+    model = timm.create_model("test_vit", img_size=64)
+    with pytest.raises(ValueError, match="duplicate"):
+        run_bench(model, [Setting.merge(2), Setting.merge(2)], batch_size=1, progress=False)
+
+
+def test_cli_bench(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main([
+        "bench", "--model", "test_vit", "--img-size", "64", "--merge-r", "0,3", "--batch-size", "2",
+        "--rounds", "1", "--iters", "1", "--warmup", "0", "--no-progress", "--json", str(out),
+        "--csv", str(tmp_path / "b.csv"),
+    ])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "efficien" in text.lower() or "effic." in text
+    last = text.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert set(summary["rows"]) == {BASELINE, "r=0", "r=3"}
+    assert json.loads(out.read_text())["model"] == "test_vit"
+
+
+def test_cli_describe(capsys):
+    assert main(["describe", "--model", "test_vit", "--img-size", "64", "--merge-r", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens in" in text and "GFLOPs" in text
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit, match="unknown timm model"):
+        main(["bench", "--model", "no_such_vit", "--no-progress"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--merge-r", "a,b"])
+    assert "bad merge-r item" in capsys.readouterr().err
+    rc = main(["describe", "--model", "test_vit", "--img-size", "64", "--merge-r", "99:3"])
+    assert rc == 2 and "merge_r" in capsys.readouterr().err
+
+
+def test_parse_merge_list():
+    assert parse_merge_list("0, 8,16:0.5") == [0, 8, (16, 0.5)]
