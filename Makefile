@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 ASSETS ?= $(if $(VLPRUNE_ASSETS),$(VLPRUNE_ASSETS),$(wildcard ../shared/assets))
-BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32
+BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32 --rounds 3 --iters 1
 
 .PHONY: install bench test lint clean
 

@@ -43,9 +43,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     xs = [r["flops_ratio"] for r in rows]
     ys = [r["top1"] for r in rows]
     ax.plot(xs, ys, "o-")
-    for r in rows:
+    for i, r in enumerate(rows):  # alternate above/below so neighbouring labels stay apart
         ax.annotate(r["setting"], (r["flops_ratio"], r["top1"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    xytext=(4, 6 if i % 2 == 0 else -12), fontsize=8)
     ax.set_xlabel("FLOPs reduction (x)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=9)

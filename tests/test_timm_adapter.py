@@ -291,3 +291,13 @@ def test_config_object_and_keywords_are_equal():
     assert a._vlprune.config == b._vlprune.config
     with pytest.raises(TypeError, match="either"):
         vlprune.patch(a, vlprune.ReductionConfig(), merge_r=2)
+
+
+def test_pickling_a_patched_model_explains_itself(tmp_path):
+    model = _build("test_vit")
+    vlprune.patch(model, merge_r=2)
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(model, tmp_path / "m.pt")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")  # the documented way works
+    vlprune.unpatch(model)
+    torch.save(model, tmp_path / "m.pt")

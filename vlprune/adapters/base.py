@@ -8,6 +8,7 @@ working and no parameter changes) and remembers the original for :func:`restore`
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,25 @@ class PatchContext:
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
         if self.record is not None and self.enabled:
             self.record.append(LayerRecord(layer, tokens_in, self.schedule[layer], tokens_out))
+
+
+class RootMixin:
+    """Behaviour every patched *root* model shares (adapters' model mixins derive from it)."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a vlprune-patched {type(self).__bases__[-1].__name__} cannot be pickled (its classes "
+            "are made at patch time): save model.state_dict(), which patching leaves unchanged, "
+            "or call vlprune.unpatch(model) before torch.save(model) and patch again after loading"
+        )
+
+    def __deepcopy__(self, memo):
+        # what deepcopy does by default, spelled out because __reduce_ex__ above refuses
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
 
 _CLASS_CACHE: dict[tuple[type, type], type] = {}

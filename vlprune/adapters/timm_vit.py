@@ -27,6 +27,7 @@ from ..merging.bipartite import bipartite_soft_matching
 from .base import (
     Adapter,
     PatchContext,
+    RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
@@ -49,7 +50,7 @@ def _timm_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
-class _ViTMixin:
+class _ViTMixin(RootMixin):
     """Model-level patch of timm ``VisionTransformer``."""
 
     def _vlprune_begin(self) -> None:
