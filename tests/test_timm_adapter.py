@@ -301,3 +301,26 @@ def test_pickling_a_patched_model_explains_itself(tmp_path):
     torch.save(model.state_dict(), tmp_path / "sd.pt")  # the documented way works
     vlprune.unpatch(model)
     torch.save(model, tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("name", ["test_vit2_reg_avg_ls", "qk_norm", "deit_distilled"])
+def test_every_upstream_submodule_still_runs(name):
+    """The patched forward calls every submodule the upstream forward calls (LayerScale,
+    drop-path, q/k norms, ...), in the same order within each block."""
+    model = _build(name)
+
+    def calls():
+        seen = []
+        hooks = [
+            m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
+            for n, m in model.named_modules() if n
+        ]
+        with torch.no_grad():
+            model(_x())
+        for h in hooks:
+            h.remove()
+        return seen
+
+    ref = calls()
+    vlprune.patch(model, merge_r=3)
+    assert calls() == ref
