@@ -77,18 +77,20 @@ def test_plan_pure_pruning_keeps_size_none():
     assert torch.equal(out, torch.stack([x[0, [0, 2, 4]], x[1, [1, 3, 5]]]))
 
 
-def test_plan_weighted_merge_and_src_weight():
+def test_plan_weighted_merge_and_score_weights():
     x = torch.tensor([[[1.0], [3.0], [10.0]]])
     size = torch.tensor([[[1.0], [3.0], [1.0]]])
     plan = Plan(keep=torch.tensor([[0, 2]]), src=torch.tensor([[1]]), dst=torch.tensor([[0]]), num_tokens=3)
     out, new_size = plan.apply(x, size)
     assert torch.allclose(out[0, :, 0], torch.tensor([(1 * 1 + 3 * 3) / 4, 10.0]))
     assert torch.allclose(new_size[0, :, 0], torch.tensor([4.0, 1.0]))
-    weighted = Plan(
-        keep=plan.keep, src=plan.src, dst=plan.dst, src_weight=torch.tensor([[[0.5]]]), num_tokens=3
-    )
+    # score weights change the average but not the carried size
+    weight = torch.tensor([[[2.0], [0.5], [7.0]]])
+    weighted = Plan(keep=plan.keep, src=plan.src, dst=plan.dst, weight=weight, num_tokens=3)
     out, new_size = weighted.apply(x, size)
-    assert torch.allclose(out[0, 0, 0], torch.tensor((1 + 0.5 * 3 * 3) / 2.5))
+    expected = (2 * 1 * 1 + 0.5 * 3 * 3) / (2 * 1 + 0.5 * 3)
+    assert torch.allclose(out[0, :, 0], torch.tensor([expected, 10.0]))
+    assert torch.allclose(new_size[0, :, 0], torch.tensor([4.0, 1.0]))
 
 
 def test_plan_rejects_bad_shapes():

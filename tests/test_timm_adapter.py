@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vlprune
+from vlprune.core.select import keep_count
 from vlprune.merging import max_merge
 
 timm = pytest.importorskip("timm")
@@ -35,12 +36,37 @@ MODELS = {
 }
 
 SETTINGS = {
-    "r0": 0,
-    "r3": 3,
-    "ramp": (4, 0.5),
-    "list": [5, 0, 2],
-    "capped": 100,
+    "r0": dict(merge_r=0),
+    "r3": dict(merge_r=3),
+    "ramp": dict(merge_r=(4, 0.5)),
+    "list": dict(merge_r=[5, 0, 2]),
+    "capped": dict(merge_r=100),
+    "keep1": dict(prune_keep=1.0, prune_layers=(1, 2)),
+    "prune": dict(prune_keep=0.6, prune_layers=(1, 3)),
+    "fuse": dict(prune_keep=0.5, prune_layers=(0, 2), prune_fuse=True),
+    "recycle": dict(prune_keep=0.5, prune_layers=(1,), prune_recycle=True),
+    "diverse": dict(prune_keep=0.5, prune_layers=(2,), prune_score="diversity"),
+    "random": dict(prune_keep=0.4, prune_layers=(1,), prune_score="random", prune_seed=3),
+    "hybrid": dict(prune_keep=0.7, prune_layers=(1,), merge_r=2),
 }
+IDENTITY = ("r0", "keep1")
+
+
+def _settings(model, name):
+    """The setting's keywords; class-token scores fall back to attn_entropy without one."""
+    kw = dict(SETTINGS[name])
+    if kw.get("prune_keep") is not None and getattr(model, "cls_token", None) is None:
+        kw.setdefault("prune_score", "attn_entropy")
+    return kw
+
+
+def _expected_tokens_out(n_in, P, keep, r, mode):
+    n = n_in
+    if keep is not None and keep < 1.0:
+        n_keep = keep_count(n, P, keep)
+        if n - P - n_keep > 0:
+            n = P + n_keep + (1 if mode == "fuse" else 0)
+    return n - min(r, max_merge(n, P))
 
 
 def _build(name, seed=0):
@@ -68,39 +94,46 @@ def test_invariants(model_name, setting, batch):
     x = _x(batch)
     classes = {n: type(m) for n, m in model.named_modules()}
     keys = list(model.state_dict())
+    kw = _settings(model, setting)
     with torch.no_grad():
         ref = model(x)
-        vlprune.patch(model, merge_r=SETTINGS[setting], trace_source=True)
+        vlprune.patch(model, trace_source=True, **kw)
         out = model(x)
         assert out.shape == ref.shape and torch.isfinite(out).all()
-        if setting == "r0":
+        if setting in IDENTITY:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         with vlprune.disabled(model):
             torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
 
-        # tokens per layer follow the schedule, capped at half the mergeable tokens
+        # tokens per layer follow the schedules (prune first, then merge, r capped)
         P = model.num_prefix_tokens
+        cfg = model._vlprune.config
         desc = vlprune.describe(model, x, flops=False)
-        sched = vlprune.parse_schedule(SETTINGS[setting], len(model.blocks))
         assert len(desc.layers) == len(model.blocks)
-        for lr, r in zip(desc.layers, sched):
-            assert lr.r_requested == r
-            assert lr.tokens_in - lr.tokens_out == min(r, max_merge(lr.tokens_in, P))
+        for lr, r, keep in zip(desc.layers, model._vlprune.schedule, model._vlprune.prune_schedule):
+            assert (lr.merge_r, lr.prune_keep) == (r, keep)
+            assert lr.tokens_out == _expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
         for prev, nxt in zip(desc.layers, desc.layers[1:]):
             assert nxt.tokens_in == prev.tokens_out
+        if cfg.merge_r:
+            assert model._vlprune.schedule == vlprune.parse_schedule(cfg.merge_r, len(model.blocks))
 
-        # sizes sum to the input token count; protected tokens hold only themselves
+        # sizes count the input tokens a token holds; protected tokens hold only themselves
         model(x)
         state = model._vlprune.state
         n0 = desc.layers[0].tokens_in
-        if state.size is not None:
-            assert torch.allclose(state.size.sum(dim=(1, 2)), torch.full((batch,), float(n0)))
+        if state.source is not None:
             source = vlprune.get_source(model)
             assert torch.equal(source[:, :P, :], torch.eye(n0)[:P].expand(batch, P, n0))
             assert torch.equal(source[:, P:, :P], torch.zeros(batch, source.shape[1] - P, P))
+            assert bool((source.sum(dim=1) <= 1).all())  # no input token counted twice
+            if state.size is not None:
+                assert torch.allclose(source.sum(-1, keepdim=True), state.size)
+            if cfg.prune_keep is None or cfg.prune_mode != "drop":
+                assert torch.allclose(state.size.sum(dim=(1, 2)), torch.full((batch,), float(n0)))
 
         # patch twice == patch once
-        vlprune.patch(model, merge_r=SETTINGS[setting], trace_source=True)
+        vlprune.patch(model, trace_source=True, **kw)
         torch.testing.assert_close(model(x), out, atol=0, rtol=0)
         assert type(model).__bases__[-1] is classes[""]  # not wrapped twice
 
@@ -109,8 +142,8 @@ def test_invariants(model_name, setting, batch):
         torch.testing.assert_close(clone(x), out, atol=0, rtol=0)
         assert clone._vlprune is not model._vlprune
         assert clone.blocks[0]._vlprune_ctx is clone._vlprune
-        vlprune.configure(clone, merge_r=0)
-        assert model._vlprune.config.merge_r == vlprune.ReductionConfig(merge_r=SETTINGS[setting]).merge_r
+        vlprune.configure(clone, merge_r=0, prune_keep=None, prune_layers=None)
+        assert model._vlprune.config == cfg
 
         # unpatch restores classes, outputs, state_dict keys, and leaves nothing behind
         vlprune.unpatch(model)
@@ -324,3 +357,74 @@ def test_every_upstream_submodule_still_runs(name):
     ref = calls()
     vlprune.patch(model, merge_r=3)
     assert calls() == ref
+
+
+# --- pruning ------------------------------------------------------------------------------
+
+
+def test_class_token_scores_need_a_class_token():
+    model = _build("test_vit2_reg_avg_ls")  # registers + avg pooling, no class token
+    with pytest.raises(ValueError, match="no class token.*key_norm"):
+        vlprune.patch(model, prune_keep=0.5)
+    vlprune.patch(model, prune_keep=0.5, prune_score="key_norm")
+    assert model(_x()).shape == (2, model.num_classes)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(prune_keep=0.5, prune_layers=(6,)), "out of range"),
+        (dict(prune_keep=[0.5, 0.4], prune_layers=(1,)), "one per layer"),
+        (dict(prune_keep=0.0), r"\(0, 1\]"),
+        (dict(prune_keep=0.5, prune_score="cls"), "allowed"),
+        (dict(prune_layers=(1,)), "prune_keep"),
+        (dict(prune_keep=0.5, prune_fuse=True, prune_recycle=True), "pick one"),
+    ],
+)
+def test_bad_prune_settings(kw, match):
+    model = _build("test_vit")  # 6 layers
+    with pytest.raises(ValueError, match=match):
+        vlprune.patch(model, **kw)
+    assert not vlprune.is_patched(model)
+
+
+def test_default_prune_layers_follow_evit():
+    model = timm.create_model("vit_tiny_patch16_224", depth=12, img_size=IMG)
+    vlprune.patch(model, prune_keep=0.5)
+    assert [i for i, k in enumerate(model._vlprune.prune_schedule) if k] == [3, 6, 9]
+
+
+def test_random_pruning_is_seeded_per_forward():
+    model = _build("test_vit")
+    vlprune.patch(model, prune_keep=0.5, prune_layers=(1,), prune_score="random", prune_seed=1)
+    with torch.no_grad():
+        a, b = model(_x()), model(_x())
+        vlprune.configure(model, prune_seed=2)
+        c = model(_x())
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_cls_attn_keeps_the_tokens_the_class_token_attends_to():
+    """Steer block 0 so the class token attends to known patches: pruning must keep them."""
+    model = _build("test_vit")
+    vlprune.patch(model, prune_keep=0.25, prune_layers=(0,), trace_source=True)
+    n = (IMG // 16) ** 2 + 1
+    favourite = [3, 10, 17, 30]
+    attn = model.blocks[0].attn
+    hd = attn.num_heads * attn.head_dim
+
+    def steer(mod, inp, out):  # constant queries; large keys only at the favourite tokens
+        out = out.clone()
+        out[..., :hd] = 1.0
+        out[..., hd : 2 * hd] = 0.0
+        out[:, favourite, hd : 2 * hd] = 5.0
+        return out
+
+    handle = attn.qkv.register_forward_hook(steer)
+    with torch.no_grad():
+        model(_x(batch=1))
+    handle.remove()
+    kept = vlprune.get_source(model)[0].nonzero()[:, 1].tolist()
+    assert set(favourite) <= set(kept)
+    assert len(kept) == 1 + keep_count(n, 1, 0.25)

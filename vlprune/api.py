@@ -133,7 +133,7 @@ class Description:
 
     @property
     def schedule(self) -> list[int]:
-        """Tokens removed at each layer, after capping."""
+        """Tokens removed at each layer (pruned + merged, after capping)."""
         return [lr.tokens_in - lr.tokens_out for lr in self.layers]
 
     def to_dict(self) -> dict:
@@ -144,11 +144,11 @@ class Description:
 
     def __str__(self) -> str:
         lines = [f"vlprune {self.family}  input {tuple(self.input_shape)}  config {self.config}"]
-        lines.append(f"{'layer':>5} {'tokens in':>9} {'r asked':>7} {'r done':>6} {'tokens out':>10}")
+        lines.append(f"{'layer':>5} {'tokens in':>9} {'keep':>5} {'merge r':>7} {'tokens out':>10}")
         for lr in self.layers:
+            keep = "-" if lr.prune_keep is None else f"{lr.prune_keep:g}"
             lines.append(
-                f"{lr.index:>5} {lr.tokens_in:>9} {lr.r_requested:>7} "
-                f"{lr.tokens_in - lr.tokens_out:>6} {lr.tokens_out:>10}"
+                f"{lr.index:>5} {lr.tokens_in:>9} {keep:>5} {lr.merge_r:>7} {lr.tokens_out:>10}"
             )
         if self.flops is not None:
             g = self.flops / 1e9

@@ -48,11 +48,85 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"timm model name, built with random weights (default: {DEFAULT_MODEL})")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--merge-r", type=parse_merge_list, default=None,
-                   help="comma-separated ToMe r values, e.g. 0,8,16 or 16:0.5 for (r, inflection)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def parse_float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def parse_setting(text: str) -> dict:
+    """``"prune_keep=0.7 prune_layers=3,6 merge_r=8"`` -> ReductionConfig keywords."""
+    import ast
+
+    from .config import ReductionConfig
+
+    out = {}
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in ReductionConfig.field_names():
+            raise argparse.ArgumentTypeError(
+                f"bad setting item {item!r}: use KEY=VALUE with KEY in {list(ReductionConfig.field_names())}"
+            )
+        try:
+            val = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            val = value  # a bare word, e.g. prune_score=cls_attn
+        if key == "prune_layers" and isinstance(val, int):
+            val = (val,)
+        if key == "merge_r" and isinstance(val, tuple) and len(val) != 2:
+            val = list(val)
+        out[key] = val
+    if not out:
+        raise argparse.ArgumentTypeError("empty --setting")
+    return out
+
+
+def _add_reduction_args(p: argparse.ArgumentParser, many: bool) -> None:
+    rows = " (one row each)" if many else ""
+    p.add_argument("--merge-r", type=parse_merge_list, default=None,
+                   help=f"ToMe r values{rows}, e.g. 0,8,16; R:INFLECTION for a ramp (16:0.5)")
+    p.add_argument("--prune-keep", type=parse_float_list, default=None,
+                   help=f"pruning keep rates in (0, 1]{rows}, e.g. 0.7,0.5")
+    p.add_argument("--prune-layers", type=parse_int_tuple, default=None,
+                   help="layers that prune (default: a quarter, half, three quarters in)")
+    p.add_argument("--prune-score", default="cls_attn",
+                   help="cls_attn, cls_attn_vnorm, key_norm, attn_entropy, diversity, random")
+    p.add_argument("--prune-fuse", action="store_true", help="fuse dropped tokens into one (EViT)")
+    p.add_argument("--prune-recycle", action="store_true",
+                   help="merge dropped tokens into their most similar kept token")
+    p.add_argument("--prune-seed", type=int, default=0, help="seed of the random score")
+    if many:
+        p.add_argument("--setting", action="append", type=parse_setting, default=[],
+                       metavar='"KEY=VALUE ..."',
+                       help="one more row from ReductionConfig fields, e.g. "
+                       '"prune_keep=0.7 prune_layers=3 merge_r=8"; repeatable')
+
+
+def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
+    """The rows asked for on the command line (merge rows, prune rows, free-form rows)."""
+    from .eval.bench import Setting
+
+    prune = dict(
+        prune_layers=args.prune_layers, prune_score=args.prune_score, prune_fuse=args.prune_fuse,
+        prune_recycle=args.prune_recycle, prune_seed=args.prune_seed,
+    )
+    rows = [Setting.of(merge_r=r) for r in (args.merge_r or [])]
+    rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
+    rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
+    return rows or [Setting.of(merge_r=r) for r in default_merge]
 
 
 def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype):
@@ -70,14 +144,13 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .eval.bench import Setting, run_bench
+    from .eval.bench import run_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available here")
-    merge = args.merge_r if args.merge_r is not None else [0, 8, 16]
-    settings = [Setting.merge(r) for r in merge]
+    settings = settings_from_args(args, default_merge=[0, 8, 16])
     model = build_model(args.model, args.img_size, args.device, args.dtype)
     result = run_bench(
         model,
@@ -117,12 +190,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     from .api import describe, patch
+    from .config import ReductionConfig
 
+    if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1:
+        raise SystemExit("describe takes one --merge-r and/or one --prune-keep value")
+    kw = {}
+    if args.prune_keep:
+        kw = dict(prune_keep=args.prune_keep[0], prune_layers=args.prune_layers,
+                  prune_score=args.prune_score, prune_fuse=args.prune_fuse,
+                  prune_recycle=args.prune_recycle, prune_seed=args.prune_seed)
+    if args.merge_r or not kw:
+        kw["merge_r"] = args.merge_r[0] if args.merge_r else 16
     model = build_model(args.model, args.img_size, args.device, args.dtype)
-    merge = args.merge_r if args.merge_r is not None else [16]
-    if len(merge) != 1:
-        raise SystemExit("describe takes one --merge-r value")
-    patch(model, merge_r=merge[0])
+    patch(model, ReductionConfig(**kw))
     d = describe(model)
     print(d)
     if args.json:
@@ -144,6 +224,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Benchmark an unpatched model against merge settings, "
                        "interleaved, with medians, speedup and efficiency (speedup / FLOPs ratio).")
     _add_model_args(b)
+    _add_reduction_args(b, many=True)
     b.add_argument("--batch-size", "-b", type=int, default=32)
     b.add_argument("--rounds", type=int, default=5, help="timed rounds over all settings")
     b.add_argument("--iters", type=int, default=2, help="timed calls per setting and round")
@@ -156,6 +237,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("describe", help="tokens per layer and FLOPs of one setting")
     _add_model_args(d)
+    _add_reduction_args(d, many=False)
     d.add_argument("--json", metavar="PATH", help="write the description as JSON")
     d.set_defaults(func=cmd_describe)
     return parser

@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .core.scores import SCORE_NAMES as PRUNE_SCORES
+
 MergeSchedule = Union[int, tuple, list]  # noqa: UP007 (runtime alias on 3.10)
 
 _SCHEDULE_HELP = (
@@ -76,6 +78,45 @@ def parse_schedule(merge_r: MergeSchedule, num_layers: int) -> list[int]:
     return [int(lo + step * i) for i in range(num_layers)]
 
 
+
+
+def default_prune_layers(num_layers: int) -> tuple[int, ...]:
+    """EViT's placement scaled to the depth: a quarter, half and three quarters in
+    (layers 3, 6, 9 of 12)."""
+    return tuple(sorted({max(1, (num_layers * i) // 4) for i in (1, 2, 3)} - {num_layers}))
+
+
+def _validate_keep(keep: Any) -> float:
+    if not isinstance(keep, numbers.Real) or isinstance(keep, bool) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"prune_keep values must be floats in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def parse_prune_schedule(
+    prune_keep: float | list[float] | None, prune_layers: tuple[int, ...] | None, num_layers: int
+) -> list[float | None]:
+    """One keep rate per layer (``None``: no pruning there) from ``prune_keep`` and
+    ``prune_layers`` (default :func:`default_prune_layers`)."""
+    if prune_keep is None:
+        return [None] * num_layers
+    layers = default_prune_layers(num_layers) if prune_layers is None else prune_layers
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"prune_layers {list(bad)} out of range: the model has layers 0..{num_layers - 1}"
+        )
+    keeps = prune_keep if isinstance(prune_keep, list) else [prune_keep] * len(layers)
+    if len(keeps) != len(layers):
+        raise ValueError(
+            f"prune_keep has {len(keeps)} values for {len(layers)} prune_layers {list(layers)}; "
+            "give one float for all or one per layer"
+        )
+    out: list[float | None] = [None] * num_layers
+    for i, k in zip(layers, keeps):
+        out[i] = k
+    return out
+
+
 @dataclass
 class ReductionConfig:
     """What a patched model does. Validated on construction and on every change.
@@ -87,10 +128,30 @@ class ReductionConfig:
             logits so a merged token counts as many as it absorbed (ToMe, Eq. 1).
         trace_source: keep a ``(B, N, N0)`` map of which input tokens each token holds, read with
             :func:`vlprune.get_source` (for visualisation; costs memory).
+        prune_keep: score-based pruning: fraction in (0, 1] of the unprotected tokens kept at
+            each pruning layer (one float, or a list with one value per ``prune_layers``
+            entry). ``None`` switches pruning off.
+        prune_layers: layer indices where pruning happens, after the attention of that layer.
+            Default: EViT's placement (a quarter, half, three quarters in: 3, 6, 9 of 12).
+        prune_score: how tokens are ranked: ``cls_attn`` (class-token attention, EViT),
+            ``cls_attn_vnorm`` (times value norm, ATS), ``key_norm``, ``attn_entropy``
+            (focused attention rows first), ``diversity`` (max-min farthest-point on keys),
+            ``random`` (seeded baseline).
+        prune_fuse: fuse the dropped tokens into one extra token, weighted by their scores
+            (EViT); its size counts the tokens it holds.
+        prune_recycle: merge each dropped token into its most similar kept token instead of
+            dropping it (PruMerge-style).
+        prune_seed: seed of the ``random`` score (same seed, same choices every forward).
         family: force an adapter by name instead of detecting it from the model's class.
     """
 
     merge_r: MergeSchedule = 0
+    prune_keep: float | list[float] | None = None
+    prune_layers: tuple[int, ...] | None = None
+    prune_score: str = "cls_attn"
+    prune_fuse: bool = False
+    prune_recycle: bool = False
+    prune_seed: int = 0
     prop_attn: bool = True
     trace_source: bool = False
     family: str | None = None
@@ -98,7 +159,8 @@ class ReductionConfig:
 
     def __post_init__(self) -> None:
         self.merge_r = validate_merge_r(self.merge_r)
-        for name in ("prop_attn", "trace_source"):
+        self._validate_prune()
+        for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.family is not None and not isinstance(self.family, str):
@@ -107,6 +169,45 @@ class ReductionConfig:
             from vlprune import __version__
 
             self.version = __version__
+
+    def _validate_prune(self) -> None:
+        keep = self.prune_keep
+        if isinstance(keep, (list, tuple)):
+            if not keep:
+                raise ValueError("prune_keep list is empty; give a float in (0, 1] or one per layer")
+            self.prune_keep = [_validate_keep(k) for k in keep]
+        elif keep is not None:
+            self.prune_keep = _validate_keep(keep)
+        layers = self.prune_layers
+        if layers is not None:
+            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+                layers = (layers,)
+            if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
+                raise ValueError(f"prune_layers must be a tuple of layer indices, got {layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"prune_layers has repeated layers: {list(layers)}")
+            if self.prune_keep is None:
+                raise ValueError("prune_layers is set but prune_keep is not; give prune_keep in (0, 1]")
+            keeps = self.prune_keep
+            if isinstance(keeps, list):
+                if len(keeps) != len(layers):
+                    raise ValueError(
+                        f"prune_keep has {len(keeps)} values for {len(layers)} prune_layers "
+                        f"{list(layers)}; give one float for all or one per layer"
+                    )
+                pairs = sorted(zip(layers, keeps))  # keep each rate with its layer
+                layers, self.prune_keep = [i for i, _ in pairs], [k for _, k in pairs]
+            self.prune_layers = tuple(sorted(int(i) for i in layers))
+        if self.prune_score not in PRUNE_SCORES:
+            raise ValueError(f"unknown prune_score {self.prune_score!r}; allowed: {list(PRUNE_SCORES)}")
+        if self.prune_fuse is True and self.prune_recycle is True:
+            raise ValueError("prune_fuse and prune_recycle exclude each other; pick one")
+        if not _is_int(self.prune_seed):
+            raise ValueError(f"prune_seed must be an int, got {self.prune_seed!r}")
+
+    @property
+    def prune_mode(self) -> str:
+        return "fuse" if self.prune_fuse else "recycle" if self.prune_recycle else "drop"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -125,8 +226,7 @@ class ReductionConfig:
     def is_identity(self) -> bool:
         """True when this config removes no token at any layer."""
         r = self.merge_r
-        if isinstance(r, list):
-            return not any(r)
-        if isinstance(r, tuple):
-            return r[0] == 0
-        return r == 0
+        no_merge = not any(r) if isinstance(r, list) else (r[0] == 0 if isinstance(r, tuple) else r == 0)
+        keep = self.prune_keep
+        no_prune = keep is None or all(k == 1.0 for k in (keep if isinstance(keep, list) else [keep]))
+        return no_merge and no_prune

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import ReductionConfig, parse_schedule
+from ..config import ReductionConfig, parse_prune_schedule, parse_schedule
+from ..core.scores import AttnInputs
 from ..core.state import TokenState
 
 ATTR = "_vlprune"
@@ -33,8 +34,9 @@ class LayerRecord:
 
     index: int
     tokens_in: int
-    r_requested: int
     tokens_out: int
+    merge_r: int
+    prune_keep: float | None
 
 
 @dataclass
@@ -45,11 +47,13 @@ class PatchContext:
     family: str
     num_layers: int
     enabled: bool = True
-    schedule: list[int] = field(default_factory=list)
+    schedule: list[int] = field(default_factory=list)  # merge r per layer
+    prune_schedule: list[float | None] = field(default_factory=list)  # keep rate per layer
     state: TokenState | None = None
-    # Keys handed from a patched attention module to its block (set only when asked for).
-    capture_metric: bool = False
-    metric: Tensor | None = None
+    # A patched attention module hands its q, k, v to its block, only when asked for.
+    capture: bool = False
+    attn: AttnInputs | None = None
+    generator: torch.Generator | None = None
     # describe(): when a list, each reduction point appends a LayerRecord.
     record: list[LayerRecord] | None = None
 
@@ -57,32 +61,44 @@ class PatchContext:
         self.refresh()
 
     def refresh(self) -> None:
-        """Resolve the per-layer schedule from the config (after patch or configure)."""
-        self.schedule = parse_schedule(self.config.merge_r, self.num_layers)
+        """Resolve the per-layer schedules from the config (after patch or configure)."""
+        cfg = self.config
+        schedule = parse_schedule(cfg.merge_r, self.num_layers)
+        prune = parse_prune_schedule(cfg.prune_keep, cfg.prune_layers, self.num_layers)
+        self.schedule, self.prune_schedule = schedule, prune
 
     @property
     def reduces(self) -> bool:
-        return self.enabled and any(self.schedule)
+        return self.enabled and (any(self.schedule) or any(k is not None for k in self.prune_schedule))
+
+    def needs_attn(self, layer: int) -> bool:
+        """Does the block at ``layer`` reduce tokens (and so need the attention inputs)?"""
+        keep = self.prune_schedule[layer]
+        return self.schedule[layer] > 0 or (keep is not None and keep < 1.0)
 
     def begin(self, num_protected: int) -> TokenState | None:
         """Start the token state of a new forward pass."""
+        self.attn = None
+        self.capture = False
         if not self.enabled:
             self.state = None
             return None
         self.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
-        self.metric = None
-        self.capture_metric = False
+        if self.config.prune_score == "random" and any(k is not None for k in self.prune_schedule):
+            self.generator = torch.Generator().manual_seed(self.config.prune_seed)
         return self.state
 
-    def take_metric(self) -> Tensor:
-        metric, self.metric = self.metric, None
-        if metric is None:
-            raise RuntimeError("the patched attention module did not hand over its keys")
-        return metric
+    def take_attn(self) -> AttnInputs:
+        attn, self.attn = self.attn, None
+        if attn is None:
+            raise RuntimeError("the patched attention module did not hand over its inputs")
+        return attn
 
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
         if self.record is not None and self.enabled:
-            self.record.append(LayerRecord(layer, tokens_in, self.schedule[layer], tokens_out))
+            self.record.append(
+                LayerRecord(layer, tokens_in, tokens_out, self.schedule[layer], self.prune_schedule[layer])
+            )
 
 
 class RootMixin:

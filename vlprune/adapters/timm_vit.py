@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import ReductionConfig
 from ..core.attention import size_bias
-from ..merging.bipartite import bipartite_soft_matching
+from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs
 from .base import (
     Adapter,
     PatchContext,
@@ -34,6 +34,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .step import reduce_step
 
 MIN_TIMM = (1, 0)
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -103,9 +104,9 @@ class _BlockMixin:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
         state = ctx.state if ctx.enabled else None
-        r = ctx.schedule[layer] if state is not None else 0
+        reduce = state is not None and ctx.needs_attn(layer)
         bias = state.attn_bias(x.dtype) if state is not None and ctx.config.prop_attn else None
-        if r == 0 and bias is None:
+        if not reduce and bias is None:
             out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             ctx.log(layer, x.shape[1], out.shape[1])
             return out
@@ -116,34 +117,32 @@ class _BlockMixin:
                 "have to follow the merged tokens); run inside `with vlprune.disabled(model):`"
             )
         n_in = x.shape[1]
-        ctx.capture_metric = r > 0
+        ctx.capture = reduce
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
-        if r > 0:
-            plan = bipartite_soft_matching(ctx.take_metric(), r, state.num_protected)
-            if plan is not None:
-                x = state.compact(plan, x)
+        if reduce:
+            x = reduce_step(ctx, layer, x, ctx.take_attn())
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         ctx.log(layer, n_in, x.shape[1])
         return x
 
 
 class _AttentionMixin:
-    """Patched timm ``Attention``: upstream forward unless the block asked for the keys."""
+    """Patched timm ``Attention``: upstream forward unless the block asked for q, k, v."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
-        if not ctx.capture_metric:
+        if not ctx.capture:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        ctx.capture_metric = False
+        ctx.capture = False
         # Follows timm/layers/attention.py::Attention.forward (timm 1.0.31) without the causal
-        # branch (refused by the block), and keeps the keys as the merge metric.
+        # branch (refused by the block), and hands q, k, v to the block for scoring.
         B, N, _ = x.shape
         gate = getattr(self, "gate", None)
         gate = gate(x).sigmoid() if gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        ctx.metric = k.mean(dim=1)
+        ctx.attn = AttnInputs(q=q, k=k, v=v, scale=self.scale, bias=attn_mask)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
@@ -198,6 +197,12 @@ class TimmViTAdapter(Adapter):
                     f"blocks[{i}].attn is {type(attn).__qualname__}; the timm adapter supports "
                     f"timm.layers.Attention only. Supported: {self.supported}"
                 )
+        prunes = config.prune_keep is not None
+        if prunes and config.prune_score in NEEDS_CLASS_TOKEN and getattr(model, "cls_token", None) is None:
+            raise ValueError(
+                f"prune_score={config.prune_score!r} ranks tokens by class-token attention, but this "
+                "model has no class token; use one of 'key_norm', 'attn_entropy', 'diversity', 'random'"
+            )
         if model.attn_pool is not None and "attn_mask" not in inspect.signature(
             model.attn_pool.forward
         ).parameters:

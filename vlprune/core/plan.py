@@ -25,16 +25,21 @@ class Plan:
         src: ``(B, M)`` int64 indices of tokens merged away, or ``None`` for pure pruning.
         dst: ``(B, M)`` int64 *output* positions (``0 <= dst < K``) that each ``src`` token
             merges into.
-        src_weight: optional ``(B, M, 1)`` extra weight per merged token (multiplied into its
-            size-weighted contribution), for score-weighted fusion; ``None`` means 1.
+        weight: optional ``(B, N, 1)`` positive weight per *input* token used when averaging
+            a merge group (score-weighted fusion, EViT); sizes still add up unweighted, so a
+            fused token keeps the count of input tokens it holds. ``None`` means 1.
         num_tokens: the input token count N the plan was built for.
+        fresh: output positions of tokens that start afresh for proportional attention (a
+            fused token of unrelated tokens is one new token, not ``size`` copies of one:
+            EViT). Their size still counts every input token they hold.
     """
 
     keep: Tensor
     src: Tensor | None = None
     dst: Tensor | None = None
-    src_weight: Tensor | None = None
+    weight: Tensor | None = None
     num_tokens: int = -1
+    fresh: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.keep.dim() != 2:
@@ -77,23 +82,23 @@ class Plan:
             return out, (None if size is None else _gather(size, self.keep))
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        src_size = _gather(size, self.src)
-        if self.src_weight is not None:
-            src_size = src_size * self.src_weight.to(size.dtype)
-        weighted = x * size
-        out = _gather(weighted, self.keep)
-        out = out.scatter_add(1, _expand_index(self.dst, x.shape[-1]), _gather(x, self.src) * src_size)
-        out_size = _gather(size, self.keep).scatter_add(1, self.dst.unsqueeze(-1), src_size)
-        return out / out_size, out_size
+        w = size if self.weight is None else size * self.weight.to(size.dtype)
+        xw = x * w
+        dst = self.dst.unsqueeze(-1)
+        num = _gather(xw, self.keep).scatter_add(1, dst.expand(-1, -1, x.shape[-1]), _gather(xw, self.src))
+        den = _gather(w, self.keep).scatter_add(1, dst, _gather(w, self.src))
+        if self.weight is None:
+            return num / den, den
+        new_size = _gather(size, self.keep).scatter_add(1, dst, _gather(size, self.src))
+        return num / den, new_size
 
-    def apply_source(self, source: Tensor) -> Tensor:
-        """Compact a ``(B, N, N0)`` source map: row i marks the input tokens token i holds."""
-        self._check(source)
-        out = _gather(source, self.keep)
+    def accumulate(self, t: Tensor) -> Tensor:
+        """Compact ``t`` (B, N, C) by summing each merge group, no averaging: for a source map
+        (row i marks the input tokens token i holds) or for counts."""
+        self._check(t)
+        out = _gather(t, self.keep)
         if self.src is not None:
-            out = out.scatter_add(
-                1, _expand_index(self.dst, source.shape[-1]), _gather(source, self.src)
-            )
+            out = out.scatter_add(1, _expand_index(self.dst, t.shape[-1]), _gather(t, self.src))
         return out
 
 

@@ -32,6 +32,28 @@ from .memory import peak_memory
 BASELINE = "unpatched"
 
 
+def config_label(cfg: ReductionConfig) -> str:
+    """A short readable name of a config, e.g. ``r=8``, ``cls_attn 0.7@3/6/9 +fuse``."""
+    parts = []
+    if cfg.prune_keep is not None:
+        keep = cfg.prune_keep
+        keep_txt = "/".join(f"{k:g}" for k in keep) if isinstance(keep, list) else f"{keep:g}"
+        where = "" if cfg.prune_layers is None else "@" + "/".join(map(str, cfg.prune_layers))
+        extra = {"fuse": " +fuse", "recycle": " +recycle", "drop": ""}[cfg.prune_mode]
+        seed = f" seed={cfg.prune_seed}" if cfg.prune_score == "random" else ""
+        parts.append(f"{cfg.prune_score} {keep_txt}{where}{extra}{seed}")
+    r = cfg.merge_r
+    if isinstance(r, tuple):
+        parts.append(f"r={r[0]}@{r[1]:g}")
+    elif isinstance(r, list):
+        parts.append("r=" + "/".join(map(str, r)))
+    elif r or not parts:
+        parts.append(f"r={r}")
+    if not cfg.prop_attn:
+        parts.append("no-prop")
+    return " + ".join(parts)
+
+
 @dataclass
 class Setting:
     """One row of a benchmark: a label and the patch settings (``None``: unpatched)."""
@@ -40,10 +62,14 @@ class Setting:
     config: ReductionConfig | None
 
     @classmethod
+    def of(cls, label: str | None = None, **settings: Any) -> Setting:
+        """A setting from :class:`ReductionConfig` keywords, labelled by :func:`config_label`."""
+        cfg = ReductionConfig(**settings)
+        return cls(label or config_label(cfg), cfg)
+
+    @classmethod
     def merge(cls, r: MergeSchedule) -> Setting:
-        cfg = ReductionConfig(merge_r=r)
-        label = f"r={r[0]}@{r[1]:g}" if isinstance(cfg.merge_r, tuple) else f"r={r}"
-        return cls(label, cfg)
+        return cls.of(merge_r=r)
 
 
 @dataclass
@@ -83,8 +109,9 @@ class BenchResult:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
+        w = max([14] + [len(r.setting) for r in self.rows])
         head = (
-            f"{'setting':<14} {'tokens':>6} {'GFLOPs':>7} {'FLOPs x':>7} {'ms/batch':>9} "
+            f"{'setting':<{w}} {'tokens':>6} {'GFLOPs':>7} {'FLOPs x':>7} {'ms/batch':>9} "
             f"{'img/s':>8} {'speedup':>7} {'effic.':>6} {'peak MB':>8}"
         )
         lines = [
@@ -97,7 +124,7 @@ class BenchResult:
             mem = f"{r.peak_mem_mb:8.1f}" if r.peak_mem_mb is not None else f"{'-':>8}"
             tok = f"{r.tokens_final:>6}" if r.tokens_final is not None else f"{'-':>6}"
             lines.append(
-                f"{r.setting:<14} {tok} {r.gflops_per_img:7.3f} {r.flops_ratio:7.2f} "
+                f"{r.setting:<{w}} {tok} {r.gflops_per_img:7.3f} {r.flops_ratio:7.2f} "
                 f"{r.batch_ms:9.1f} {r.img_per_s:8.1f} {r.speedup:7.2f} {r.efficiency:6.2f} {mem}"
             )
         return "\n".join(lines)

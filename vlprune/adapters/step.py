@@ -1,0 +1,46 @@
+"""The reduction step every adapter runs at a reduction point: prune, then merge.
+
+Family-agnostic: an adapter hands over the tokens after the attention branch and the
+attention inputs of that block; the configured score ranks tokens, the selection rule builds
+a Plan, ToMe matching merges what is left, and the token state follows every compaction.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
+from ..core.select import keep_count, prune_plan
+from ..merging.bipartite import bipartite_soft_matching
+from .base import PatchContext
+
+
+def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
+    """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
+    state = ctx.state
+    cfg = ctx.config
+    P = state.num_protected
+    r = ctx.schedule[layer]
+    keep = ctx.prune_schedule[layer]
+    metric = None
+    if keep is not None and keep < 1.0:
+        n_keep = keep_count(x.shape[1], P, keep)
+        scores = compute_scores(
+            cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
+            generator=ctx.generator,
+        )
+        mode = cfg.prune_mode
+        if mode == "recycle" or r > 0:
+            metric = attn.metric()
+        # attention scores are EViT's fusion weights; other scores fuse by size alone
+        weight = scores if mode == "fuse" and cfg.prune_score in NEEDS_CLASS_TOKEN else None
+        plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=weight)
+        if plan is not None:
+            x = state.compact(plan, x)
+            if metric is not None:
+                metric = metric.gather(1, plan.keep.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+    if r > 0:
+        plan = bipartite_soft_matching(attn.metric() if metric is None else metric, r, P)
+        if plan is not None:
+            x = state.compact(plan, x)
+    return x

@@ -1,0 +1,137 @@
+"""Token importance scores: one batched function each, higher means keep.
+
+Every score takes what a self-attention block already has (per-head queries, keys and values
+of shape ``(B, H, N, D)``, the softmax scale and the additive key bias of proportional
+attention) and returns ``(B, N)``. None of them builds the full ``N x N`` attention matrix
+except :func:`attn_entropy`, which needs every row and works through them in chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttnInputs:
+    """What a patched attention module hands to the scoring code (references, no copies)."""
+
+    q: Tensor  # (B, H, N, D), after any q-norm
+    k: Tensor  # (B, H, N, D), after any k-norm
+    v: Tensor  # (B, H, N, D)
+    scale: float
+    bias: Tensor | None = None  # additive key bias (B, 1, 1, N), e.g. log(size)
+
+    def metric(self) -> Tensor:
+        """Head-averaged keys ``(B, N, D)``: ToMe's similarity metric."""
+        return self.k.mean(dim=1)
+
+
+def _row_attention(a: AttnInputs, rows: slice | Tensor) -> Tensor:
+    """Softmax attention of the query rows ``rows`` to all keys: ``(B, H, R, N)``."""
+    logits = (a.q[:, :, rows] * a.scale) @ a.k.transpose(-2, -1)
+    if a.bias is not None:
+        logits = logits + a.bias.to(logits.dtype)
+    return logits.softmax(dim=-1)
+
+
+def cls_attn(a: AttnInputs, cls_index: int = 0) -> Tensor:
+    """Attention from the class token to every token, averaged over heads (EViT)."""
+    return _row_attention(a, slice(cls_index, cls_index + 1))[:, :, 0].mean(dim=1)
+
+
+def cls_attn_vnorm(a: AttnInputs, cls_index: int = 0) -> Tensor:
+    """Class attention times the value norm, per head, normalised over tokens (ATS)."""
+    attn = _row_attention(a, slice(cls_index, cls_index + 1))[:, :, 0]  # (B, H, N)
+    s = (attn * a.v.norm(dim=-1)).mean(dim=1)
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def key_norm(a: AttnInputs) -> Tensor:
+    """L2 norm of each token's key, averaged over heads."""
+    return a.k.norm(dim=-1).mean(dim=1)
+
+
+def attn_entropy(a: AttnInputs, chunk: int = 64) -> Tensor:
+    """Negative entropy of each token's own attention row (focused tokens score high).
+
+    Rows are computed ``chunk`` queries at a time so memory stays ``O(chunk x N)``.
+    """
+    N = a.q.shape[2]
+    out = []
+    for start in range(0, N, chunk):
+        p = _row_attention(a, slice(start, min(start + chunk, N)))
+        ent = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)  # (B, H, R)
+        out.append(ent.mean(dim=1))
+    return -torch.cat(out, dim=1)
+
+
+def random_scores(a: AttnInputs, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform random scores: the honest baseline (seed the generator for repeatability)."""
+    B, _, N, _ = a.k.shape
+    return torch.rand(B, N, generator=generator, device="cpu").to(a.k.device)
+
+
+def diversity_order(metric: Tensor, num_protected: int = 0, picks: int | None = None) -> Tensor:
+    """Farthest-point (max-min) selection over cosine distance of ``metric`` (B, N, C).
+
+    Returns scores ``(B, N)`` where a higher score means picked earlier: the first ``n``
+    unprotected tokens by score are the max-min diverse subset of size ``n`` (DivPrune).
+    Only ``picks`` tokens are picked (default: all); the rest score ``-inf``. Protected tokens
+    score ``+inf``. Vectorised over the batch; loops over picks.
+    """
+    B, N, _ = metric.shape
+    P = num_protected
+    m = metric[:, P:]
+    if m.dtype in (torch.float16, torch.bfloat16):  # distances need more precision than that
+        m = m.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    n = m.shape[1]
+    scores = torch.full((B, N), float("-inf"), device=metric.device)
+    scores[:, :P] = float("inf")
+    if n == 0:
+        return scores
+    batch = torch.arange(B, device=metric.device)
+    # start from the token farthest from the mean direction
+    first = (m @ m.mean(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1).argmin(dim=1)
+    min_dist = torch.full((B, n), float("inf"), device=metric.device)
+    chosen = torch.zeros(B, n, dtype=torch.bool, device=metric.device)
+    pick = first
+    for step in range(n if picks is None else min(picks, n)):
+        chosen[batch, pick] = True
+        scores[batch, P + pick] = float(n - step)
+        dist = 1.0 - (m @ m[batch, pick].unsqueeze(-1)).squeeze(-1)
+        min_dist = torch.minimum(min_dist, dist).masked_fill(chosen, float("-inf"))
+        pick = min_dist.argmax(dim=1)
+    return scores
+
+
+SCORE_NAMES = ("cls_attn", "cls_attn_vnorm", "key_norm", "attn_entropy", "random", "diversity")
+NEEDS_CLASS_TOKEN = frozenset({"cls_attn", "cls_attn_vnorm"})
+
+
+def compute_scores(
+    name: str,
+    a: AttnInputs,
+    *,
+    num_protected: int,
+    n_keep: int,
+    cls_index: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Scores ``(B, N)`` of the score called ``name`` (one of :data:`SCORE_NAMES`)."""
+    if name == "cls_attn":
+        return cls_attn(a, cls_index)
+    if name == "cls_attn_vnorm":
+        return cls_attn_vnorm(a, cls_index)
+    if name == "key_norm":
+        return key_norm(a)
+    if name == "attn_entropy":
+        return attn_entropy(a)
+    if name == "random":
+        return random_scores(a, generator)
+    if name == "diversity":
+        return diversity_order(a.metric(), num_protected, picks=n_keep)
+    raise ValueError(f"unknown score {name!r}; known scores: {list(SCORE_NAMES)}")
