@@ -166,12 +166,8 @@ def test_evaluate_max_batches_and_bad_input() -> None:
 
 
 @pytest.mark.realdata
-def test_vit_tiny_reference_top1(assets_dir: Path) -> None:
-    from vlprune.eval.weights import load_weights
-
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    load_weights(model, assets_dir / TINY / f"{TINY}.npz")
-    images, labels = load_eval_tensors(assets_dir / "imagenet-sample", model)
+def test_vit_tiny_reference_top1(vit_tiny_real) -> None:
+    model, (images, labels) = vit_tiny_real
     assert images.shape == (500, 3, 224, 224)
     out = evaluate_top1(model, (images, labels), batch_size=50, progress=False)
     assert out["n"] == 500

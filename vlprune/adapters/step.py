@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..core.plan import take_tokens
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
 from ..core.select import keep_count, prune_plan
 from ..merging.bipartite import bipartite_soft_matching
@@ -38,7 +39,7 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
         if plan is not None:
             x = state.compact(plan, x)
             if metric is not None:
-                metric = metric.gather(1, plan.keep.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+                metric = take_tokens(metric, plan.keep)
     if r > 0:
         plan = bipartite_soft_matching(attn.metric() if metric is None else metric, r, P)
         if plan is not None:

@@ -25,8 +25,9 @@ class AttnInputs:
     bias: Tensor | None = None  # additive key bias (B, 1, 1, N), e.g. log(size)
 
     def metric(self) -> Tensor:
-        """Head-averaged keys ``(B, N, D)``: ToMe's similarity metric."""
-        return self.k.mean(dim=1)
+        """Keys summed over heads ``(B, N, D)``: ToMe's similarity metric (the head mean up to
+        a factor; every user of it compares directions, so the division is skipped)."""
+        return self.k.sum(dim=1)
 
 
 def _row_attention(a: AttnInputs, rows: slice | Tensor) -> Tensor:
@@ -94,16 +95,15 @@ def diversity_order(metric: Tensor, num_protected: int = 0, picks: int | None = 
     if n == 0:
         return scores
     batch = torch.arange(B, device=metric.device)
-    # start from the token farthest from the mean direction
+    # One Gram matrix up front; each pick then only reads a row of it.
+    gram = m @ m.transpose(1, 2)  # (B, n, n) cosine similarities
     first = (m @ m.mean(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1).argmin(dim=1)
-    min_dist = torch.full((B, n), float("inf"), device=metric.device)
-    chosen = torch.zeros(B, n, dtype=torch.bool, device=metric.device)
+    min_dist = torch.full((B, n), float("inf"), device=metric.device, dtype=m.dtype)
     pick = first
     for step in range(n if picks is None else min(picks, n)):
-        chosen[batch, pick] = True
         scores[batch, P + pick] = float(n - step)
-        dist = 1.0 - (m @ m[batch, pick].unsqueeze(-1)).squeeze(-1)
-        min_dist = torch.minimum(min_dist, dist).masked_fill(chosen, float("-inf"))
+        min_dist = torch.minimum(min_dist, 1.0 - gram[batch, pick])
+        min_dist[batch, pick] = float("-inf")  # chosen: never again
         pick = min_dist.argmax(dim=1)
     return scores
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .plan import Plan
+from .plan import Plan, take_tokens
 
 MODES = ("drop", "fuse", "recycle")
 
@@ -72,8 +72,6 @@ def prune_plan(
         if metric is None:
             raise ValueError("mode='recycle' needs the metric (keys) to find similar tokens")
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        sim = m.gather(1, dropped.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.gather(
-            1, kept.unsqueeze(-1).expand(-1, -1, m.shape[-1])
-        ).transpose(1, 2)
+        sim = take_tokens(m, dropped) @ take_tokens(m, kept).transpose(1, 2)
         dst = P + sim.argmax(dim=-1)
         return Plan(keep=torch.cat([prefix, kept], dim=1), src=dropped, dst=dst, num_tokens=N)
