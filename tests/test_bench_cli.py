@@ -81,5 +81,18 @@ def test_cli_errors(capsys):
     assert rc == 2 and "merge_r" in capsys.readouterr().err
 
 
+def test_cli_prune_options_need_keep():
+    with pytest.raises(SystemExit, match="--prune-fuse given without --prune-keep"):
+        main(["describe", "--model", "test_vit", "--img-size", "64", "--prune-fuse"])
+
+
+def test_cli_describe_hybrid(capsys):
+    rc = main(["describe", "--model", "test_vit", "--img-size", "96", "--merge-r", "2",
+               "--prune-keep", "0.5", "--prune-layers", "1", "--prune-recycle"])
+    assert rc == 0
+    row1 = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["1"]][0]
+    assert row1.split() == ["1", "35", "0.5", "2", "16"]  # 34 -> 1 + 17 kept, then r=2
+
+
 def test_parse_merge_list():
     assert parse_merge_list("0, 8,16:0.5") == [0, 8, (16, 0.5)]

@@ -142,7 +142,7 @@ def test_invariants(model_name, setting, batch):
         torch.testing.assert_close(clone(x), out, atol=0, rtol=0)
         assert clone._vlprune is not model._vlprune
         assert clone.blocks[0]._vlprune_ctx is clone._vlprune
-        vlprune.configure(clone, merge_r=0, prune_keep=None, prune_layers=None)
+        vlprune.configure(clone, prop_attn=not cfg.prop_attn)
         assert model._vlprune.config == cfg
 
         # unpatch restores classes, outputs, state_dict keys, and leaves nothing behind
@@ -379,6 +379,8 @@ def test_class_token_scores_need_a_class_token():
         (dict(prune_keep=0.5, prune_score="cls"), "allowed"),
         (dict(prune_layers=(1,)), "prune_keep"),
         (dict(prune_keep=0.5, prune_fuse=True, prune_recycle=True), "pick one"),
+        (dict(prune_fuse=True), "would be ignored"),
+        (dict(merge_r=2, prune_score="random"), "would be ignored"),
     ],
 )
 def test_bad_prune_settings(kw, match):

@@ -115,14 +115,25 @@ def _add_reduction_args(p: argparse.ArgumentParser, many: bool) -> None:
                        '"prune_keep=0.7 prune_layers=3 merge_r=8"; repeatable')
 
 
-def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
-    """The rows asked for on the command line (merge rows, prune rows, free-form rows)."""
-    from .eval.bench import Setting
-
+def _prune_options(args: argparse.Namespace) -> dict:
+    """The shared --prune-* options; refused without --prune-keep (they would do nothing)."""
     prune = dict(
         prune_layers=args.prune_layers, prune_score=args.prune_score, prune_fuse=args.prune_fuse,
         prune_recycle=args.prune_recycle, prune_seed=args.prune_seed,
     )
+    defaults = dict(prune_layers=None, prune_score="cls_attn", prune_fuse=False,
+                    prune_recycle=False, prune_seed=0)
+    if not args.prune_keep and prune != defaults:
+        stray = sorted("--" + k.replace("_", "-") for k in prune if prune[k] != defaults[k])
+        raise SystemExit(f"{', '.join(stray)} given without --prune-keep: they would be ignored")
+    return prune
+
+
+def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
+    """The rows asked for on the command line (merge rows, prune rows, free-form rows)."""
+    from .eval.bench import Setting
+
+    prune = _prune_options(args)
     rows = [Setting.of(merge_r=r) for r in (args.merge_r or [])]
     rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
     rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
@@ -194,11 +205,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
     if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1:
         raise SystemExit("describe takes one --merge-r and/or one --prune-keep value")
-    kw = {}
-    if args.prune_keep:
-        kw = dict(prune_keep=args.prune_keep[0], prune_layers=args.prune_layers,
-                  prune_score=args.prune_score, prune_fuse=args.prune_fuse,
-                  prune_recycle=args.prune_recycle, prune_seed=args.prune_seed)
+    prune = _prune_options(args)
+    kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}
     if args.merge_r or not kw:
         kw["merge_r"] = args.merge_r[0] if args.merge_r else 16
     model = build_model(args.model, args.img_size, args.device, args.dtype)

@@ -200,6 +200,18 @@ class ReductionConfig:
             self.prune_layers = tuple(sorted(int(i) for i in layers))
         if self.prune_score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune_score {self.prune_score!r}; allowed: {list(PRUNE_SCORES)}")
+        if self.prune_keep is None:
+            stray = [
+                name for name, default in (
+                    ("prune_score", "cls_attn"), ("prune_fuse", False), ("prune_recycle", False),
+                    ("prune_seed", 0),
+                ) if getattr(self, name) != default
+            ]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but prune_keep is not, so pruning is off and they would "
+                    "be ignored; give prune_keep in (0, 1] (or leave them at their defaults)"
+                )
         if self.prune_fuse is True and self.prune_recycle is True:
             raise ValueError("prune_fuse and prune_recycle exclude each other; pick one")
         if not _is_int(self.prune_seed):
