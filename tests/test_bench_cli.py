@@ -54,7 +54,7 @@ def test_cli_bench(tmp_path, capsys):
     rc = main([
         "bench", "--model", "test_vit", "--img-size", "64", "--merge-r", "0,3", "--batch-size", "2",
         "--rounds", "1", "--iters", "1", "--warmup", "0", "--no-progress", "--json", str(out),
-        "--csv", str(tmp_path / "b.csv"),
+        "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png"),
     ])
     assert rc == 0
     text = capsys.readouterr().out
@@ -63,6 +63,7 @@ def test_cli_bench(tmp_path, capsys):
     summary = json.loads(last)
     assert set(summary["rows"]) == {BASELINE, "r=0", "r=3"}
     assert json.loads(out.read_text())["model"] == "test_vit"
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_describe(capsys):

@@ -181,6 +181,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result.write_json(args.json)
     if args.csv:
         result.write_csv(args.csv)
+    if args.plot:
+        result.plot(args.plot)
     summary = {
         "model": result.model,
         "batch_size": result.batch_size,
@@ -241,6 +243,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     b.add_argument("--csv", metavar="PATH", help="write one CSV row per setting")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of speedup against FLOPs reduction")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("describe", help="tokens per layer and FLOPs of one setting")

@@ -133,6 +133,31 @@ class BenchResult:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
+    def plot(self, path: str | os.PathLike) -> None:
+        """Speedup against FLOPs reduction per setting, with the ideal line (efficiency 1)."""
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise RuntimeError("plotting needs matplotlib: pip install 'vlprune[eval]'") from e
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        top = max(max(r.flops_ratio for r in self.rows), max(r.speedup for r in self.rows)) * 1.05
+        ax.plot([1, top], [1, top], "--", color="grey", lw=1, label="speedup = FLOPs ratio")
+        markers = "osD^v<>pP*Xh"
+        for i, r in enumerate(self.rows):  # a legend entry per setting: clusters stay readable
+            ax.scatter(r.flops_ratio, r.speedup, marker=markers[i % len(markers)], zorder=3,
+                       label=f"{r.setting} (eff. {r.efficiency:.2f})")
+        ax.set_xlabel("FLOPs reduction (x)")
+        ax.set_ylabel(f"measured speedup (x), batch {self.batch_size}")
+        ax.set_title(f"{self.model} on {self.device} {self.dtype}, {self.threads} threads", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     def write_csv(self, path: str | os.PathLike) -> None:
         names = [f.name for f in dataclasses.fields(BenchRow) if f.name not in ("times_ms", "config")]
         with open(path, "w", newline="") as f:
