@@ -72,6 +72,15 @@ def test_cli_describe(capsys):
     assert "tokens in" in text and "GFLOPs" in text
 
 
+def test_cli_open_clip_tower(capsys):
+    pytest.importorskip("open_clip")
+    rc = main(["describe", "--model", "open_clip:ViT-B-32", "--img-size", "64", "--merge-r", "2"])
+    assert rc == 0
+    assert "open_clip_vision" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown open_clip config"):
+        main(["describe", "--model", "open_clip:ViT-Q-99"])
+
+
 def test_cli_errors(capsys):
     with pytest.raises(SystemExit, match="unknown timm model"):
         main(["bench", "--model", "no_such_vit", "--no-progress"])

@@ -1,6 +1,7 @@
-"""The ``vlprune`` command: ``bench`` and ``describe`` on timm models built without download.
+"""The ``vlprune`` command: ``bench`` and ``describe`` on models built without download.
 
     vlprune bench --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32
+    vlprune bench --model open_clip:ViT-B-16 --merge-r 0,8 --prune-keep 0.7
     vlprune describe --model vit_tiny_patch16_224 --merge-r 16
 """
 
@@ -46,7 +47,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"timm model name, built with random weights (default: {DEFAULT_MODEL})")
+                   help="timm model name, or open_clip:<config> for an open_clip image tower; "
+                   f"built with random weights (default: {DEFAULT_MODEL})")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="float32, float16, bfloat16")
@@ -141,17 +143,43 @@ def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
 
 
 def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype):
-    """A timm model with random weights (no download), in eval mode on ``device``/``dtype``."""
+    """A model with random weights (no download), in eval mode on ``device``/``dtype``.
+
+    ``name`` is a timm model name, or ``open_clip:<config>`` (e.g. ``open_clip:ViT-B-16``) for
+    the image tower of an open_clip model.
+    """
+    if name.startswith("open_clip:"):
+        model = _build_open_clip_visual(name.split(":", 1)[1], img_size)
+    else:
+        model = _build_timm(name, img_size)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _build_timm(name: str, img_size: int | None):
     try:
         import timm
     except ImportError as e:
-        raise SystemExit("vlprune bench needs timm: pip install 'vlprune[timm]'") from e
+        raise SystemExit("timm models need timm: pip install 'vlprune[timm]'") from e
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise SystemExit(f"unknown timm model {name!r}; similar names: {close}")
+        raise SystemExit(
+            f"unknown timm model {name!r}; similar names: {close} (open_clip towers: "
+            "open_clip:<config>, e.g. open_clip:ViT-B-16)"
+        )
     kwargs = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    return model.to(device=device, dtype=dtype).eval()
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _build_open_clip_visual(config: str, img_size: int | None):
+    try:
+        import open_clip
+    except ImportError as e:
+        raise SystemExit("open_clip models need open_clip_torch: pip install 'vlprune[clip]'") from e
+    if config not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if config.split("-")[0].lower() in m.lower()][:10]
+        raise SystemExit(f"unknown open_clip config {config!r}; similar: {close}")
+    kwargs = {"force_image_size": img_size} if img_size else {}
+    return open_clip.create_model(config, pretrained=None, **kwargs).visual
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

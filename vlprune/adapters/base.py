@@ -53,6 +53,8 @@ class PatchContext:
     # A patched attention module hands its q, k, v to its block, only when asked for.
     capture: bool = False
     attn: AttnInputs | None = None
+    # Size bias for attention modules that take no per-key mask (nn.MultiheadAttention).
+    pending_bias: Tensor | None = None
     generator: torch.Generator | None = None
     # describe(): when a list, each reduction point appends a LayerRecord.
     record: list[LayerRecord] | None = None
@@ -80,6 +82,7 @@ class PatchContext:
         """Start the token state of a new forward pass."""
         self.attn = None
         self.capture = False
+        self.pending_bias = None
         if not self.enabled:
             self.state = None
             return None

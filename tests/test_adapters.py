@@ -1,4 +1,5 @@
-"""One shared invariants tester for the timm ViT adapter, over tiny random models x settings."""
+"""One shared invariants tester for every adapter (tiny random timm and open_clip models x
+settings), then family-specific behaviour and errors."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def _unfused(model):
     return model
 
 
+def _open_clip_vit(**kw):
+    from open_clip.transformer import VisionTransformer
+
+    args = dict(image_size=IMG, patch_size=16, width=64, layers=5, heads=2, mlp_ratio=2.0,
+                output_dim=32)
+    return VisionTransformer(**{**args, **kw})
+
+
 MODELS = {
     "test_vit": lambda: timm.create_model("test_vit", img_size=IMG),
     "test_vit2_reg_avg_ls": lambda: timm.create_model("test_vit2", img_size=IMG),
@@ -33,7 +42,21 @@ MODELS = {
         "vit_tiny_patch16_224", img_size=IMG, depth=4, qk_norm=True, embed_dim=48, num_heads=2
     ),
     "unfused_attn": lambda: _unfused(timm.create_model("test_vit", img_size=IMG)),
+    "open_clip_tok": lambda: _open_clip_vit(),
+    "open_clip_avg_ls": lambda: _open_clip_vit(pool_type="avg", ls_init_value=0.1),
 }
+
+
+def _num_protected(model):
+    return getattr(model, "num_prefix_tokens", 1)  # open_clip: the class embedding
+
+
+def _blocks(model):
+    return model.blocks if hasattr(model, "blocks") else model.transformer.resblocks
+
+
+def _has_class_token(model):
+    return getattr(model, "cls_token", True) is not None
 
 SETTINGS = {
     "r0": dict(merge_r=0),
@@ -55,7 +78,7 @@ IDENTITY = ("r0", "keep1")
 def _settings(model, name):
     """The setting's keywords; class-token scores fall back to attn_entropy without one."""
     kw = dict(SETTINGS[name])
-    if kw.get("prune_keep") is not None and getattr(model, "cls_token", None) is None:
+    if kw.get("prune_keep") is not None and not _has_class_token(model):
         kw.setdefault("prune_score", "attn_entropy")
     return kw
 
@@ -106,17 +129,17 @@ def test_invariants(model_name, setting, batch):
             torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
 
         # tokens per layer follow the schedules (prune first, then merge, r capped)
-        P = model.num_prefix_tokens
+        P = _num_protected(model)
         cfg = model._vlprune.config
         desc = vlprune.describe(model, x, flops=False)
-        assert len(desc.layers) == len(model.blocks)
+        assert len(desc.layers) == len(_blocks(model))
         for lr, r, keep in zip(desc.layers, model._vlprune.schedule, model._vlprune.prune_schedule):
             assert (lr.merge_r, lr.prune_keep) == (r, keep)
             assert lr.tokens_out == _expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
         for prev, nxt in zip(desc.layers, desc.layers[1:]):
             assert nxt.tokens_in == prev.tokens_out
         if cfg.merge_r:
-            assert model._vlprune.schedule == vlprune.parse_schedule(cfg.merge_r, len(model.blocks))
+            assert model._vlprune.schedule == vlprune.parse_schedule(cfg.merge_r, len(_blocks(model)))
 
         # sizes count the input tokens a token holds; protected tokens hold only themselves
         model(x)
@@ -141,7 +164,7 @@ def test_invariants(model_name, setting, batch):
         clone = copy.deepcopy(model)
         torch.testing.assert_close(clone(x), out, atol=0, rtol=0)
         assert clone._vlprune is not model._vlprune
-        assert clone.blocks[0]._vlprune_ctx is clone._vlprune
+        assert _blocks(clone)[0]._vlprune_ctx is clone._vlprune
         vlprune.configure(clone, prop_attn=not cfg.prop_attn)
         assert model._vlprune.config == cfg
 
@@ -430,3 +453,80 @@ def test_cls_attn_keeps_the_tokens_the_class_token_attends_to():
     kept = vlprune.get_source(model)[0].nonzero()[:, 1].tolist()
     assert set(favourite) <= set(kept)
     assert len(kept) == 1 + keep_count(n, 1, 0.25)
+
+
+# --- open_clip image tower ------------------------------------------------------------------
+
+
+def test_open_clip_whole_clip_points_at_the_image_tower():
+    open_clip = pytest.importorskip("open_clip")
+    clip = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=IMG, patch_size=16, width=64, layers=2, head_width=32),
+        text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=2),
+    )
+    with pytest.raises(vlprune.UnsupportedModelError, match=r"model\.visual"):
+        vlprune.patch(clip, merge_r=2)
+    vlprune.patch(clip.visual, merge_r=2)
+    with torch.no_grad():
+        feats = clip.encode_image(_x())
+    assert feats.shape == (2, 32)
+    assert vlprune.describe(clip.visual, _x(), flops=False).layers[-1].tokens_out == 37 - 4
+
+
+def test_open_clip_custom_block_is_refused():
+    pytest.importorskip("open_clip")
+    model = _open_clip_vit(qk_norm=True)  # CustomResidualAttentionBlock
+    with pytest.raises(vlprune.UnsupportedModelError, match="CustomResidualAttentionBlock"):
+        vlprune.patch(model, merge_r=2)
+
+
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_open_clip_merging_identical_tokens_is_exact(pool):
+    pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = _open_clip_vit(pool_type=pool).eval()
+    with torch.no_grad():
+        model.positional_embedding.zero_()
+        x = torch.full((2, 3, IMG, IMG), 0.3)
+        x[1] = -0.7
+        ref = model(x)
+        vlprune.patch(model, merge_r=8)
+        out = model(x)
+        assert vlprune.describe(model, x, flops=False).layers[-1].tokens_out < 20
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_open_clip_patched_blocks_still_call_upstream_modules():
+    pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = _open_clip_vit(ls_init_value=0.1).eval()
+
+    def calls():
+        seen = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
+                 for n, m in model.named_modules() if n]
+        with torch.no_grad():
+            model(_x())
+        for h in hooks:
+            h.remove()
+        return seen
+
+    ref = calls()
+    vlprune.patch(model, merge_r=3, prune_keep=0.6, prune_layers=(1,))
+    patched = calls()
+    # every upstream call still happens, in order; reduced layers also show out_proj, which
+    # the fused nn.MultiheadAttention path runs inside its kernel
+    it = iter(patched)
+    assert all(name in it for name in ref)
+    assert any(name.endswith("attn.out_proj") for name in patched)
+
+
+def test_open_clip_describe_counts_fewer_flops():
+    pytest.importorskip("open_clip")
+    model = _open_clip_vit()
+    vlprune.patch(model, merge_r=4)
+    desc = vlprune.describe(model)
+    assert desc.flops_ratio > 1.2
+    vlprune.configure(model, merge_r=0)
+    assert vlprune.describe(model).flops_ratio == 1.0
