@@ -105,6 +105,20 @@ def _vlprune_attrs(model):
     return [(n, k) for n, m in model.named_modules() for k in vars(m) if k.startswith("_vlprune")]
 
 
+def _module_calls(model, x):
+    """Names of the submodules a forward calls, in order (forward hooks)."""
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
+        for n, m in model.named_modules() if n
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @pytest.fixture(params=list(MODELS))
 def model_name(request):
     return request.param
@@ -364,22 +378,9 @@ def test_every_upstream_submodule_still_runs(name):
     """The patched forward calls every submodule the upstream forward calls (LayerScale,
     drop-path, q/k norms, ...), in the same order within each block."""
     model = _build(name)
-
-    def calls():
-        seen = []
-        hooks = [
-            m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
-            for n, m in model.named_modules() if n
-        ]
-        with torch.no_grad():
-            model(_x())
-        for h in hooks:
-            h.remove()
-        return seen
-
-    ref = calls()
+    ref = _module_calls(model, _x())
     vlprune.patch(model, merge_r=3)
-    assert calls() == ref
+    assert _module_calls(model, _x()) == ref
 
 
 # --- pruning ------------------------------------------------------------------------------
@@ -501,20 +502,9 @@ def test_open_clip_patched_blocks_still_call_upstream_modules():
     pytest.importorskip("open_clip")
     torch.manual_seed(0)
     model = _open_clip_vit(ls_init_value=0.1).eval()
-
-    def calls():
-        seen = []
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
-                 for n, m in model.named_modules() if n]
-        with torch.no_grad():
-            model(_x())
-        for h in hooks:
-            h.remove()
-        return seen
-
-    ref = calls()
+    ref = _module_calls(model, _x())
     vlprune.patch(model, merge_r=3, prune_keep=0.6, prune_layers=(1,))
-    patched = calls()
+    patched = _module_calls(model, _x())
     # every upstream call still happens, in order; reduced layers also show out_proj, which
     # the fused nn.MultiheadAttention path runs inside its kernel
     it = iter(patched)
@@ -530,3 +520,13 @@ def test_open_clip_describe_counts_fewer_flops():
     assert desc.flops_ratio > 1.2
     vlprune.configure(model, merge_r=0)
     assert vlprune.describe(model).flops_ratio == 1.0
+
+
+def test_open_clip_forward_intermediates():
+    pytest.importorskip("open_clip")
+    model = _open_clip_vit()
+    vlprune.patch(model, merge_r=3)
+    with pytest.raises(ValueError, match="NLC"):
+        model.forward_intermediates(_x())
+    out = model.forward_intermediates(_x(), output_fmt="NLC")
+    assert out["image_intermediates"][-1].shape[1] < (IMG // 16) ** 2

@@ -9,6 +9,7 @@ working and no parameter changes) and remembers the original for :func:`restore`
 from __future__ import annotations
 
 import copy
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,28 @@ class PatchContext:
 
 class RootMixin:
     """Behaviour every patched *root* model shares (adapters' model mixins derive from it)."""
+
+    def _vlprune_start(self, num_protected: int, grad_checkpointing: bool) -> None:
+        """Start a forward pass: a fresh token state, and refuse gradient checkpointing while
+        reducing (recomputed blocks would see a different token state)."""
+        ctx: PatchContext = self._vlprune
+        ctx.begin(num_protected)
+        if ctx.reduces and grad_checkpointing and torch.is_grad_enabled():
+            raise RuntimeError(
+                "token reduction cannot run with gradient checkpointing (the recomputed blocks "
+                "would see a different token state); call set_grad_checkpointing(False)"
+            )
+
+    def _vlprune_check_nlc(self, method, *args, **kwargs) -> None:
+        """``forward_intermediates`` may only return token sequences while reducing."""
+        if self._vlprune.reduces:
+            fmt = inspect.signature(method).bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
+            if fmt != "NLC":
+                raise ValueError(
+                    "forward_intermediates with output_fmt='NCHW' needs every patch token, but "
+                    "token reduction is on: pass output_fmt='NLC' (sequences of merged tokens) "
+                    "or run inside `with vlprune.disabled(model):`"
+                )
 
     def __reduce_ex__(self, protocol):
         raise TypeError(

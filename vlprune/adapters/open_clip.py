@@ -13,8 +13,6 @@ is refused with a message pointing at ``model.visual``.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -40,13 +38,8 @@ class _VisionMixin(RootMixin):
     """Model-level patch of open_clip ``VisionTransformer``."""
 
     def _vlprune_begin(self) -> None:
-        ctx: PatchContext = self._vlprune
-        ctx.begin(1)  # open_clip always prepends the class embedding
-        if ctx.reduces and self.transformer.grad_checkpointing and torch.is_grad_enabled():
-            raise RuntimeError(
-                "token reduction cannot run with gradient checkpointing (the recomputed blocks "
-                "would see a different token state); call set_grad_checkpointing(False)"
-            )
+        # open_clip always prepends the class embedding: one protected token
+        self._vlprune_start(1, self.transformer.grad_checkpointing)
 
     def forward(self, x: Tensor):
         self._vlprune_begin()
@@ -54,14 +47,7 @@ class _VisionMixin(RootMixin):
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         self._vlprune_begin()
-        if self._vlprune.reduces:
-            bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
-            if bound.arguments.get("output_fmt", "NCHW") != "NLC":
-                raise ValueError(
-                    "forward_intermediates with output_fmt='NCHW' needs every patch token, but "
-                    "token reduction is on: pass output_fmt='NLC' or run inside "
-                    "`with vlprune.disabled(model):`"
-                )
+        self._vlprune_check_nlc(super().forward_intermediates, x, *args, **kwargs)
         return super().forward_intermediates(x, *args, **kwargs)
 
     def _global_pool(self, x: Tensor):

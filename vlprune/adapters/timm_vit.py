@@ -55,13 +55,7 @@ class _ViTMixin(RootMixin):
     """Model-level patch of timm ``VisionTransformer``."""
 
     def _vlprune_begin(self) -> None:
-        ctx: PatchContext = self._vlprune
-        ctx.begin(self.num_prefix_tokens)
-        if ctx.reduces and self.grad_checkpointing and torch.is_grad_enabled():
-            raise RuntimeError(
-                "token reduction cannot run with timm gradient checkpointing (the recomputed "
-                "blocks would see a different token state); call set_grad_checkpointing(False)"
-            )
+        self._vlprune_start(self.num_prefix_tokens, self.grad_checkpointing)
 
     def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
         self._vlprune_begin()
@@ -69,14 +63,7 @@ class _ViTMixin(RootMixin):
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         self._vlprune_begin()
-        if self._vlprune.reduces:
-            bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
-            if bound.arguments.get("output_fmt", "NCHW") != "NLC":
-                raise ValueError(
-                    "forward_intermediates with output_fmt='NCHW' needs every patch token, but "
-                    "token reduction is on: pass output_fmt='NLC' (sequences of merged tokens) or "
-                    "run inside `with vlprune.disabled(model):`"
-                )
+        self._vlprune_check_nlc(super().forward_intermediates, x, *args, **kwargs)
         return super().forward_intermediates(x, *args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
