@@ -203,14 +203,18 @@ def test_merging_changes_tokens_and_outputs(model_name):
     assert desc.layers[-1].tokens_out < desc.layers[0].tokens_in
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_vit2_reg_avg_ls", "test_vit3_map", "deit_distilled"])
+@pytest.mark.parametrize(
+    "name",
+    ["test_vit", "test_vit2_reg_avg_ls", "test_vit3_map", "deit_distilled", "open_clip_tok",
+     "open_clip_avg_ls"],
+)
 def test_merging_identical_tokens_is_exact(name):
     """Merging identical tokens with proportional attention and size-weighted pooling must not
     change the output: with a zero position embedding and a constant image all patch tokens
     are equal, so any merge schedule has to reproduce the unpatched logits."""
     model = _build(name)
     with torch.no_grad():
-        model.pos_embed.zero_()
+        (model.pos_embed if hasattr(model, "pos_embed") else model.positional_embedding).zero_()
         for m in model.modules():  # make LayerScale (init 1e-5) large enough to matter
             if hasattr(m, "gamma"):
                 m.gamma.fill_(0.5)
@@ -480,22 +484,6 @@ def test_open_clip_custom_block_is_refused():
     model = _open_clip_vit(qk_norm=True)  # CustomResidualAttentionBlock
     with pytest.raises(vlprune.UnsupportedModelError, match="CustomResidualAttentionBlock"):
         vlprune.patch(model, merge_r=2)
-
-
-@pytest.mark.parametrize("pool", ["tok", "avg"])
-def test_open_clip_merging_identical_tokens_is_exact(pool):
-    pytest.importorskip("open_clip")
-    torch.manual_seed(0)
-    model = _open_clip_vit(pool_type=pool).eval()
-    with torch.no_grad():
-        model.positional_embedding.zero_()
-        x = torch.full((2, 3, IMG, IMG), 0.3)
-        x[1] = -0.7
-        ref = model(x)
-        vlprune.patch(model, merge_r=8)
-        out = model(x)
-        assert vlprune.describe(model, x, flops=False).layers[-1].tokens_out < 20
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_open_clip_patched_blocks_still_call_upstream_modules():

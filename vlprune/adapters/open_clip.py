@@ -29,7 +29,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
-from .step import reduce_step
+from .step import enter_block, reduce_step
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -67,14 +67,12 @@ class _BlockMixin:
                 attn_mask: Tensor | None = None) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
-        state = ctx.state if ctx.enabled else None
-        reduce = state is not None and ctx.needs_attn(layer)
-        bias = state.attn_bias(q_x.dtype) if state is not None and ctx.config.prop_attn else None
-        if not reduce and bias is None:
+        todo = enter_block(ctx, layer, q_x)
+        if todo is None:
             out = super().forward(q_x, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
             ctx.log(layer, q_x.shape[1], out.shape[1])
             return out
-        state.check(q_x)
+        reduce, bias = todo
         if attn_mask is not None or k_x is not None or v_x is not None:
             raise ValueError(
                 "attn_mask and cross-attention inputs cannot be combined with token reduction; "

@@ -16,6 +16,21 @@ from ..merging.bipartite import bipartite_soft_matching
 from .base import PatchContext
 
 
+def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor | None] | None:
+    """What a patched block at ``layer`` must do with tokens ``x``: ``None`` when the upstream
+    forward can run untouched, else ``(reduce, bias)``: whether this layer reduces, and the
+    proportional-attention key bias (or ``None``)."""
+    state = ctx.state if ctx.enabled else None
+    if state is None:
+        return None
+    reduce = ctx.needs_attn(layer)
+    bias = state.attn_bias(x.dtype) if ctx.config.prop_attn else None
+    if not reduce and bias is None:
+        return None
+    state.check(x)
+    return reduce, bias
+
+
 def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
     """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
     state = ctx.state

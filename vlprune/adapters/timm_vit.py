@@ -34,7 +34,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
-from .step import reduce_step
+from .step import enter_block, reduce_step
 
 MIN_TIMM = (1, 0)
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -90,14 +90,12 @@ class _BlockMixin:
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
-        state = ctx.state if ctx.enabled else None
-        reduce = state is not None and ctx.needs_attn(layer)
-        bias = state.attn_bias(x.dtype) if state is not None and ctx.config.prop_attn else None
-        if not reduce and bias is None:
+        todo = enter_block(ctx, layer, x)
+        if todo is None:
             out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             ctx.log(layer, x.shape[1], out.shape[1])
             return out
-        state.check(x)
+        reduce, bias = todo
         if attn_mask is not None or is_causal:
             raise ValueError(
                 "attn_mask / is_causal cannot be combined with token reduction (the mask would "
