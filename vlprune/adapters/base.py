@@ -199,10 +199,17 @@ class Adapter(ABC):
         """Swap the classes of the model's reduction points (see :func:`swap_class`)."""
 
     @abstractmethod
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        """The model's default input shape without the batch dimension, e.g. ``(3, 224, 224)``."""
+
     def example_input(
         self, model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None
     ) -> Tensor:
-        """A random input the model accepts (for describe and bench)."""
+        """A random input the model accepts (for describe and bench), on its device and dtype.
+        Adapters whose models take something other than one float tensor override this."""
+        device, dtype = device_dtype(model)
+        size = input_size or self.default_input_size(model)
+        return torch.randn(batch_size, *size, device=device, dtype=dtype)
 
 
 _ADAPTERS: dict[str, Adapter] = {}

@@ -13,7 +13,6 @@ is refused with a message pointing at ``model.visual``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -25,7 +24,6 @@ from .base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
-    device_dtype,
     register_adapter,
     swap_class,
 )
@@ -190,11 +188,6 @@ class OpenClipVisionAdapter(Adapter):
             swap_class(blk, _BlockMixin, ctx, layer=i)
             swap_class(blk.attn, _MHAMixin, ctx)
 
-    def example_input(
-        self, model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None
-    ) -> Tensor:
-        if input_size is None:
-            h, w = model.image_size
-            input_size = (model.conv1.in_channels, h, w)
-        device, dtype = device_dtype(model)
-        return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        h, w = model.image_size
+        return (model.conv1.in_channels, h, w)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -30,7 +29,6 @@ from .base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
-    device_dtype,
     register_adapter,
     swap_class,
 )
@@ -206,11 +204,6 @@ class TimmViTAdapter(Adapter):
             swap_class(blk, _BlockMixin, ctx, layer=i)
             swap_class(blk.attn, _AttentionMixin, ctx)
 
-    def example_input(
-        self, model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None
-    ) -> Tensor:
-        if input_size is None:
-            h, w = model.patch_embed.img_size
-            input_size = (model.patch_embed.proj.in_channels, h, w)
-        device, dtype = device_dtype(model)
-        return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        h, w = model.patch_embed.img_size
+        return (model.patch_embed.proj.in_channels, h, w)
