@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import ATTR, LayerRecord, PatchContext, find_adapter, restore
+from .adapters.base import (
+    ATTR,
+    LayerRecord,
+    PatchContext,
+    find_adapter,
+    input_shapes,
+    restore,
+    run_model,
+)
 from .config import ReductionConfig
 
 
@@ -47,7 +55,7 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     try:
         adapter = find_adapter(model, config.family)
         adapter.check(model, config)
-        ctx = PatchContext(config=config, family=adapter.name, num_layers=adapter.num_layers(model))
+        ctx = adapter.make_context(model, config)
     except Exception:
         if previous is not None:  # a failed re-patch leaves the old patch in place
             find_adapter(model, previous.family).apply(model, previous)
@@ -91,26 +99,37 @@ def get_config(model: nn.Module) -> ReductionConfig:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the original computation inside the block (for A/B comparisons in one process)."""
     ctx = _context(model)
-    previous = ctx.enabled
-    ctx.enabled = False
+    previous = [c.enabled for c in ctx.contexts()]
+    ctx.set_enabled(False)
     try:
         yield model
     finally:
-        ctx.enabled = previous
+        for c, was in zip(ctx.contexts(), previous):
+            c.enabled = was
 
 
-def get_source(model: nn.Module) -> Tensor:
+def get_source(model: nn.Module, tower: str | None = None) -> Tensor:
     """``(B, N, N0)`` map of which input tokens each output token of the last forward holds.
 
-    Needs ``trace_source=True``. Row sums are the token sizes; columns sum to 1.
+    Needs ``trace_source=True``. Row sums are the token sizes; columns sum to 1. On a model
+    with a text tower name the tower (``"image"`` or ``"text"``; a text model alone needs
+    none). ``None`` means no token was merged: every token holds only itself.
     """
     ctx = _context(model)
     if not ctx.config.trace_source:
         raise ValueError("source tracking is off: patch or configure with trace_source=True")
+    if ctx.children:
+        if tower is None and len(ctx.children) == 1:
+            tower = next(iter(ctx.children))
+        if tower not in ctx.children:
+            raise ValueError(f"name the tower: get_source(model, tower=...) with one of {list(ctx.children)}")
+        ctx = ctx.children[tower]
+    elif tower not in (None, "image"):
+        raise ValueError(f"{type(model).__name__} has only an image tower; got tower={tower!r}")
     state = ctx.state
     if state is None:
         raise RuntimeError("no forward pass has run since patching (or it ran disabled)")
-    return state.source  # None means no token was merged: every token holds only itself
+    return state.source
 
 
 @dataclass
@@ -119,7 +138,7 @@ class Description:
 
     family: str
     config: dict
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]]
     layers: list[LayerRecord] = field(default_factory=list)
     flops: int | None = None
     flops_baseline: int | None = None
@@ -144,11 +163,14 @@ class Description:
 
     def __str__(self) -> str:
         lines = [f"vlprune {self.family}  input {tuple(self.input_shape)}  config {self.config}"]
-        lines.append(f"{'layer':>5} {'tokens in':>9} {'keep':>5} {'merge r':>7} {'tokens out':>10}")
+        towers = any(lr.tower for lr in self.layers)
+        head = f"{'tower':<6}" if towers else ""
+        lines.append(f"{head}{'layer':>5} {'tokens in':>9} {'keep':>5} {'merge r':>7} {'tokens out':>10}")
         for lr in self.layers:
             keep = "-" if lr.prune_keep is None else f"{lr.prune_keep:g}"
+            tower = f"{lr.tower:<6}" if towers else ""
             lines.append(
-                f"{lr.index:>5} {lr.tokens_in:>9} {keep:>5} {lr.merge_r:>7} {lr.tokens_out:>10}"
+                f"{tower}{lr.index:>5} {lr.tokens_in:>9} {keep:>5} {lr.merge_r:>7} {lr.tokens_out:>10}"
             )
         if self.flops is not None:
             g = self.flops / 1e9
@@ -173,8 +195,9 @@ def describe(
     """Run one forward and report the tokens entering and leaving each layer, and the FLOPs
     (patched and unpatched, per forward of ``batch_size``).
 
-    ``inputs`` defaults to a random tensor of the model's default size (or ``input_size``,
-    without the batch dimension).
+    ``inputs`` defaults to a random input of the model's default size (or ``input_size``,
+    without the batch dimension): a tensor, or for models with a text tower a dict of keyword
+    inputs (token ids, and images for two-tower models).
     """
     from .eval.flops import count_flops
 
@@ -184,24 +207,24 @@ def describe(
         inputs = adapter.example_input(model, batch_size, input_size)
     was_training = model.training
     model.eval()
-    ctx.record = []
+    ctx.set_record([])
     try:
         with torch.no_grad():
             if flops:
-                n = count_flops(lambda: model(inputs))
+                n = count_flops(lambda: run_model(model, inputs))
                 with disabled(model):
-                    n_base = count_flops(lambda: model(inputs))
+                    n_base = count_flops(lambda: run_model(model, inputs))
             else:
-                model(inputs)
+                run_model(model, inputs)
                 n = n_base = None
         layers = list(ctx.record)
     finally:
-        ctx.record = None
+        ctx.set_record(None)
         model.train(was_training)
     return Description(
         family=ctx.family,
         config={k: v for k, v in asdict(ctx.config).items() if k != "version"},
-        input_shape=tuple(inputs.shape),
+        input_shape=input_shapes(inputs),
         layers=layers,
         flops=n,
         flops_baseline=n_base,

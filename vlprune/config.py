@@ -117,6 +117,39 @@ def parse_prune_schedule(
     return out
 
 
+def _validate_keep_layers(keep: Any, layers: Any, keep_name: str, layers_name: str):
+    """Validate a keep-rate option and its layers; returns them normalised (layers sorted,
+    each rate kept with its layer)."""
+    if isinstance(keep, (list, tuple)):
+        if not keep:
+            raise ValueError(f"{keep_name} list is empty; give a float in (0, 1] or one per layer")
+        keep = [_validate_keep(k) for k in keep]
+    elif keep is not None:
+        keep = _validate_keep(keep)
+    if layers is not None:
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+            layers = (layers,)
+        if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
+            raise ValueError(f"{layers_name} must be a tuple of layer indices, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{layers_name} has repeated layers: {list(layers)}")
+        if keep is None:
+            raise ValueError(f"{layers_name} is set but {keep_name} is not; give {keep_name} in (0, 1]")
+        if isinstance(keep, list):
+            if len(keep) != len(layers):
+                raise ValueError(
+                    f"{keep_name} has {len(keep)} values for {len(layers)} {layers_name} "
+                    f"{list(layers)}; give one float for all or one per layer"
+                )
+            pairs = sorted(zip(layers, keep))  # keep each rate with its layer
+            layers, keep = [i for i, _ in pairs], [k for _, k in pairs]
+        layers = tuple(sorted(int(i) for i in layers))
+    return keep, layers
+
+
+GUIDES = (None, "text", "image")
+
+
 @dataclass
 class ReductionConfig:
     """What a patched model does. Validated on construction and on every change.
@@ -142,6 +175,19 @@ class ReductionConfig:
         prune_recycle: merge each dropped token into its most similar kept token instead of
             dropping it (PruMerge-style).
         prune_seed: seed of the ``random`` score (same seed, same choices every forward).
+        text_merge_r: merging in the text tower of a two-tower model (CLIP, SigLIP), or of a
+            text model patched alone. ``None`` (default): the text tower uses ``merge_r``.
+        text_prune_keep: pruning in the text tower. On a two-tower model the ``prune_*``
+            options prune the image tower only and the text tower prunes only with
+            ``text_prune_keep``; a text model patched alone takes either.
+        text_prune_layers: layers of the text tower that prune (default: EViT's placement).
+        text_prune_score: score of the text tower's pruning; ``cls_attn`` there is the
+            attention of the pooling token (EOT for CLIP, the last token for SigLIP).
+        guide: cross-modal alignment-guided dropping on a two-tower model. ``"text"``: the
+            image tower's pruning (``prune_keep`` at ``prune_layers``) keeps the patches whose
+            features, through the model's own image head, align best with the texts of the
+            same forward (max over texts). ``"image"``: the text tower's pruning
+            (``text_prune_keep``) keeps the tokens that align best with the images.
         family: force an adapter by name instead of detecting it from the model's class.
     """
 
@@ -154,12 +200,18 @@ class ReductionConfig:
     prune_seed: int = 0
     prop_attn: bool = True
     trace_source: bool = False
+    text_merge_r: MergeSchedule | None = None
+    text_prune_keep: float | list[float] | None = None
+    text_prune_layers: tuple[int, ...] | None = None
+    text_prune_score: str | None = None
+    guide: str | None = None
     family: str | None = None
     version: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         self.merge_r = validate_merge_r(self.merge_r)
         self._validate_prune()
+        self._validate_text()
         for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -171,33 +223,9 @@ class ReductionConfig:
             self.version = __version__
 
     def _validate_prune(self) -> None:
-        keep = self.prune_keep
-        if isinstance(keep, (list, tuple)):
-            if not keep:
-                raise ValueError("prune_keep list is empty; give a float in (0, 1] or one per layer")
-            self.prune_keep = [_validate_keep(k) for k in keep]
-        elif keep is not None:
-            self.prune_keep = _validate_keep(keep)
-        layers = self.prune_layers
-        if layers is not None:
-            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-                layers = (layers,)
-            if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
-                raise ValueError(f"prune_layers must be a tuple of layer indices, got {layers!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"prune_layers has repeated layers: {list(layers)}")
-            if self.prune_keep is None:
-                raise ValueError("prune_layers is set but prune_keep is not; give prune_keep in (0, 1]")
-            keeps = self.prune_keep
-            if isinstance(keeps, list):
-                if len(keeps) != len(layers):
-                    raise ValueError(
-                        f"prune_keep has {len(keeps)} values for {len(layers)} prune_layers "
-                        f"{list(layers)}; give one float for all or one per layer"
-                    )
-                pairs = sorted(zip(layers, keeps))  # keep each rate with its layer
-                layers, self.prune_keep = [i for i, _ in pairs], [k for _, k in pairs]
-            self.prune_layers = tuple(sorted(int(i) for i in layers))
+        self.prune_keep, self.prune_layers = _validate_keep_layers(
+            self.prune_keep, self.prune_layers, "prune_keep", "prune_layers"
+        )
         if self.prune_score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune_score {self.prune_score!r}; allowed: {list(PRUNE_SCORES)}")
         if self.prune_keep is None:
@@ -216,6 +244,83 @@ class ReductionConfig:
             raise ValueError("prune_fuse and prune_recycle exclude each other; pick one")
         if not _is_int(self.prune_seed):
             raise ValueError(f"prune_seed must be an int, got {self.prune_seed!r}")
+
+    def _validate_text(self) -> None:
+        if self.text_merge_r is not None:
+            self.text_merge_r = validate_merge_r(self.text_merge_r)
+        self.text_prune_keep, self.text_prune_layers = _validate_keep_layers(
+            self.text_prune_keep, self.text_prune_layers, "text_prune_keep", "text_prune_layers"
+        )
+        if self.text_prune_score is not None:
+            if self.text_prune_score not in PRUNE_SCORES:
+                raise ValueError(
+                    f"unknown text_prune_score {self.text_prune_score!r}; allowed: {list(PRUNE_SCORES)}"
+                )
+            if self.text_prune_keep is None:
+                raise ValueError(
+                    "text_prune_score is set but text_prune_keep is not, so it would be ignored; "
+                    "give text_prune_keep in (0, 1]"
+                )
+        if self.guide not in GUIDES:
+            raise ValueError(f"unknown guide {self.guide!r}; allowed: {list(GUIDES)}")
+        if self.guide == "text":
+            if self.prune_keep is None:
+                raise ValueError(
+                    "guide='text' drops image tokens with the image tower's pruning: give prune_keep "
+                    "(and prune_layers)"
+                )
+            if self.prune_score != "cls_attn":
+                raise ValueError("guide='text' replaces prune_score; leave prune_score unset")
+        if self.guide == "image":
+            if self.text_prune_keep is None:
+                raise ValueError(
+                    "guide='image' drops text tokens with the text tower's pruning: give "
+                    "text_prune_keep (and text_prune_layers)"
+                )
+            if self.text_prune_score is not None:
+                raise ValueError("guide='image' replaces text_prune_score; leave it unset")
+
+    @property
+    def has_text_settings(self) -> bool:
+        """True when any ``text_*`` option or ``guide`` is set."""
+        return any(
+            getattr(self, name) is not None
+            for name in ("text_merge_r", "text_prune_keep", "text_prune_layers", "text_prune_score", "guide")
+        )
+
+    def for_tower(self, tower: str, two_towers: bool) -> ReductionConfig:
+        """The single-tower config of ``tower`` (``"image"`` or ``"text"``).
+
+        On a two-tower model the text tower takes ``text_merge_r`` (else ``merge_r``) and only
+        the ``text_prune_*`` options; the image tower takes the unprefixed options. A text
+        model patched alone takes ``text_*`` options where given, else the unprefixed ones.
+        Guidance is not part of a tower's config: the two-tower adapter wires it.
+        """
+        if tower not in ("image", "text"):
+            raise ValueError(f"unknown tower {tower!r}; allowed: ['image', 'text']")
+        base = dict(
+            prop_attn=self.prop_attn, trace_source=self.trace_source, family=None,
+            version=self.version,
+        )
+        if tower == "image":
+            return ReductionConfig(
+                merge_r=self.merge_r, prune_keep=self.prune_keep, prune_layers=self.prune_layers,
+                prune_score=self.prune_score, prune_fuse=self.prune_fuse,
+                prune_recycle=self.prune_recycle, prune_seed=self.prune_seed,
+                **base,
+            )
+        merge_r = self.merge_r if self.text_merge_r is None else self.text_merge_r
+        if self.text_prune_keep is not None or two_towers:
+            keep, layers = self.text_prune_keep, self.text_prune_layers
+            score = self.text_prune_score or "cls_attn"
+            extra = dict(prune_seed=self.prune_seed) if keep is not None else {}
+        else:
+            keep, layers, score = self.prune_keep, self.prune_layers, self.prune_score
+            extra = dict(prune_fuse=self.prune_fuse, prune_recycle=self.prune_recycle, prune_seed=self.prune_seed)
+        return ReductionConfig(
+            merge_r=merge_r, prune_keep=keep, prune_layers=layers, prune_score=score,
+            **extra, **base,
+        )
 
     @property
     def prune_mode(self) -> str:
@@ -236,9 +341,15 @@ class ReductionConfig:
 
     @property
     def is_identity(self) -> bool:
-        """True when this config removes no token at any layer."""
-        r = self.merge_r
-        no_merge = not any(r) if isinstance(r, list) else (r[0] == 0 if isinstance(r, tuple) else r == 0)
-        keep = self.prune_keep
-        no_prune = keep is None or all(k == 1.0 for k in (keep if isinstance(keep, list) else [keep]))
-        return no_merge and no_prune
+        """True when this config removes no token at any layer of any tower."""
+        return all(
+            _no_merge(r) for r in (self.merge_r, self.text_merge_r) if r is not None
+        ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep))
+
+
+def _no_merge(r: MergeSchedule) -> bool:
+    return not any(r) if isinstance(r, list) else (r[0] == 0 if isinstance(r, tuple) else r == 0)
+
+
+def _no_prune(keep: float | list[float] | None) -> bool:
+    return keep is None or all(k == 1.0 for k in (keep if isinstance(keep, list) else [keep]))

@@ -38,6 +38,7 @@ class LayerRecord:
     tokens_out: int
     merge_r: int
     prune_keep: float | None
+    tower: str = ""
 
 
 @dataclass
@@ -59,6 +60,16 @@ class PatchContext:
     generator: torch.Generator | None = None
     # describe(): when a list, each reduction point appends a LayerRecord.
     record: list[LayerRecord] | None = None
+    # Two-tower models: the root context holds one child context per tower ("image",
+    # "text"), each with its tower's config (ReductionConfig.for_tower); num_layers is 0.
+    children: dict[str, PatchContext] = field(default_factory=dict)
+    tower: str = ""
+    # Cross-modal guidance: the modality guiding this tower's pruning ("text" or "image"),
+    # the guiding embeddings (T, E) of the current forward, and the tower's own head that
+    # maps token features (B, N, C) to that embedding space.
+    guided_by: str | None = None
+    guide_embeds: Tensor | None = None
+    project: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -66,12 +77,31 @@ class PatchContext:
     def refresh(self) -> None:
         """Resolve the per-layer schedules from the config (after patch or configure)."""
         cfg = self.config
+        if self.children:
+            for name, child in self.children.items():
+                child.config = cfg.for_tower(name, two_towers=len(self.children) > 1)
+                child.refresh()
+            return
         schedule = parse_schedule(cfg.merge_r, self.num_layers)
         prune = parse_prune_schedule(cfg.prune_keep, cfg.prune_layers, self.num_layers)
         self.schedule, self.prune_schedule = schedule, prune
 
+    def contexts(self) -> list[PatchContext]:
+        """This context and its towers' contexts."""
+        return [self, *self.children.values()]
+
+    def set_enabled(self, enabled: bool) -> None:
+        for c in self.contexts():
+            c.enabled = enabled
+
+    def set_record(self, record: list[LayerRecord] | None) -> None:
+        for c in self.contexts():
+            c.record = record
+
     @property
     def reduces(self) -> bool:
+        if self.children:
+            return self.enabled and any(c.reduces for c in self.children.values())
         return self.enabled and (any(self.schedule) or any(k is not None for k in self.prune_schedule))
 
     def needs_attn(self, layer: int) -> bool:
@@ -101,7 +131,10 @@ class PatchContext:
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
         if self.record is not None and self.enabled:
             self.record.append(
-                LayerRecord(layer, tokens_in, tokens_out, self.schedule[layer], self.prune_schedule[layer])
+                LayerRecord(
+                    layer, tokens_in, tokens_out, self.schedule[layer], self.prune_schedule[layer],
+                    self.tower,
+                )
             )
 
 
@@ -181,6 +214,7 @@ class Adapter(ABC):
 
     name: str = ""
     supported: str = ""
+    towers: tuple[str, ...] = ("image",)  # ("text",) for text models, both for CLIP-like
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -197,6 +231,41 @@ class Adapter(ABC):
     @abstractmethod
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         """Swap the classes of the model's reduction points (see :func:`swap_class`)."""
+
+    def tower_layers(self, model: nn.Module, tower: str) -> int:
+        """Layers of one tower (models with a ``text`` tower override this)."""
+        return self.num_layers(model)
+
+    def make_context(self, model: nn.Module, config: ReductionConfig) -> PatchContext:
+        """The context of a new patch: one plain context for an image model; for models with
+        a text tower, a root context holding one child context per tower."""
+        if config.guide is not None and set(self.towers) != {"image", "text"}:
+            raise ValueError(
+                f"guide={config.guide!r} needs a model with an image and a text tower (CLIP, "
+                f"SigLIP); {type(model).__name__} has only the {self.towers[0]} tower"
+            )
+        if self.towers == ("image",):
+            if config.has_text_settings:
+                set_text = [n for n in ReductionConfig.field_names() if n.startswith("text_")
+                            and getattr(config, n) is not None]
+                raise ValueError(
+                    f"{', '.join(set_text)} set but {type(model).__name__} has no text tower; "
+                    "use the unprefixed options (merge_r, prune_keep, ...)"
+                )
+            return PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
+        two = len(self.towers) > 1
+        children = {
+            t: PatchContext(
+                config=config.for_tower(t, two_towers=two), family=self.name,
+                num_layers=self.tower_layers(model, t), tower=t,
+            )
+            for t in self.towers
+        }
+        if config.guide == "text":
+            children["image"].guided_by = "text"
+        elif config.guide == "image":
+            children["text"].guided_by = "image"
+        return PatchContext(config=config, family=self.name, num_layers=0, children=children)
 
     @abstractmethod
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
@@ -253,3 +322,22 @@ def class_path_in_mro(model: nn.Module) -> list[str]:
 def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters(), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def run_model(model: nn.Module, inputs):
+    """Call ``model`` on an example input: a tensor, a tuple of positional inputs or a dict of
+    keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def input_shapes(inputs) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """The shape of an example input, or the shape of each of its named parts."""
+    if isinstance(inputs, dict):
+        return {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, Tensor)}
+    if isinstance(inputs, tuple):
+        return {str(i): tuple(v.shape) for i, v in enumerate(inputs) if isinstance(v, Tensor)}
+    return tuple(inputs.shape)

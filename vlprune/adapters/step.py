@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core.plan import take_tokens
+from ..core.ragged import ragged_bipartite, ragged_prune_plan
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
 from ..core.select import keep_count, prune_plan
 from ..merging.bipartite import bipartite_soft_matching
@@ -24,7 +25,7 @@ def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor 
     if state is None:
         return None
     reduce = ctx.needs_attn(layer)
-    bias = state.attn_bias(x.dtype) if ctx.config.prop_attn else None
+    bias = state.attn_bias(x.dtype, ctx.config.prop_attn)
     if not reduce and bias is None:
         return None
     state.check(x)
@@ -38,25 +39,33 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
     P = state.num_protected
     r = ctx.schedule[layer]
     keep = ctx.prune_schedule[layer]
+    valid = state.valid  # padded sequences: per-row budgets (vlprune.core.ragged)
     metric = None
     if keep is not None and keep < 1.0:
         n_keep = keep_count(x.shape[1], P, keep)
         scores = compute_scores(
             cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
-            generator=ctx.generator,
+            generator=ctx.generator, valid=valid,
         )
         mode = cfg.prune_mode
         if mode == "recycle" or r > 0:
             metric = attn.metric()
-        # attention scores are EViT's fusion weights; other scores fuse by size alone
-        weight = scores if mode == "fuse" and cfg.prune_score in NEEDS_CLASS_TOKEN else None
-        plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=weight)
+        if valid is not None:
+            plan = ragged_prune_plan(scores, valid, keep, P, mode=mode, metric=metric)
+        else:
+            # attention scores are EViT's fusion weights; other scores fuse by size alone
+            weight = scores if mode == "fuse" and cfg.prune_score in NEEDS_CLASS_TOKEN else None
+            plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=weight)
         if plan is not None:
             x = state.compact(plan, x)
             if metric is not None:
                 metric = take_tokens(metric, plan.keep)
     if r > 0:
-        plan = bipartite_soft_matching(attn.metric() if metric is None else metric, r, P)
+        metric = attn.metric() if metric is None else metric
+        if state.valid is not None:
+            plan = ragged_bipartite(metric, state.valid, r, P)
+        else:
+            plan = bipartite_soft_matching(metric, r, P)
         if plan is not None:
             x = state.compact(plan, x)
     return x

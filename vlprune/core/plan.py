@@ -32,6 +32,8 @@ class Plan:
         fresh: output positions of tokens that start afresh for proportional attention (a
             fused token of unrelated tokens is one new token, not ``size`` copies of one:
             EViT). Their size still counts every input token they hold.
+        src_mask: optional ``(B, M)`` bool: ``False`` entries of ``src`` are dropped, not
+            merged (padded rows of a ragged batch merge fewer tokens than others).
     """
 
     keep: Tensor
@@ -40,6 +42,7 @@ class Plan:
     weight: Tensor | None = None
     num_tokens: int = -1
     fresh: tuple[int, ...] = ()
+    src_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.keep.dim() != 2:
@@ -87,12 +90,29 @@ class Plan:
         src = _flat_index(self.src, N)
         dst = _flat_index(self.dst, self.num_kept)
         xw = x * w
-        num = _add_into(take_flat(xw, keep, B), dst, take_flat(xw, src, B))
-        den = _add_into(take_flat(w, keep, B), dst, take_flat(w, src, B))
+        num = _add_into(take_flat(xw, keep, B), dst, self._masked(take_flat(xw, src, B)))
+        den = _add_into(take_flat(w, keep, B), dst, self._masked(take_flat(w, src, B)))
         if self.weight is None:
             return num / den, den
-        new_size = _add_into(take_flat(size, keep, B), dst, take_flat(size, src, B))
+        new_size = _add_into(take_flat(size, keep, B), dst, self._masked(take_flat(size, src, B)))
         return num / den, new_size
+
+    def _masked(self, values: Tensor) -> Tensor:
+        """Zero the merged-in ``values`` (B, M, C) of ``src`` entries that are only dropped."""
+        if self.src_mask is None:
+            return values
+        return values * self.src_mask.unsqueeze(-1).to(values.dtype)
+
+    def take_max(self, t: Tensor) -> Tensor:
+        """Compact ``t`` (B, N) of integers by the maximum of each merge group (positions: a
+        merged token is as late as its latest source, so causal masks stay causal)."""
+        out = t.gather(1, self.keep)
+        if self.src is None:
+            return out
+        src = t.gather(1, self.src)
+        if self.src_mask is not None:
+            src = src.masked_fill(~self.src_mask, torch.iinfo(t.dtype).min)
+        return out.scatter_reduce(1, self.dst, src, reduce="amax")
 
     def accumulate(self, t: Tensor) -> Tensor:
         """Compact ``t`` (B, N, C) by summing each merge group, no averaging: for a source map
@@ -101,9 +121,8 @@ class Plan:
         B, N, _ = t.shape
         out = take_flat(t, _flat_index(self.keep, N), B)
         if self.src is not None:
-            out = _add_into(
-                out, _flat_index(self.dst, self.num_kept), take_flat(t, _flat_index(self.src, N), B)
-            )
+            merged = self._masked(take_flat(t, _flat_index(self.src, N), B))
+            out = _add_into(out, _flat_index(self.dst, self.num_kept), merged)
         return out
 
 

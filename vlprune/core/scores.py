@@ -22,7 +22,7 @@ class AttnInputs:
     k: Tensor  # (B, H, N, D), after any k-norm
     v: Tensor  # (B, H, N, D)
     scale: float
-    bias: Tensor | None = None  # additive key bias (B, 1, 1, N), e.g. log(size)
+    bias: Tensor | None = None  # additive mask (B, 1, 1, N) e.g. log(size), or (B, 1, N, N)
 
     def metric(self) -> Tensor:
         """Keys summed over heads ``(B, N, D)``: ToMe's similarity metric (the head mean up to
@@ -34,7 +34,8 @@ def _row_attention(a: AttnInputs, rows: slice | Tensor) -> Tensor:
     """Softmax attention of the query rows ``rows`` to all keys: ``(B, H, R, N)``."""
     logits = (a.q[:, :, rows] * a.scale) @ a.k.transpose(-2, -1)
     if a.bias is not None:
-        logits = logits + a.bias.to(logits.dtype)
+        bias = a.bias if a.bias.shape[-2] == 1 else a.bias[:, :, rows]
+        logits = logits + bias.to(logits.dtype)
     return logits.softmax(dim=-1)
 
 
@@ -75,13 +76,16 @@ def random_scores(a: AttnInputs, generator: torch.Generator | None = None) -> Te
     return torch.rand(B, N, generator=generator, device="cpu").to(a.k.device)
 
 
-def diversity_order(metric: Tensor, num_protected: int = 0, picks: int | None = None) -> Tensor:
+def diversity_order(
+    metric: Tensor, num_protected: int = 0, picks: int | None = None, valid: Tensor | None = None
+) -> Tensor:
     """Farthest-point (max-min) selection over cosine distance of ``metric`` (B, N, C).
 
     Returns scores ``(B, N)`` where a higher score means picked earlier: the first ``n``
     unprotected tokens by score are the max-min diverse subset of size ``n`` (DivPrune).
     Only ``picks`` tokens are picked (default: all); the rest score ``-inf``. Protected tokens
-    score ``+inf``. Vectorised over the batch; loops over picks.
+    score ``+inf``. ``valid`` (B, N) bool restricts the picks to real tokens (padding scores
+    ``-inf``). Vectorised over the batch; loops over picks.
     """
     B, N, _ = metric.shape
     P = num_protected
@@ -97,11 +101,21 @@ def diversity_order(metric: Tensor, num_protected: int = 0, picks: int | None = 
     batch = torch.arange(B, device=metric.device)
     # One Gram matrix up front; each pick then only reads a row of it.
     gram = m @ m.transpose(1, 2)  # (B, n, n) cosine similarities
-    first = (m @ m.mean(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1).argmin(dim=1)
+    real = None if valid is None else valid[:, P:]
+    mean = m.mean(dim=1, keepdim=True) if real is None else (
+        (m * real.unsqueeze(-1)).sum(dim=1, keepdim=True) / real.sum(dim=1).clamp_min(1)[:, None, None]
+    )
+    to_mean = (m @ mean.transpose(1, 2)).squeeze(-1)
+    if real is not None:
+        to_mean = to_mean.masked_fill(~real, float("inf"))
+    first = to_mean.argmin(dim=1)
     min_dist = torch.full((B, n), float("inf"), device=metric.device, dtype=m.dtype)
+    if real is not None:
+        min_dist = min_dist.masked_fill(~real, float("-inf"))  # padding: never picked
     pick = first
     for step in range(n if picks is None else min(picks, n)):
-        scores[batch, P + pick] = float(n - step)
+        fresh = min_dist[batch, pick] > float("-inf")  # rows out of real tokens pick nothing
+        scores[batch, P + pick] = torch.where(fresh, float(n - step), scores[batch, P + pick])
         min_dist = torch.minimum(min_dist, 1.0 - gram[batch, pick])
         min_dist[batch, pick] = float("-inf")  # chosen: never again
         pick = min_dist.argmax(dim=1)
@@ -120,8 +134,10 @@ def compute_scores(
     n_keep: int,
     cls_index: int = 0,
     generator: torch.Generator | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """Scores ``(B, N)`` of the score called ``name`` (one of :data:`SCORE_NAMES`)."""
+    """Scores ``(B, N)`` of the score called ``name`` (one of :data:`SCORE_NAMES`); ``valid``
+    (padded sequences) only matters to ``diversity``, whose picks must skip padding."""
     if name == "cls_attn":
         return cls_attn(a, cls_index)
     if name == "cls_attn_vnorm":
@@ -133,5 +149,5 @@ def compute_scores(
     if name == "random":
         return random_scores(a, generator)
     if name == "diversity":
-        return diversity_order(a.metric(), num_protected, picks=n_keep)
+        return diversity_order(a.metric(), num_protected, picks=n_keep, valid=valid)
     raise ValueError(f"unknown score {name!r}; known scores: {list(SCORE_NAMES)}")

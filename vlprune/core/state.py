@@ -4,12 +4,19 @@ One :class:`TokenState` lives for one forward pass of a patched model. It carrie
 each token (how many input tokens it averages), optionally the source map (which input tokens
 it holds), and how many leading tokens are protected (class, distillation, register tokens:
 never merged or dropped).
+
+Sequences (text) also carry, per token, its position (``pos``: the latest input position it
+holds, so a causal mask stays causal after merging) and whether it is a real token or padding
+(``valid``). With ``valid`` set, reduction is *ragged*: each row reduces its own real tokens
+by its own budget and padding fills the difference, so a row's result does not depend on its
+batch neighbours (see :mod:`vlprune.core.ragged`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .attention import size_bias
@@ -31,6 +38,9 @@ class TokenState:
     size: Tensor | None = None
     source: Tensor | None = None
     attn_size: Tensor | None = None
+    pos: Tensor | None = None  # (B, N) int64 input position; causal attention when set
+    valid: Tensor | None = None  # (B, N) bool, False for padding; ragged reduction when set
+    _mask: Tensor | None = None  # cached sequence mask of the current tokens
 
     def check(self, x: Tensor) -> None:
         """Fail loudly if ``x`` is not the sequence this state describes."""
@@ -41,10 +51,31 @@ class TokenState:
                 "top-level forward (or forward_features), which starts a fresh token state"
             )
 
-    def attn_bias(self, dtype) -> Tensor | None:
-        """Proportional-attention bias ``log(size)`` as ``(B, 1, 1, N)``, or ``None``."""
+    def attn_bias(self, dtype, prop_attn: bool = True) -> Tensor | None:
+        """The additive attention mask of the current tokens, or ``None`` when there is none:
+        ``log(size)`` as ``(B, 1, 1, N)`` (proportional attention, if ``prop_attn``), plus, for
+        sequences, the causal mask by position and the padding mask as ``(B, 1, N, N)``."""
         size = self.size if self.attn_size is None else self.attn_size
-        return None if size is None else size_bias(size, dtype)
+        bias = size_bias(size, dtype) if prop_attn and size is not None else None
+        if self.pos is None and self.valid is None:
+            return bias
+        if self._mask is None or self._mask.dtype != dtype:
+            self._mask = self._sequence_mask(dtype)
+        if self._mask is None:
+            return bias
+        return self._mask if bias is None else self._mask + bias
+
+    def _sequence_mask(self, dtype) -> Tensor | None:
+        allowed = None
+        if self.pos is not None:
+            allowed = self.pos.unsqueeze(1) <= self.pos.unsqueeze(2)  # key pos <= query pos
+        if self.valid is not None and not bool(self.valid.all()):
+            keys = self.valid.unsqueeze(1)
+            allowed = keys if allowed is None else allowed & keys
+        if allowed is None:
+            return None
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
     def compact(self, plan: Plan, x: Tensor) -> Tensor:
         """Apply ``plan`` to ``x`` and to this state's size and source; return the new ``x``."""
@@ -55,6 +86,11 @@ class TokenState:
         if self.attn_size is not None:
             self.attn_size = plan.accumulate(self.attn_size)
         x, self.size = plan.apply(x, self.size)
+        if self.pos is not None:
+            self.pos = plan.take_max(self.pos)
+        if self.valid is not None:
+            self.valid = self.valid.gather(1, plan.keep)  # merges never mix real and padding
+        self._mask = None
         if plan.fresh:
             if self.attn_size is None:
                 self.attn_size = self.size.clone()
