@@ -19,6 +19,7 @@ from .api import (  # noqa: E402
     get_source,
     is_patched,
     patch,
+    set_guide,
     unpatch,
 )
 from .config import ReductionConfig, parse_schedule  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "is_patched",
     "parse_schedule",
     "patch",
+    "set_guide",
     "supported_text",
     "unpatch",
 ]

@@ -132,6 +132,29 @@ def get_source(model: nn.Module, tower: str | None = None) -> Tensor:
     return state.source
 
 
+def set_guide(model: nn.Module, embeddings: Tensor | None) -> nn.Module:
+    """Set the guiding embeddings of a model patched with ``guide=...`` for forwards that
+    carry one modality only (``None`` clears them).
+
+    Zero-shot classification with ``guide="text"``: encode the class prompts once, call
+    ``set_guide(model, text_features)`` and every ``encode_image`` keeps the patches that
+    align best with any class prompt (max over prompts). A forward with both modalities uses
+    its own embeddings instead, for that forward only.
+    """
+    ctx = _context(model)
+    guided = [c for c in ctx.children.values() if c.guided_by]
+    if not guided:
+        raise ValueError("the model is not patched with guide='text' or guide='image'")
+    if embeddings is not None:
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+            raise ValueError(
+                "guide embeddings must be a float tensor of shape (num_embeddings, embed_dim), got "
+                f"{getattr(embeddings, 'shape', type(embeddings).__name__)}"
+            )
+    guided[0].guide_embeds = None if embeddings is None else embeddings.detach()
+    return model
+
+
 @dataclass
 class Description:
     """Effective tokens per layer and FLOPs of a patched model for one input shape."""
@@ -162,7 +185,12 @@ class Description:
         return d
 
     def __str__(self) -> str:
-        lines = [f"vlprune {self.family}  input {tuple(self.input_shape)}  config {self.config}"]
+        shape = self.input_shape
+        if isinstance(shape, dict):
+            shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items())
+        else:
+            shape = tuple(shape)
+        lines = [f"vlprune {self.family}  input {shape}  config {self.config}"]
         towers = any(lr.tower for lr in self.layers)
         head = f"{'tower':<6}" if towers else ""
         lines.append(f"{head}{'layer':>5} {'tokens in':>9} {'keep':>5} {'merge r':>7} {'tokens out':>10}")

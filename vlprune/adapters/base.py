@@ -138,6 +138,15 @@ class PatchContext:
             )
 
 
+def refuse_grad_checkpointing(ctx: PatchContext, grad_checkpointing: bool) -> None:
+    """Gradient checkpointing recomputes blocks, which would see a different token state."""
+    if ctx.reduces and grad_checkpointing and torch.is_grad_enabled():
+        raise RuntimeError(
+            "token reduction cannot run with gradient checkpointing (the recomputed blocks "
+            "would see a different token state); call set_grad_checkpointing(False)"
+        )
+
+
 class RootMixin:
     """Behaviour every patched *root* model shares (adapters' model mixins derive from it)."""
 
@@ -146,11 +155,7 @@ class RootMixin:
         reducing (recomputed blocks would see a different token state)."""
         ctx: PatchContext = self._vlprune
         ctx.begin(num_protected)
-        if ctx.reduces and grad_checkpointing and torch.is_grad_enabled():
-            raise RuntimeError(
-                "token reduction cannot run with gradient checkpointing (the recomputed blocks "
-                "would see a different token state); call set_grad_checkpointing(False)"
-            )
+        refuse_grad_checkpointing(ctx, grad_checkpointing)
 
     def _vlprune_check_nlc(self, method, *args, **kwargs) -> None:
         """``forward_intermediates`` may only return token sequences while reducing."""

@@ -7,12 +7,18 @@ first merge, for proportional attention) the patched ``nn.MultiheadAttention`` c
 same projections itself and calls ``scaled_dot_product_attention`` with the size bias. Other
 layers run the upstream modules untouched.
 
-The text tower (causal mask, EOT pooling) is not supported yet: patching a whole ``CLIP``
-is refused with a message pointing at ``model.visual``.
+Text towers (``CLIP``'s own text transformer, ``TextTransformer`` of ``CustomTextCLIP`` or
+alone) run the shared text path of :mod:`vlprune.adapters.text` when they reduce: tokens in
+canonical order (BOS and the pooled EOT/last token protected, padding after the EOT dropped
+first), attention masks built from the token state (causal by position, sizes), pooling at
+the protected slot. Whole ``CLIP`` / ``CustomTextCLIP`` models get both towers, and
+``guide="text"`` / ``"image"`` runs the guiding tower first (see :func:`guided_forward`).
+CoCa-style appended class tokens, ``attn_pool`` and HF text encoders are refused.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -24,10 +30,13 @@ from .base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
+    device_dtype,
+    refuse_grad_checkpointing,
     register_adapter,
     swap_class,
 )
 from .step import enter_block, reduce_step
+from .text import TextLayout, start_text
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -131,63 +140,330 @@ class OpenClipVisionAdapter(Adapter):
     )
 
     def matches(self, model: nn.Module) -> bool:
-        paths = class_path_in_mro(model)
-        if any(p.startswith("open_clip.") and p.endswith((".CLIP", ".CustomTextCLIP")) for p in paths):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: vlprune supports the open_clip image tower for now; "
-                "patch model.visual (vlprune.patch(model.visual, ...)). The text tower is not "
-                "supported yet."
-            )
-        return "open_clip.transformer.VisionTransformer" in paths
+        return "open_clip.transformer.VisionTransformer" in class_path_in_mro(model)
 
     def check(self, model: nn.Module, config: ReductionConfig) -> None:
-        from open_clip.transformer import ResidualAttentionBlock
-
-        tr = getattr(model, "transformer", None)
-        if tr is None or not getattr(tr, "batch_first", False):
-            raise UnsupportedModelError(
-                f"open_clip {_open_clip_version()}: expected a batch-first `transformer`; "
-                + self.supported
-            )
-        for i, blk in enumerate(tr.resblocks):
-            if type(blk).forward is not ResidualAttentionBlock.forward or hasattr(blk, "ln_1_kv") or not all(
-                hasattr(blk, n) for n in _BLOCK_PARTS
-            ):
-                raise UnsupportedModelError(
-                    f"transformer.resblocks[{i}] is {type(blk).__qualname__}; supported: "
-                    f"ResidualAttentionBlock (not the custom qk-norm/scaled-cosine block). "
-                    f"Supported: {self.supported}"
-                )
-            mha = blk.attn
-            if not (
-                type(mha).forward is nn.MultiheadAttention.forward
-                and mha.batch_first
-                and mha._qkv_same_embed_dim
-                and mha.bias_k is None
-                and mha.bias_v is None
-                and not mha.add_zero_attn
-            ):
-                raise UnsupportedModelError(
-                    f"transformer.resblocks[{i}].attn is {type(mha).__qualname__} with a layout "
-                    "vlprune does not know (needs batch-first nn.MultiheadAttention with packed "
-                    f"q/k/v projections, no bias_k/bias_v, no zero attention). {self.supported}"
-                )
-        if getattr(model, "attn_pool", None) is not None and not config.is_identity:
-            raise UnsupportedModelError(
-                "open_clip attentional pooling (CoCa) takes no key bias, so merged tokens would be "
-                "weighted wrongly; reduction is not supported on this tower"
-            )
+        check_vision_tower(model, config, "", self.supported)
 
     def num_layers(self, model: nn.Module) -> int:
         return len(model.transformer.resblocks)
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
-        swap_class(model, _VisionMixin, ctx)
-        model.__dict__["_vlprune"] = ctx
-        for i, blk in enumerate(model.transformer.resblocks):
-            swap_class(blk, _BlockMixin, ctx, layer=i)
-            swap_class(blk.attn, _MHAMixin, ctx)
+        patch_vision_tower(model, ctx)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
         h, w = model.image_size
         return (model.conv1.in_channels, h, w)
+
+
+def check_transformer(tr: nn.Module, where: str, supported: str) -> None:
+    """Fail loudly on an open_clip ``Transformer`` whose blocks or attention we do not know
+    (upstream main replaced ``nn.MultiheadAttention`` by its own ``Attention`` class)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if tr is None or not getattr(tr, "batch_first", False):
+        raise UnsupportedModelError(
+            f"open_clip {_open_clip_version()}: expected a batch-first `{where}transformer`; {supported}"
+        )
+    for i, blk in enumerate(tr.resblocks):
+        if type(blk).forward is not ResidualAttentionBlock.forward or hasattr(blk, "ln_1_kv") or not all(
+            hasattr(blk, n) for n in _BLOCK_PARTS
+        ):
+            raise UnsupportedModelError(
+                f"{where}transformer.resblocks[{i}] is {type(blk).__qualname__}; supported: "
+                f"ResidualAttentionBlock (not the custom qk-norm/scaled-cosine block). "
+                f"Supported: {supported}"
+            )
+        mha = blk.attn
+        if not (
+            type(mha).forward is nn.MultiheadAttention.forward
+            and mha.batch_first
+            and mha._qkv_same_embed_dim
+            and mha.bias_k is None
+            and mha.bias_v is None
+            and not mha.add_zero_attn
+        ):
+            raise UnsupportedModelError(
+                f"{where}transformer.resblocks[{i}].attn is {type(mha).__qualname__} with a layout "
+                "vlprune does not know (needs batch-first nn.MultiheadAttention with packed "
+                f"q/k/v projections, no bias_k/bias_v, no zero attention). {supported}"
+            )
+
+
+def check_vision_tower(model: nn.Module, config: ReductionConfig, where: str, supported: str) -> None:
+    check_transformer(getattr(model, "transformer", None), where, supported)
+    if getattr(model, "attn_pool", None) is not None and not config.is_identity:
+        raise UnsupportedModelError(
+            f"{where}attn_pool: open_clip attentional pooling (CoCa) takes no key bias, so merged "
+            "tokens would be weighted wrongly; reduction is not supported on this tower"
+        )
+
+
+def _patch_blocks(tr: nn.Module, ctx: PatchContext) -> None:
+    for i, blk in enumerate(tr.resblocks):
+        swap_class(blk, _BlockMixin, ctx, layer=i)
+        swap_class(blk.attn, _MHAMixin, ctx)
+
+
+def patch_vision_tower(visual: nn.Module, ctx: PatchContext) -> None:
+    """Patch an open_clip ``VisionTransformer`` (alone or as ``model.visual``) with ``ctx``."""
+    swap_class(visual, _VisionMixin, ctx)
+    visual.__dict__["_vlprune"] = ctx
+    _patch_blocks(visual.transformer, ctx)
+
+
+# ---- text towers ---------------------------------------------------------------------------
+
+
+def _layout(causal: bool, pool_type: str, eos_id: int | None) -> TextLayout:
+    # causal CLIP towers start with BOS; bidirectional ones (SigLIP) pool the last token
+    return TextLayout(causal=causal, pool=pool_type, eos_id=eos_id, protect_first=causal)
+
+
+def _project(x: Tensor, proj) -> Tensor:
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def _reduced_text(ctx: PatchContext, tr: nn.Module, ln_final: nn.Module, x: Tensor, text: Tensor,
+                  layout: TextLayout, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The transformer and final norm of a reducing text tower on embeddings ``x``: returns
+    (pooled token before projection, all tokens)."""
+    refuse_grad_checkpointing(ctx, tr.grad_checkpointing)
+    x, slot = start_text(ctx, x, text, layout, padding)
+    x = ln_final(tr(x, attn_mask=None))
+    return x[:, slot], x
+
+
+class _TextTransformerMixin(RootMixin):
+    """Patched open_clip ``TextTransformer`` (``CustomTextCLIP.text`` or alone). Follows
+    ``TextTransformer.forward`` of open_clip_torch 3.3.0 when the tower reduces."""
+
+    def forward(self, text: Tensor):
+        ctx: PatchContext = self._vlprune_ctx
+        if not ctx.reduces:
+            ctx.state = None
+            return super().forward(text)
+        if self.cls_emb is not None:
+            raise ValueError("a text tower with an appended class token (CoCa) cannot reduce tokens")
+        x, _ = self._embeds(text)
+        padding = text != self.pad_id if self.use_pad_mask else None
+        layout = _layout(self.attn_mask is not None, self.pool_type, self.eos_id)
+        pooled, tokens = _reduced_text(ctx, self.transformer, self.ln_final, x, text, layout, padding)
+        pooled = _project(pooled, self.text_projection)
+        return (pooled, tokens) if self.output_tokens else pooled
+
+    def _vlprune_project(self, x: Tensor) -> Tensor:
+        return _project(self.ln_final(x), self.text_projection)
+
+
+def check_text_transformer(text: nn.Module, config: ReductionConfig, where: str, supported: str) -> None:
+    check_transformer(getattr(text, "transformer", None), where, supported)
+    if getattr(text, "cls_emb", None) is not None and not config.is_identity:
+        raise UnsupportedModelError(f"{where}: a text tower with an appended class token (CoCa) is not supported")
+    if text.pool_type == "none":
+        raise UnsupportedModelError(f"{where}: text pool_type 'none' has no pooled token to protect")
+    if config.prune_fuse:
+        raise ValueError("prune_fuse is not available in a text tower (padded sequences); use drop or prune_recycle")
+
+
+def _text_project(model: nn.Module, x: Tensor) -> Tensor:
+    return _project(model.ln_final(x), model.text_projection)
+
+
+def _image_project(visual: nn.Module, x: Tensor) -> Tensor:
+    x = visual.ln_post(x)
+    return x if visual.proj is None else x @ visual.proj
+
+
+class _ClipMixin(RootMixin):
+    """Patched open_clip ``CLIP`` / ``CustomTextCLIP``: both towers, guided dropping."""
+
+    def encode_text(self, text: Tensor, normalize: bool = False):
+        if not hasattr(self, "token_embedding"):  # CustomTextCLIP: the text tower is patched
+            return super().encode_text(text, normalize=normalize)
+        ctx: PatchContext = self._vlprune.children["text"]
+        if not ctx.reduces:
+            ctx.state = None
+            return super().encode_text(text, normalize=normalize)
+        # follows CLIP.encode_text of open_clip_torch 3.3.0
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding.to(cast_dtype)
+        layout = _layout(self.attn_mask is not None, self.text_pool_type, getattr(self, "text_eos_id", None))
+        pooled, _ = _reduced_text(ctx, self.transformer, self.ln_final, x, text, layout)
+        x = _project(pooled, self.text_projection)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None):
+        return guided_forward(self, super().forward, image, text)
+
+    def _vlprune_project_text(self, x: Tensor) -> Tensor:
+        if hasattr(self, "token_embedding"):
+            return _text_project(self, x)
+        return _text_project(self.text, x)
+
+    def _vlprune_project_image(self, x: Tensor) -> Tensor:
+        return _image_project(self.visual, x)
+
+
+def _features(out, key: str, index: int) -> Tensor:
+    return out[key] if isinstance(out, dict) else out[index]
+
+
+def guided_forward(model: nn.Module, forward, image, text):
+    """Two-tower forward with cross-modal guidance: the guiding tower runs first on its own
+    (``forward(image=None, text=text)`` or the other way round), its normalised embeddings
+    guide the other tower's pruning, then the guided tower runs; the two outputs are merged
+    into the one the model returns. Without guidance, or with one modality, ``forward`` runs
+    as is."""
+    ctx: PatchContext = model._vlprune
+    guided = next((c for c in ctx.children.values() if c.guided_by), None)
+    if guided is None or not guided.reduces or image is None or text is None:
+        return forward(image=image, text=text)
+    before = guided.guide_embeds
+    if guided.tower == "image":
+        first = forward(image=None, text=text)
+        guided.guide_embeds = _features(first, "text_features", 1).detach()
+        try:
+            second = forward(image=image, text=None)
+        finally:
+            guided.guide_embeds = before
+        img_out, txt_out = second, first
+    else:
+        first = forward(image=image, text=None)
+        guided.guide_embeds = _features(first, "image_features", 0).detach()
+        try:
+            second = forward(image=None, text=text)
+        finally:
+            guided.guide_embeds = before
+        img_out, txt_out = first, second
+    if isinstance(img_out, dict):
+        return {**img_out, "text_features": txt_out["text_features"]}
+    return (img_out[0], txt_out[1], *img_out[2:])
+
+
+def _random_ids(batch: int, length: int, vocab: int, layout: TextLayout, device) -> Tensor:
+    """Full-length random token ids with the pooled token where the tower expects it (EOT =
+    the highest id at the end for argmax pooling, ``eos_id`` at the end for eos pooling)."""
+    high = vocab - 1
+    ids = torch.randint(1, high, (batch, length), device=device)
+    if layout.pool == "argmax":
+        ids[:, -1] = high
+    elif layout.pool == "eos":
+        ids[ids == layout.eos_id] = 1 if layout.eos_id != 1 else 3
+        ids[:, -1] = layout.eos_id
+    return ids
+
+
+@register_adapter
+class OpenClipTextAdapter(Adapter):
+    name = "open_clip_text"
+    supported = (
+        "open_clip_torch>=2.24 text tower (open_clip.transformer.TextTransformer) with "
+        "ResidualAttentionBlock and nn.MultiheadAttention, argmax/eos/first/last pooling"
+    )
+    towers = ("text",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return "open_clip.transformer.TextTransformer" in class_path_in_mro(model)
+
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        check_text_transformer(model, config.for_tower("text", False), "", self.supported)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(model.transformer.resblocks)
+
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        model.__dict__["_vlprune"] = ctx
+        text = ctx.children["text"]
+        swap_class(model, _TextTransformerMixin, text)
+        _patch_blocks(model.transformer, text)
+        text.project = model._vlprune_project
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        return (model.context_length,)
+
+    def example_input(self, model, batch_size=1, input_size=None):
+        device, _ = device_dtype(model)
+        length = (input_size or self.default_input_size(model))[0]
+        layout = _layout(model.attn_mask is not None, model.pool_type, model.eos_id)
+        return _random_ids(batch_size, length, model.vocab_size, layout, device)
+
+
+@register_adapter
+class OpenClipAdapter(Adapter):
+    name = "open_clip"
+    supported = (
+        "open_clip_torch>=2.24 CLIP and CustomTextCLIP (image tower VisionTransformer, text tower "
+        "of CLIP or TextTransformer), blocks with nn.MultiheadAttention"
+    )
+    towers = ("image", "text")
+
+    def matches(self, model: nn.Module) -> bool:
+        paths = class_path_in_mro(model)
+        return "open_clip.model.CLIP" in paths or "open_clip.model.CustomTextCLIP" in paths
+
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        visual = getattr(model, "visual", None)
+        if "open_clip.transformer.VisionTransformer" not in class_path_in_mro(visual):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.visual is {type(visual).__name__}; supported image tower: "
+                f"open_clip VisionTransformer (timm and ModifiedResNet towers are not). {self.supported}"
+            )
+        check_vision_tower(visual, config.for_tower("image", True), "visual.", self.supported)
+        text_cfg = config.for_tower("text", True)
+        if hasattr(model, "token_embedding"):
+            check_transformer(model.transformer, "", self.supported)
+            if model.text_pool_type == "none":
+                raise UnsupportedModelError("text pool_type 'none' has no pooled token to protect")
+        else:
+            text = getattr(model, "text", None)
+            if "open_clip.transformer.TextTransformer" not in class_path_in_mro(text):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}.text is {type(text).__name__}; supported text tower: "
+                    f"open_clip TextTransformer (HF text encoders are not). {self.supported}"
+                )
+            check_text_transformer(text, text_cfg, "text.", self.supported)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return self.tower_layers(model, "image") + self.tower_layers(model, "text")
+
+    def tower_layers(self, model: nn.Module, tower: str) -> int:
+        if tower == "image":
+            return len(model.visual.transformer.resblocks)
+        tr = model.transformer if hasattr(model, "token_embedding") else model.text.transformer
+        return len(tr.resblocks)
+
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        image, text = ctx.children["image"], ctx.children["text"]
+        swap_class(model, _ClipMixin, ctx)
+        model.__dict__["_vlprune"] = ctx
+        patch_vision_tower(model.visual, image)
+        if hasattr(model, "token_embedding"):
+            _patch_blocks(model.transformer, text)
+        else:
+            swap_class(model.text, _TextTransformerMixin, text)
+            _patch_blocks(model.text.transformer, text)
+        image.project = model._vlprune_project_image
+        text.project = model._vlprune_project_text
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        h, w = model.visual.image_size
+        return (model.visual.conv1.in_channels, h, w)
+
+    def example_input(self, model, batch_size=1, input_size=None):
+        device, dtype = device_dtype(model)
+        size = input_size or self.default_input_size(model)
+        if hasattr(model, "token_embedding"):
+            length, vocab = model.context_length, model.vocab_size
+            layout = _layout(model.attn_mask is not None, model.text_pool_type,
+                             getattr(model, "text_eos_id", None))
+        else:
+            t = model.text
+            length, vocab = t.context_length, t.vocab_size
+            layout = _layout(t.attn_mask is not None, t.pool_type, t.eos_id)
+        return {
+            "image": torch.randn(batch_size, *size, device=device, dtype=dtype),
+            "text": _random_ids(batch_size, length, vocab, layout, device),
+        }

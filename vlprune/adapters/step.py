@@ -7,7 +7,9 @@ a Plan, ToMe matching merges what is left, and the token state follows every com
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from ..core.plan import take_tokens
 from ..core.ragged import ragged_bipartite, ragged_prune_plan
@@ -32,6 +34,29 @@ def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor 
     return reduce, bias
 
 
+def guided_scores(ctx: PatchContext, x: Tensor) -> Tensor:
+    """Cross-modal alignment of each token of ``x`` (B, N, C): the cosine between the token
+    mapped through its tower's own head (``ctx.project``) and each guiding embedding of the
+    other modality, maximised over those embeddings: ``(B, N)``."""
+    guide = ctx.guide_embeds
+    if guide is None:
+        other = ctx.guided_by
+        raise RuntimeError(
+            f"the {ctx.tower} tower's pruning is guided by the {other} (guide={other!r}) but this "
+            f"forward has no {other} embedding: call the two-tower model with both inputs, or set "
+            f"one with vlprune.set_guide(model, {other}_embeddings)"
+        )
+    with torch.no_grad():
+        e = F.normalize(ctx.project(x).float(), dim=-1)
+        if guide.shape[-1] != e.shape[-1]:
+            raise ValueError(
+                f"guide embeddings have size {guide.shape[-1]} but the {ctx.tower} tower's head "
+                f"gives {e.shape[-1]}: pass the other tower's (projected) features"
+            )
+        g = F.normalize(guide.to(device=e.device, dtype=e.dtype), dim=-1)
+        return (e @ g.transpose(0, 1)).amax(dim=-1)
+
+
 def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
     """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
     state = ctx.state
@@ -43,10 +68,13 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
     metric = None
     if keep is not None and keep < 1.0:
         n_keep = keep_count(x.shape[1], P, keep)
-        scores = compute_scores(
-            cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
-            generator=ctx.generator, valid=valid,
-        )
+        if ctx.guided_by is not None:
+            scores = guided_scores(ctx, x)
+        else:
+            scores = compute_scores(
+                cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
+                generator=ctx.generator, valid=valid,
+            )
         mode = cfg.prune_mode
         if mode == "recycle" or r > 0:
             metric = attn.metric()

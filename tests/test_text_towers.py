@@ -1,0 +1,425 @@
+"""Text towers and two-tower models (open_clip CLIP / CustomTextCLIP / TextTransformer):
+the invariants tester for models that take text, padded-batch independence, per-row token
+counts, cross-modal guidance and the errors."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vlprune
+from vlprune.core.ragged import _keep_counts
+
+open_clip = pytest.importorskip("open_clip")
+
+IMG = 64
+CTX = 20
+VOCAB = 100
+LENGTHS = (5, 14, 9, 3)  # tokens per text, BOS and EOT included
+
+
+def _vision_cfg():
+    return dict(image_size=IMG, patch_size=16, width=64, layers=3, head_width=32, mlp_ratio=2.0)
+
+
+def _text_cfg(**kw):
+    return dict(context_length=CTX, vocab_size=VOCAB, width=48, heads=2, layers=4, **kw)
+
+
+@dataclass
+class Family:
+    """How to build a tiny model and feed it texts (rows of token ids of different lengths)."""
+
+    build: Callable[[], torch.nn.Module]
+    two_towers: bool
+    pad_id: int = 0
+    causal: bool = True
+
+    def ids(self, lengths, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.full((len(lengths), CTX), self.pad_id, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            ids[i, 0] = VOCAB - 2  # BOS
+            ids[i, 1 : n - 1] = torch.randint(3, VOCAB - 3, (n - 2,), generator=g)
+            ids[i, n - 1] = VOCAB - 1  # EOT: the highest id (argmax pooling)
+        return ids
+
+    def encode_text(self, model, ids):
+        return model.encode_text(ids) if self.two_towers else model(ids)
+
+    def inputs(self, lengths, seed=0):
+        ids = self.ids(lengths, seed)
+        if not self.two_towers:
+            return ids
+        g = torch.Generator().manual_seed(seed + 1)
+        return dict(image=torch.randn(len(lengths), 3, IMG, IMG, generator=g), text=ids)
+
+
+def _clip():
+    return open_clip.CLIP(embed_dim=32, vision_cfg=_vision_cfg(), text_cfg=_text_cfg())
+
+
+def _custom_bidir():
+    # SigLIP-like text tower: bidirectional, pools the last token, no padding mask
+    return open_clip.CustomTextCLIP(
+        embed_dim=32, vision_cfg=_vision_cfg(),
+        text_cfg=_text_cfg(no_causal_mask=True, pool_type="last", pad_id=1),
+    )
+
+
+def _text_padmask():
+    from open_clip.transformer import TextTransformer
+
+    return TextTransformer(**_text_cfg(no_causal_mask=True, use_pad_mask=True, pool_type="first"),
+                           output_dim=32)
+
+
+def _text_eos():
+    from open_clip.transformer import TextTransformer
+
+    return TextTransformer(**_text_cfg(pool_type="eos", eos_id=VOCAB - 1), output_dim=32)
+
+
+FAMILIES = {
+    "clip": Family(_clip, True),
+    "custom_bidir": Family(_custom_bidir, True, pad_id=1, causal=False),
+    "text_padmask": Family(_text_padmask, False, causal=False),
+    "text_eos": Family(_text_eos, False),
+}
+
+SETTINGS = {
+    "r0": dict(merge_r=0),
+    "keep1": dict(merge_r=0, text_prune_keep=1.0, text_prune_layers=(1,)),
+    "both_r2": dict(merge_r=2),
+    "text_only_r3": dict(merge_r=0, text_merge_r=3),
+    "text_ramp": dict(text_merge_r=(2, 0.5)),
+    "text_prune": dict(text_prune_keep=0.5, text_prune_layers=(1, 2)),
+    "text_recycle": dict(text_prune_keep=0.5, text_prune_layers=(1,), prune_recycle=True,
+                         prune_keep=0.7, prune_layers=(1,)),
+    "text_diverse": dict(text_prune_keep=0.6, text_prune_layers=(2,), text_prune_score="diversity"),
+    "text_entropy": dict(text_prune_keep=0.6, text_prune_layers=(0,), text_prune_score="attn_entropy"),
+    "hybrid": dict(merge_r=1, text_prune_keep=0.7, text_prune_layers=(1,)),
+    "guide_text": dict(guide="text", prune_keep=0.5, prune_layers=(1,)),
+    "guide_image": dict(guide="image", text_prune_keep=0.5, text_prune_layers=(1,)),
+}
+IDENTITY = ("r0", "keep1")
+
+
+def _settings(family: Family, name: str):
+    kw = dict(SETTINGS[name])
+    if not family.two_towers:
+        if name.startswith("guide"):
+            return None
+        # a text model alone: merge_r applies to it; the image tower's pruning does not exist
+        kw = {k: v for k, v in kw.items() if not k.startswith("prune_")}
+        if "prune_recycle" in SETTINGS[name]:  # unprefixed options reach a text model alone
+            kw = dict(prune_keep=0.5, prune_layers=(1,), prune_recycle=True)
+    return kw
+
+
+def _run(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [o for o in out if isinstance(o, torch.Tensor) and o.dim() > 0]
+
+
+def _vlprune_attrs(model):
+    return [(n, k) for n, m in model.named_modules() for k in vars(m) if k.startswith("_vlprune")]
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    return FAMILIES[name].build().eval()
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_invariants(family, setting, batch):
+    fam = FAMILIES[family]
+    kw = _settings(fam, setting)
+    if kw is None:
+        pytest.skip("guidance needs two towers")
+    model = _build(family)
+    inputs = fam.inputs(LENGTHS[:batch])
+    classes = {n: type(m) for n, m in model.named_modules()}
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = _flat(_run(model, inputs))
+        vlprune.patch(model, **kw)
+        out = _flat(_run(model, inputs))
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert all(torch.isfinite(o).all() for o in out)
+        if setting in IDENTITY:
+            for o, r in zip(out, ref):
+                torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+        else:
+            assert any(not torch.allclose(o, r, atol=1e-6) for o, r in zip(out, ref))
+        with vlprune.disabled(model):
+            for o, r in zip(_flat(_run(model, inputs)), ref):
+                torch.testing.assert_close(o, r, atol=0, rtol=0)
+
+        vlprune.patch(model, **kw)  # patch twice == patch once
+        for o, r in zip(_flat(_run(model, inputs)), out):
+            torch.testing.assert_close(o, r, atol=0, rtol=0)
+        clone = copy.deepcopy(model)
+        for o, r in zip(_flat(_run(clone, inputs)), out):
+            torch.testing.assert_close(o, r, atol=0, rtol=0)
+        assert clone._vlprune is not model._vlprune
+
+        vlprune.unpatch(model)
+        assert {n: type(m) for n, m in model.named_modules()} == classes
+        assert list(model.state_dict()) == keys
+        assert _vlprune_attrs(model) == []
+        for o, r in zip(_flat(_run(model, inputs)), ref):
+            torch.testing.assert_close(o, r, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "setting", ["both_r2", "text_only_r3", "text_ramp", "text_prune", "text_recycle", "text_diverse",
+                "text_entropy", "hybrid"],
+)
+def test_padded_text_does_not_depend_on_batch_neighbours(family, setting):
+    """Each text's embedding is the same alone and next to longer and shorter texts."""
+    fam = FAMILIES[family]
+    model = _build(family)
+    vlprune.patch(model, **_settings(fam, setting))
+    ids = fam.ids(LENGTHS)
+    with torch.no_grad():
+        batched = fam.encode_text(model, ids)
+        for i in range(len(LENGTHS)):
+            alone = fam.encode_text(model, ids[i : i + 1])
+            torch.testing.assert_close(batched[i : i + 1], alone, atol=2e-5, rtol=1e-4)
+            reordered = fam.encode_text(model, ids.roll(i, dims=0))
+            torch.testing.assert_close(reordered.roll(-i, dims=0), batched, atol=2e-5, rtol=1e-4)
+
+
+def _real_counts(fam: Family, ids: torch.Tensor, P: int) -> torch.Tensor:
+    """Real tokens per row that are not protected, as the text path defines them."""
+    if fam.causal:  # up to the EOT
+        return ids.argmax(dim=-1) + 1 - P
+    if fam.build is _text_padmask:
+        return (ids != fam.pad_id).sum(dim=1) - P
+    return torch.full((ids.shape[0],), CTX - P)
+
+
+@pytest.mark.parametrize("setting", ["text_only_r3", "text_prune", "hybrid"])
+def test_text_tokens_per_layer_follow_per_row_budgets(family, setting):
+    """Each row removes its own budget of real tokens; the batch keeps the largest row."""
+    fam = FAMILIES[family]
+    model = _build(family)
+    vlprune.patch(model, **_settings(fam, setting))
+    ids = fam.ids(LENGTHS)
+    inputs = fam.inputs(LENGTHS)
+    desc = vlprune.describe(model, inputs, flops=False)
+    text = [lr for lr in desc.layers if lr.tower == "text"]
+    ctx = model._vlprune.children["text"]
+    P = ctx.state.num_protected
+    n = _real_counts(fam, ids, P)
+    assert text[0].tokens_in == P + int(n.max())  # padding beyond the longest row is cut
+    for lr in text:
+        keep, r = lr.prune_keep, lr.merge_r
+        if keep is not None and keep < 1.0:
+            n = _keep_counts(n, keep)
+        if r:
+            n = n - torch.clamp(n // 2, max=r)
+        assert lr.tokens_out == P + int(n.max())
+    # every real token is counted once: sizes of real tokens add up to the row's length
+    state = ctx.state
+    if state.size is not None and setting == "text_only_r3":
+        real_size = (state.size.squeeze(-1) * state.valid).sum(dim=1)
+        torch.testing.assert_close(real_size, (_real_counts(fam, ids, P) + P).float())
+
+
+def test_causal_positions_hold_after_merging():
+    """A merged text token is as late as its latest source: the EOT (pooled) token keeps
+    seeing every real token and no token sees a later one."""
+    fam = FAMILIES["clip"]
+    model = _build("clip")
+    vlprune.patch(model, merge_r=0, text_merge_r=3)
+    ids = fam.ids(LENGTHS)
+    with torch.no_grad():
+        model.encode_text(ids)
+    state = model._vlprune.children["text"].state
+    eot = ids.argmax(dim=-1)
+    assert torch.equal(state.pos[:, 1], eot)  # the pooled token sits in slot 1
+    assert bool((state.pos[state.valid] <= eot.repeat_interleave(state.valid.sum(1))).all())
+    mask = state.attn_bias(torch.float32, prop_attn=False)[:, 0]
+    assert bool(torch.isfinite(mask[:, 1][state.valid]).all())  # EOT sees all real tokens
+
+
+def test_text_merging_changes_the_embedding_only_a_little_for_repeated_words():
+    """Merging identical consecutive tokens must cost little: a text of one repeated word."""
+    model = _build("clip")
+    ids = torch.zeros(1, CTX, dtype=torch.long)
+    ids[0, 0], ids[0, 1:15], ids[0, 15] = VOCAB - 2, 7, VOCAB - 1
+    with torch.no_grad():
+        model.positional_embedding.zero_()
+        ref = model.encode_text(ids, normalize=True)
+        vlprune.patch(model, merge_r=0, text_merge_r=3)
+        out = model.encode_text(ids, normalize=True)
+    assert vlprune.describe(model, dict(image=torch.randn(1, 3, IMG, IMG), text=ids),
+                            flops=False).layers[-1].tokens_out < 16
+    # with a causal mask, merged repeated tokens are not exact (earlier tokens lose a
+    # neighbour), but the pooled embedding must stay close
+    assert torch.nn.functional.cosine_similarity(out, ref).item() > 0.99
+
+
+def test_guide_text_keeps_the_patches_aligned_with_the_text():
+    model = _build("clip")
+    vlprune.patch(model, guide="text", prune_keep=0.25, prune_layers=(1,), trace_source=True)
+    img = torch.randn(2, 3, IMG, IMG)
+    image_ctx = model._vlprune.children["image"]
+    with torch.no_grad():
+        # target: the embedding of patch 5 of image 0 after layer 1 -> that patch must survive
+        captured = {}
+        blk = model.visual.transformer.resblocks[1]
+        h = blk.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        with vlprune.disabled(model):
+            model.encode_image(img)
+        h.remove()
+        target = model._vlprune_project_image(captured["x"])[0, 1 + 5]
+        vlprune.set_guide(model, target.unsqueeze(0))
+        model.encode_image(img)
+        src = vlprune.get_source(model, "image")
+    assert src is None or src.shape[1] < 17
+    from vlprune.adapters.step import guided_scores
+
+    scores = guided_scores(image_ctx, captured["x"])
+    assert scores[0, 1 + 5] == scores[0, 1:].max()
+    state = image_ctx.state
+    assert state.size is None  # pure dropping
+    # the kept patches of image 0 include patch 5
+    desc = vlprune.describe(model, img, flops=False)
+    assert desc.layers[1].tokens_out == 1 + 4
+
+
+def test_guide_needs_the_other_modality():
+    model = _build("clip")
+    vlprune.patch(model, guide="text", prune_keep=0.5, prune_layers=(1,))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set_guide"):
+        model.encode_image(torch.randn(1, 3, IMG, IMG))
+    fam = FAMILIES["clip"]
+    inputs = fam.inputs(LENGTHS[:2])
+    with torch.no_grad():
+        img_f, txt_f, _ = model(**inputs)  # both modalities: the texts guide the images
+        # the forward's own texts guided it, and did not stay set afterwards
+        assert model._vlprune.children["image"].guide_embeds is None
+        vlprune.set_guide(model, txt_f)
+        torch.testing.assert_close(model.encode_image(inputs["image"], normalize=True), img_f)
+        with vlprune.disabled(model):
+            ref = model(**inputs)
+        torch.testing.assert_close(txt_f, ref[1])  # the text tower was not reduced
+    with pytest.raises(ValueError, match="shape"):
+        vlprune.set_guide(model, torch.randn(32))
+    vlprune.set_guide(model, torch.randn(3, 7))
+    with torch.no_grad(), pytest.raises(ValueError, match="size 7"):
+        model.encode_image(inputs["image"])
+
+
+def test_guide_image_drops_text_tokens():
+    model = _build("clip")
+    vlprune.patch(model, guide="image", text_prune_keep=0.5, text_prune_layers=(1,))
+    fam = FAMILIES["clip"]
+    inputs = fam.inputs(LENGTHS[:2])
+    with torch.no_grad():
+        img_f, txt_f, _ = model(**inputs)
+        with vlprune.disabled(model):
+            ref = model(**inputs)
+    torch.testing.assert_close(img_f, ref[0])
+    assert not torch.allclose(txt_f, ref[1])
+    desc = vlprune.describe(model, inputs, flops=False)
+    text = [lr for lr in desc.layers if lr.tower == "text"]
+    assert text[1].tokens_out < text[1].tokens_in
+
+
+def test_output_dict_and_custom_text_clip_guided():
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(
+        embed_dim=32, vision_cfg=_vision_cfg(), text_cfg=_text_cfg(), output_dict=True
+    ).eval()
+    vlprune.patch(model, guide="text", prune_keep=0.5, prune_layers=(1,), text_merge_r=2)
+    inputs = FAMILIES["clip"].inputs(LENGTHS[:3])
+    with torch.no_grad():
+        out = model(**inputs)
+    assert set(out) >= {"image_features", "text_features", "logit_scale"}
+    assert out["image_features"].shape == out["text_features"].shape == (3, 32)
+
+
+def test_zero_shot_loop():
+    """encode_text once for the class prompts, encode_image per batch, argmax: batch sizes 1..N."""
+    model = _build("clip")
+    fam = FAMILIES["clip"]
+    prompts = fam.ids((6, 7, 8, 9, 10), seed=3)
+    images = torch.randn(5, 3, IMG, IMG)
+    vlprune.patch(model, merge_r=2, text_merge_r=1)
+    with torch.no_grad():
+        classes = model.encode_text(prompts, normalize=True)
+        whole = (model.encode_image(images, normalize=True) @ classes.T).argmax(-1)
+        one_by_one = torch.cat([
+            (model.encode_image(images[i : i + 1], normalize=True) @ classes.T).argmax(-1)
+            for i in range(5)
+        ])
+    assert torch.equal(whole, one_by_one)
+
+
+def test_text_settings_on_an_image_model_are_refused():
+    from open_clip.transformer import VisionTransformer
+
+    visual = VisionTransformer(image_size=IMG, patch_size=16, width=64, layers=2, heads=2,
+                               mlp_ratio=2.0, output_dim=32)
+    with pytest.raises(ValueError, match="no text tower"):
+        vlprune.patch(visual, text_merge_r=2)
+    with pytest.raises(ValueError, match="image and a text tower"):
+        vlprune.patch(visual, guide="text", prune_keep=0.5)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(guide="text"), "prune_keep"),
+        (dict(guide="image", prune_keep=0.5), "text_prune_keep"),
+        (dict(guide="audio"), "allowed"),
+        (dict(text_prune_layers=(1,)), "text_prune_keep"),
+        (dict(text_prune_score="cls_attn"), "text_prune_keep"),
+        (dict(text_prune_keep=1.5), r"\(0, 1\]"),
+        (dict(text_merge_r=-1), ">= 0"),
+        (dict(guide="text", prune_keep=0.5, prune_score="random"), "prune_score"),
+    ],
+)
+def test_bad_text_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        vlprune.ReductionConfig(**kw)
+
+
+def test_text_fuse_and_coca_are_refused():
+    model = _build("text_eos")
+    with pytest.raises(ValueError, match="prune_fuse"):
+        vlprune.patch(model, prune_fuse=True, prune_keep=0.5)
+    from open_clip.transformer import TextTransformer
+
+    coca = TextTransformer(**_text_cfg(embed_cls=True), output_dim=32)
+    with pytest.raises(vlprune.UnsupportedModelError, match="CoCa"):
+        vlprune.patch(coca, merge_r=2)
+
+
+def test_configure_reaches_both_towers():
+    model = _build("clip")
+    vlprune.patch(model, merge_r=2)
+    assert model._vlprune.children["text"].schedule[0] == 2
+    vlprune.configure(model, text_merge_r=0)
+    assert model._vlprune.children["text"].schedule == [0] * 4
+    assert model._vlprune.children["image"].schedule == [2] * 3
+    assert vlprune.get_config(model).text_merge_r == 0
