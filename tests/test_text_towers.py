@@ -38,25 +38,64 @@ class Family:
     two_towers: bool
     pad_id: int = 0
     causal: bool = True
+    hf: bool = False  # Hugging Face: padding="longest" with an attention mask
+    class_token: bool = True  # the image tower has one (SigLIP: no)
+    pad_mask: bool = False  # open_clip bidirectional tower masking pad_id
 
     def ids(self, lengths, seed=0):
         g = torch.Generator().manual_seed(seed)
-        ids = torch.full((len(lengths), CTX), self.pad_id, dtype=torch.long)
+        width = max(lengths) if self.hf and self.causal else CTX
+        ids = torch.full((len(lengths), width), self.pad_id, dtype=torch.long)
         for i, n in enumerate(lengths):
             ids[i, 0] = VOCAB - 2  # BOS
             ids[i, 1 : n - 1] = torch.randint(3, VOCAB - 3, (n - 2,), generator=g)
-            ids[i, n - 1] = VOCAB - 1  # EOT: the highest id (argmax pooling)
+            ids[i, n - 1] = VOCAB - 1  # EOT: the highest id (argmax pooling) and the eos id
         return ids
 
+    def text_kwargs(self, ids):
+        if not self.hf:
+            return dict(text=ids)
+        kw = dict(input_ids=ids)
+        if self.causal:  # CLIP: padded with the eos id after the EOT, masked
+            eot = (ids == VOCAB - 1).int().argmax(dim=-1, keepdim=True)
+            kw["attention_mask"] = (torch.arange(ids.shape[1]) <= eot).long()
+        return kw
+
     def encode_text(self, model, ids):
-        return model.encode_text(ids) if self.two_towers else model(ids)
+        if not self.hf:
+            return model.encode_text(ids) if self.two_towers else model(ids)
+        kw = self.text_kwargs(ids)
+        if self.two_towers:
+            return model.get_text_features(**kw).pooler_output
+        out = model(**kw)
+        return out.pooler_output if "pooler_output" in out else out.text_embeds
+
+    def alone(self, ids, i):
+        """Row ``i`` as it would be tokenised alone (HF: padded only to its own length)."""
+        row = ids[i : i + 1]
+        if self.hf and self.causal:
+            row = row[:, : int((row[0] == VOCAB - 1).int().argmax()) + 1]
+        return row
 
     def inputs(self, lengths, seed=0):
         ids = self.ids(lengths, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        image = torch.randn(len(lengths), 3, IMG, IMG, generator=g)
+        if self.hf:
+            kw = self.text_kwargs(ids)
+            return {**kw, "pixel_values": image} if self.two_towers else kw
         if not self.two_towers:
             return ids
-        g = torch.Generator().manual_seed(seed + 1)
-        return dict(image=torch.randn(len(lengths), 3, IMG, IMG, generator=g), text=ids)
+        return dict(image=image, text=ids)
+
+    def outputs(self, out):
+        if isinstance(out, torch.Tensor):
+            return [out]
+        if self.hf:
+            names = ("logits_per_image", "text_embeds", "image_embeds") if self.two_towers else (
+                ("pooler_output",) if "pooler_output" in out else ("text_embeds",))
+            return [out[k] for k in names]
+        return [o for o in out if isinstance(o, torch.Tensor) and o.dim() > 0]
 
 
 def _clip():
@@ -84,11 +123,46 @@ def _text_eos():
     return TextTransformer(**_text_cfg(pool_type="eos", eos_id=VOCAB - 1), output_dim=32)
 
 
+def _hf_text_cfg(**kw):
+    return dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+                max_position_embeddings=CTX, vocab_size=VOCAB, bos_token_id=VOCAB - 2,
+                eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, **kw)
+
+
+def _hf_vision_cfg():
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                image_size=IMG, patch_size=16)
+
+
+def _hf_clip():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(text_config=_hf_text_cfg(), vision_config=_hf_vision_cfg(),
+                                  projection_dim=32)
+    return transformers.CLIPModel(cfg)
+
+
+def _hf_siglip():
+    transformers = pytest.importorskip("transformers")
+    text = {**_hf_text_cfg(), "hidden_size": 64, "intermediate_size": 128, "projection_size": 64}
+    cfg = transformers.SiglipConfig(text_config=text, vision_config=_hf_vision_cfg())
+    return transformers.SiglipModel(cfg)
+
+
+def _hf_clip_text_argmax():
+    transformers = pytest.importorskip("transformers")
+    # configs from before the eos fix say eos_token_id=2 and pool at the argmax of the ids
+    cfg = transformers.CLIPTextConfig(**{**_hf_text_cfg(), "eos_token_id": 2})
+    return transformers.CLIPTextModelWithProjection(cfg)
+
+
 FAMILIES = {
     "clip": Family(_clip, True),
     "custom_bidir": Family(_custom_bidir, True, pad_id=1, causal=False),
-    "text_padmask": Family(_text_padmask, False, causal=False),
+    "text_padmask": Family(_text_padmask, False, causal=False, pad_mask=True),
     "text_eos": Family(_text_eos, False),
+    "hf_clip": Family(_hf_clip, True, pad_id=VOCAB - 1, hf=True),
+    "hf_siglip": Family(_hf_siglip, True, pad_id=1, causal=False, hf=True, class_token=False),
+    "hf_clip_text_argmax": Family(_hf_clip_text_argmax, False, pad_id=0, hf=True),
 }
 
 SETTINGS = {
@@ -118,17 +192,13 @@ def _settings(family: Family, name: str):
         kw = {k: v for k, v in kw.items() if not k.startswith("prune_")}
         if "prune_recycle" in SETTINGS[name]:  # unprefixed options reach a text model alone
             kw = dict(prune_keep=0.5, prune_layers=(1,), prune_recycle=True)
+    elif not family.class_token and "prune_keep" in kw and "guide" not in kw:
+        kw["prune_score"] = "attn_entropy"  # the image tower has no class token
     return kw
 
 
 def _run(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [o for o in out if isinstance(o, torch.Tensor) and o.dim() > 0]
 
 
 def _vlprune_attrs(model):
@@ -156,6 +226,7 @@ def test_invariants(family, setting, batch):
     inputs = fam.inputs(LENGTHS[:batch])
     classes = {n: type(m) for n, m in model.named_modules()}
     keys = list(model.state_dict())
+    _flat = fam.outputs
     with torch.no_grad():
         ref = _flat(_run(model, inputs))
         vlprune.patch(model, **kw)
@@ -200,7 +271,7 @@ def test_padded_text_does_not_depend_on_batch_neighbours(family, setting):
     with torch.no_grad():
         batched = fam.encode_text(model, ids)
         for i in range(len(LENGTHS)):
-            alone = fam.encode_text(model, ids[i : i + 1])
+            alone = fam.encode_text(model, fam.alone(ids, i))
             torch.testing.assert_close(batched[i : i + 1], alone, atol=2e-5, rtol=1e-4)
             reordered = fam.encode_text(model, ids.roll(i, dims=0))
             torch.testing.assert_close(reordered.roll(-i, dims=0), batched, atol=2e-5, rtol=1e-4)
@@ -209,8 +280,8 @@ def test_padded_text_does_not_depend_on_batch_neighbours(family, setting):
 def _real_counts(fam: Family, ids: torch.Tensor, P: int) -> torch.Tensor:
     """Real tokens per row that are not protected, as the text path defines them."""
     if fam.causal:  # up to the EOT
-        return ids.argmax(dim=-1) + 1 - P
-    if fam.build is _text_padmask:
+        return (ids == VOCAB - 1).int().argmax(dim=-1) + 1 - P
+    if fam.pad_mask:
         return (ids != fam.pad_id).sum(dim=1) - P
     return torch.full((ids.shape[0],), CTX - P)
 

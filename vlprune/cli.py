@@ -2,6 +2,8 @@
 
     vlprune bench --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32
     vlprune bench --model open_clip:ViT-B-16 --merge-r 0,8 --prune-keep 0.7
+    vlprune bench --model open_clip:ViT-B-16 --tower text --merge-r 0,2,4
+    vlprune bench --model hf_clip:ViT-B-16 --tower text --merge-r 0,2,4
     vlprune describe --model vit_tiny_patch16_224 --merge-r 16
 """
 
@@ -47,8 +49,13 @@ def _dtype(name: str) -> torch.dtype:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="timm model name, or open_clip:<config> for an open_clip image tower; "
-                   f"built with random weights (default: {DEFAULT_MODEL})")
+                   help="timm model name; open_clip:<config> (e.g. open_clip:ViT-B-16); "
+                   f"hf_clip:<shape> ({', '.join(HF_SHAPES['hf_clip'])}) or hf_siglip:<shape> "
+                   f"({', '.join(HF_SHAPES['hf_siglip'])}) for Hugging Face towers built from "
+                   f"a config; all with random weights (default: {DEFAULT_MODEL})")
+    p.add_argument("--tower", choices=("image", "text"), default="image",
+                   help="which tower of an open_clip / hf_clip / hf_siglip model to run "
+                   "(default: image); text runs full-length random texts")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="float32, float16, bfloat16")
@@ -142,17 +149,64 @@ def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
     return rows or [Setting.of(merge_r=r) for r in default_merge]
 
 
-def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype):
+# Hugging Face towers built from configs (no download): the public checkpoints' shapes.
+HF_SHAPES = {
+    "hf_clip": {
+        "ViT-B-32": dict(vision=dict(patch_size=32), text={}),
+        "ViT-B-16": dict(vision=dict(patch_size=16), text={}),
+        "ViT-L-14": dict(
+            vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                        num_attention_heads=16, patch_size=14),
+            text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+        ),
+    },
+    "hf_siglip": {
+        "base-patch16-224": dict(vision={}, text={}),
+        "so400m-patch14-384": dict(
+            vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                        num_attention_heads=16, patch_size=14, image_size=384),
+            text=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                      num_attention_heads=16),
+        ),
+    },
+}
+
+
+def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype,
+                tower: str = "image"):
     """A model with random weights (no download), in eval mode on ``device``/``dtype``.
 
-    ``name`` is a timm model name, or ``open_clip:<config>`` (e.g. ``open_clip:ViT-B-16``) for
-    the image tower of an open_clip model.
+    ``name`` is a timm model name, ``open_clip:<config>`` (e.g. ``open_clip:ViT-B-16``), or
+    ``hf_clip:<shape>`` / ``hf_siglip:<shape>`` (see :data:`HF_SHAPES`). For the CLIP
+    families ``tower`` picks the image tower or a text tower of the same shape.
     """
-    if name.startswith("open_clip:"):
-        model = _build_open_clip_visual(name.split(":", 1)[1], img_size)
+    family, _, config = name.partition(":")
+    if tower != "image" and family not in ("open_clip", *HF_SHAPES):
+        raise SystemExit(f"--tower {tower} needs an open_clip:, hf_clip: or hf_siglip: model, got {name!r}")
+    if family == "open_clip":
+        model = _build_open_clip_tower(config, img_size, tower)
+    elif family in HF_SHAPES:
+        model = _build_hf_tower(family, config, img_size, tower)
     else:
         model = _build_timm(name, img_size)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _build_hf_tower(family: str, shape: str, img_size: int | None, tower: str):
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("Hugging Face models need transformers: pip install 'vlprune[hf]'") from e
+    shapes = HF_SHAPES[family]
+    if shape not in shapes:
+        raise SystemExit(f"unknown {family} shape {shape!r}; known: {sorted(shapes)}")
+    kw = dict(shapes[shape][tower if tower == "text" else "vision"])
+    if img_size and tower == "image":
+        kw["image_size"] = img_size
+    prefix = "CLIP" if family == "hf_clip" else "Siglip"
+    kind = "Vision" if tower == "image" else "Text"
+    config = getattr(transformers, f"{prefix}{kind}Config")(**kw)
+    return getattr(transformers, f"{prefix}{kind}Model")(config)
 
 
 def _build_timm(name: str, img_size: int | None):
@@ -170,7 +224,7 @@ def _build_timm(name: str, img_size: int | None):
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _build_open_clip_visual(config: str, img_size: int | None):
+def _build_open_clip_tower(config: str, img_size: int | None, tower: str):
     try:
         import open_clip
     except ImportError as e:
@@ -178,6 +232,14 @@ def _build_open_clip_visual(config: str, img_size: int | None):
     if config not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if config.split("-")[0].lower() in m.lower()][:10]
         raise SystemExit(f"unknown open_clip config {config!r}; similar: {close}")
+    if tower == "text":
+        # the text tower of that config as a TextTransformer (CLIP keeps it inline)
+        from open_clip.model import _build_text_tower
+
+        cfg = open_clip.get_model_config(config)
+        if "hf_model_name" in cfg.get("text_cfg", {}):
+            raise SystemExit(f"{config} has a Hugging Face text encoder, which vlprune does not patch")
+        return _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
     kwargs = {"force_image_size": img_size} if img_size else {}
     return open_clip.create_model(config, pretrained=None, **kwargs).visual
 
@@ -190,11 +252,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available here")
     settings = settings_from_args(args, default_merge=[0, 8, 16])
-    model = build_model(args.model, args.img_size, args.device, args.dtype)
+    model = build_model(args.model, args.img_size, args.device, args.dtype, args.tower)
     result = run_bench(
         model,
         settings,
-        model_name=args.model,
+        model_name=args.model if args.tower == "image" else f"{args.model} ({args.tower})",
         batch_size=args.batch_size,
         rounds=args.rounds,
         iters=args.iters,
@@ -239,7 +301,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}
     if args.merge_r or not kw:
         kw["merge_r"] = args.merge_r[0] if args.merge_r else 16
-    model = build_model(args.model, args.img_size, args.device, args.dtype)
+    model = build_model(args.model, args.img_size, args.device, args.dtype, args.tower)
     patch(model, ReductionConfig(**kw))
     d = describe(model)
     print(d)

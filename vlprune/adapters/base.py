@@ -143,7 +143,8 @@ def refuse_grad_checkpointing(ctx: PatchContext, grad_checkpointing: bool) -> No
     if ctx.reduces and grad_checkpointing and torch.is_grad_enabled():
         raise RuntimeError(
             "token reduction cannot run with gradient checkpointing (the recomputed blocks "
-            "would see a different token state); call set_grad_checkpointing(False)"
+            "would see a different token state); turn it off: set_grad_checkpointing(False) on "
+            "timm and open_clip models, gradient_checkpointing_disable() on transformers models"
         )
 
 

@@ -33,6 +33,7 @@ import importlib
 import inspect
 import sys
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ReductionConfig
@@ -44,10 +45,13 @@ from .base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
+    device_dtype,
+    refuse_grad_checkpointing,
     register_adapter,
     swap_class,
 )
 from .step import enter_block, reduce_step
+from .text import TextLayout, random_ids, start_text
 
 _CLIP = "transformers.models.clip.modeling_clip"
 _SIGLIP = "transformers.models.siglip.modeling_siglip"
@@ -114,9 +118,10 @@ def _bias_refusal(impl: str | None) -> str:
     )
 
 
-def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig) -> None:
+def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: bool = False) -> None:
     """Raise :class:`UnsupportedModelError` (or ``ValueError`` for settings this tower cannot
-    run) unless :func:`patch_hf_vision_tower` can patch ``tower`` for ``config``."""
+    run) unless :func:`patch_hf_vision_tower` can patch ``tower`` for ``config``. A ``guided``
+    tower's pruning scores come from the other modality, not from ``prune_score``."""
     module_name, prefix = _upstream(tower)
     mod = importlib.import_module(module_name)
     if "_vlprune_ctx" in tower.__dict__:
@@ -164,7 +169,7 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig) -> None:
                 "SiglipMultiheadAttentionPoolingHead, so merged tokens could not be weighted "
                 "by their size"
             )
-    prunes = config.prune_keep is not None
+    prunes = config.prune_keep is not None and not guided
     if prunes and config.prune_score in NEEDS_CLASS_TOKEN and not _has_class_token(tower):
         raise ValueError(
             f"prune_score={config.prune_score!r} ranks tokens by class-token attention, but this "
@@ -210,6 +215,10 @@ class _VisionTowerMixin(RootMixin):
         return self.__dict__["_vlprune_ctx"]
 
     def forward(self, *args, **kwargs):
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        cached = _take_cached(self._vlprune_ctx, (pixels,))  # a guided forward ran it already
+        if cached is not None:
+            return cached
         layers = self.encoder.layers
         checkpointing = self.training and (
             getattr(self.encoder, "gradient_checkpointing", False)
@@ -340,3 +349,290 @@ class HFClipVisionAdapter(Adapter):
         size = cfg.image_size
         h, w = size if isinstance(size, (tuple, list)) else (size, size)
         return (cfg.num_channels, h, w)
+
+
+# ---- text towers and two-tower models ------------------------------------------------------
+
+_TEXT_TOWERS = {
+    f"{_CLIP}.CLIPTextModel": (_CLIP, "CLIP"),
+    f"{_SIGLIP}.SiglipTextModel": (_SIGLIP, "Siglip"),
+}
+_TEXT_WITH_PROJECTION = (f"{_CLIP}.CLIPTextModelWithProjection",)
+_TWO_TOWERS = (f"{_CLIP}.CLIPModel", f"{_SIGLIP}.SiglipModel")
+
+TEXT_SUPPORTED = (
+    "transformers>=5 CLIPTextModel, CLIPTextModelWithProjection, SiglipTextModel (also inside "
+    "CLIPModel / SiglipModel) with the upstream encoder layers, eager or sdpa attention"
+)
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The ``CLIPTextModel`` / ``SiglipTextModel`` that holds the encoder of ``model``."""
+    if any(p in _TEXT_WITH_PROJECTION for p in class_path_in_mro(model)):
+        return model.text_model
+    return model
+
+
+def _text_upstream(tower: nn.Module) -> tuple[str, str]:
+    for path in class_path_in_mro(tower):
+        if path in _TEXT_TOWERS:
+            return _TEXT_TOWERS[path]
+    raise UnsupportedModelError(
+        f"{type(tower).__qualname__} is not a CLIP or SigLIP text tower. Supported: {TEXT_SUPPORTED}"
+    )
+
+
+def text_layout(tower: nn.Module) -> TextLayout:
+    """CLIP: causal, pools the EOT (argmax of the ids for old configs whose eos id is 2, else
+    the first ``eos_token_id``), BOS protected. SigLIP: bidirectional, pools the last token."""
+    _, prefix = _text_upstream(tower)
+    if prefix == "Siglip":
+        return TextLayout(causal=False, pool="last", protect_first=False)
+    eos = tower.eos_token_id
+    return TextLayout(causal=True, pool="argmax" if eos == 2 else "eos", eos_id=eos)
+
+
+def check_hf_text_tower(tower: nn.Module, config: ReductionConfig) -> None:
+    """Raise unless :func:`patch_hf_text_tower` can patch ``tower`` for ``config`` (the text
+    tower's own config, see :meth:`ReductionConfig.for_tower`)."""
+    module_name, prefix = _text_upstream(tower)
+    if "_vlprune_ctx" in tower.__dict__:
+        raise ValueError(
+            f"this {type(tower).__bases__[-1].__name__} is already patched as part of a larger "
+            "model; call vlprune.unpatch on that model first"
+        )
+    mod = importlib.import_module(module_name)
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(tower, "final_layer_norm"):
+        raise UnsupportedModelError(
+            f"{type(tower).__qualname__} has no `encoder.layers` / `final_layer_norm` (transformers "
+            f"{_transformers_version()}). Supported: {TEXT_SUPPORTED}"
+        )
+    layer_cls = getattr(mod, f"{prefix}EncoderLayer")
+    attn_cls = getattr(mod, f"{prefix}Attention")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, layer_cls) or not _same_forward(layer, layer_cls) or not isinstance(
+            layer.self_attn, attn_cls
+        ) or not _same_forward(layer.self_attn, attn_cls):
+            raise UnsupportedModelError(
+                f"text encoder.layers[{i}] is {type(layer).__qualname__}; supported: "
+                f"{layer_cls.__qualname__} with {attn_cls.__qualname__}. Supported: {TEXT_SUPPORTED}"
+            )
+    impl = tower.config._attn_implementation
+    if not config.is_identity and impl not in BIAS_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"a reduced text tower attends with a mask built from its token state, which the "
+            f"{impl!r} attention implementation cannot take; use 'sdpa' or 'eager'"
+        )
+    if config.prune_fuse:
+        raise ValueError("prune_fuse is not available in a text tower (padded sequences); use drop or prune_recycle")
+
+
+def patch_hf_text_tower(tower: nn.Module, ctx: PatchContext) -> None:
+    """Swap the classes of one CLIP / SigLIP text tower so it reduces tokens as ``ctx`` says."""
+    module_name, _ = _text_upstream(tower)
+    swap_class(tower, _TextTowerMixin, ctx)
+    _register_output_capture(tower)
+    for i, layer in enumerate(tower.encoder.layers):
+        swap_class(layer, _EncoderLayerMixin, ctx, layer=i)
+        swap_class(layer.self_attn, _AttentionMixin, ctx, upstream=module_name)
+
+
+class _TextTowerMixin(RootMixin):
+    """Patched ``CLIPTextModel`` / ``SiglipTextModel``. When the tower reduces, follows their
+    forward (transformers 5.23) on the shared text path (:mod:`vlprune.adapters.text`):
+    ``last_hidden_state`` is the reduced sequence in canonical order (protected tokens first)
+    and ``pooler_output`` the pooled token, as upstream."""
+
+    @property
+    def _vlprune(self) -> PatchContext:
+        return self.__dict__["_vlprune_ctx"]
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, **kwargs):
+        ctx: PatchContext = self._vlprune_ctx
+        cached = _take_cached(ctx, (input_ids, attention_mask))
+        if cached is not None:
+            return cached
+        if not ctx.reduces:
+            ctx.state = None
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        asked = [k for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)]
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)} is not available while the text tower reduces tokens; run "
+                "inside `with vlprune.disabled(model):`"
+            )
+        if input_ids is None:
+            raise ValueError("You have to specify input_ids")
+        ids = input_ids.view(-1, input_ids.shape[-1])
+        x = self.embeddings(input_ids=ids, position_ids=position_ids)
+        checkpointing = self.training and getattr(self.encoder, "gradient_checkpointing", False)
+        refuse_grad_checkpointing(ctx, checkpointing)
+        padding = None if attention_mask is None else attention_mask.view(ids.shape).bool()
+        x, slot = start_text(ctx, x, ids, text_layout(self), padding)
+        for layer in self.encoder.layers:
+            x = layer(x, None)  # each patched layer builds its mask from the token state
+        x = self.final_layer_norm(x)
+        pooled = x[:, slot]
+        if hasattr(self, "head"):  # SigLIP's text head
+            pooled = self.head(pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
+
+    def _vlprune_project(self, x: Tensor) -> Tensor:
+        x = self.final_layer_norm(x)
+        return self.head(x) if hasattr(self, "head") else x
+
+
+def _take_cached(ctx: PatchContext, key: tuple):
+    """The output a guided forward computed for exactly these inputs, once."""
+    cached = ctx.__dict__.get("cached")
+    if cached is None:
+        return None
+    ctx.__dict__["cached"] = None
+    inputs, out = cached
+    if len(inputs) != len(key) or any(a is not b for a, b in zip(inputs, key)):
+        return None
+    return type(out)(**out)  # a shallow copy: callers may reassign its fields
+
+
+@register_adapter
+class HFClipTextAdapter(Adapter):
+    name = "hf_clip_text"
+    supported = TEXT_SUPPORTED
+    towers = ("text",)
+
+    def matches(self, model: nn.Module) -> bool:
+        paths = class_path_in_mro(model)
+        return any(p in _TEXT_TOWERS or p in _TEXT_WITH_PROJECTION for p in paths)
+
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        check_hf_text_tower(text_tower(model), config.for_tower("text", False))
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(text_tower(model).encoder.layers)
+
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        tower = text_tower(model)
+        text = ctx.children["text"]
+        patch_hf_text_tower(tower, text)
+        text.project = tower._vlprune_project
+        model.__dict__["_vlprune"] = ctx
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        return (text_tower(model).config.max_position_embeddings,)
+
+    def example_input(self, model, batch_size=1, input_size=None):
+        tower = text_tower(model)
+        length = (input_size or self.default_input_size(model))[0]
+        device, _ = device_dtype(model)
+        return random_ids(batch_size, length, tower.config.vocab_size, text_layout(tower), device)
+
+
+class _TwoTowerMixin(RootMixin):
+    """Patched ``CLIPModel`` / ``SiglipModel``: with guidance and both inputs, the guiding tower
+    runs first; its pooled embeddings guide the other tower's pruning and its output is handed
+    back (not recomputed) when upstream ``forward`` asks for it."""
+
+    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **kwargs):
+        ctx: PatchContext = self._vlprune
+        guided = next((c for c in ctx.children.values() if c.guided_by), None)
+        if guided is None or not guided.reduces or input_ids is None or pixel_values is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values,
+                                   attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        tower_kw = {k: v for k, v in kwargs.items() if k != "return_loss"}
+        before = guided.guide_embeds
+        if guided.tower == "image":
+            key = (input_ids, attention_mask)
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, **tower_kw)
+            embeds = out.pooler_output
+            if hasattr(self, "text_projection"):
+                embeds = self.text_projection(embeds)
+            leader = ctx.children["text"]
+        else:
+            key = (pixel_values,)
+            out = self.vision_model(pixel_values=pixel_values, **{
+                k: v for k, v in tower_kw.items() if k == "interpolate_pos_encoding"})
+            embeds = out.pooler_output
+            if hasattr(self, "visual_projection"):
+                embeds = self.visual_projection(embeds)
+            leader = ctx.children["image"]
+        guided.guide_embeds = embeds.detach()
+        leader.__dict__["cached"] = (key, out)
+        try:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values,
+                                   attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        finally:
+            guided.guide_embeds = before
+            leader.__dict__["cached"] = None
+
+    def _vlprune_project_text(self, x: Tensor) -> Tensor:
+        x = self.text_model._vlprune_project(x)
+        return self.text_projection(x) if hasattr(self, "text_projection") else x
+
+    def _vlprune_project_image(self, x: Tensor) -> Tensor:
+        x = self.vision_model.post_layernorm(x)
+        if hasattr(self, "visual_projection"):
+            return self.visual_projection(x)
+        head = self.vision_model.head  # SigLIP: the pooling head applied to each token alone
+        B, N, C = x.shape
+        return head(x.reshape(B * N, 1, C)).reshape(B, N, -1)
+
+
+@register_adapter
+class HFClipAdapter(Adapter):
+    name = "hf_clip"
+    supported = (
+        "transformers>=5 CLIPModel and SiglipModel: image and text towers as in hf_clip_vision "
+        "and hf_clip_text, cross-modal guidance"
+    )
+    towers = ("image", "text")
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(p in _TWO_TOWERS for p in class_path_in_mro(model))
+
+    def check(self, model: nn.Module, config: ReductionConfig) -> None:
+        check_hf_vision_tower(model.vision_model, config.for_tower("image", True), config.guide == "text")
+        check_hf_text_tower(model.text_model, config.for_tower("text", True))
+        if config.guide == "text" and not hasattr(model, "visual_projection") and not getattr(
+            model.vision_model, "use_head", False
+        ):
+            raise UnsupportedModelError("guide='text' needs the image tower's head (visual_projection or a pooling head)")
+
+    def num_layers(self, model: nn.Module) -> int:
+        return self.tower_layers(model, "image") + self.tower_layers(model, "text")
+
+    def tower_layers(self, model: nn.Module, tower: str) -> int:
+        return len((model.vision_model if tower == "image" else model.text_model).encoder.layers)
+
+    def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        image, text = ctx.children["image"], ctx.children["text"]
+        swap_class(model, _TwoTowerMixin, ctx)
+        _register_output_capture(model)
+        model.__dict__["_vlprune"] = ctx
+        patch_hf_vision_tower(model.vision_model, image)
+        patch_hf_text_tower(model.text_model, text)
+        image.project = model._vlprune_project_image
+        text.project = model._vlprune_project_text
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
+        cfg = model.vision_model.config
+        size = cfg.image_size
+        h, w = size if isinstance(size, (tuple, list)) else (size, size)
+        return (cfg.num_channels, h, w)
+
+    def example_input(self, model, batch_size=1, input_size=None):
+        device, dtype = device_dtype(model)
+        size = input_size or self.default_input_size(model)
+        tower = model.text_model
+        ids = random_ids(batch_size, tower.config.max_position_embeddings, tower.config.vocab_size,
+                         text_layout(tower), device)
+        return {
+            "input_ids": ids,
+            "pixel_values": torch.randn(batch_size, *size, device=device, dtype=dtype),
+        }

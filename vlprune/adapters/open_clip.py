@@ -36,7 +36,7 @@ from .base import (
     swap_class,
 )
 from .step import enter_block, reduce_step
-from .text import TextLayout, start_text
+from .text import TextLayout, random_ids, start_text
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -343,19 +343,6 @@ def guided_forward(model: nn.Module, forward, image, text):
     return (img_out[0], txt_out[1], *img_out[2:])
 
 
-def _random_ids(batch: int, length: int, vocab: int, layout: TextLayout, device) -> Tensor:
-    """Full-length random token ids with the pooled token where the tower expects it (EOT =
-    the highest id at the end for argmax pooling, ``eos_id`` at the end for eos pooling)."""
-    high = vocab - 1
-    ids = torch.randint(1, high, (batch, length), device=device)
-    if layout.pool == "argmax":
-        ids[:, -1] = high
-    elif layout.pool == "eos":
-        ids[ids == layout.eos_id] = 1 if layout.eos_id != 1 else 3
-        ids[:, -1] = layout.eos_id
-    return ids
-
-
 @register_adapter
 class OpenClipTextAdapter(Adapter):
     name = "open_clip_text"
@@ -388,7 +375,7 @@ class OpenClipTextAdapter(Adapter):
         device, _ = device_dtype(model)
         length = (input_size or self.default_input_size(model))[0]
         layout = _layout(model.attn_mask is not None, model.pool_type, model.eos_id)
-        return _random_ids(batch_size, length, model.vocab_size, layout, device)
+        return random_ids(batch_size, length, model.vocab_size, layout, device)
 
 
 @register_adapter
@@ -465,5 +452,5 @@ class OpenClipAdapter(Adapter):
             layout = _layout(t.attn_mask is not None, t.pool_type, t.eos_id)
         return {
             "image": torch.randn(batch_size, *size, device=device, dtype=dtype),
-            "text": _random_ids(batch_size, length, vocab, layout, device),
+            "text": random_ids(batch_size, length, vocab, layout, device),
         }

@@ -93,3 +93,17 @@ def start_text(
     state.valid = valid
     state.pos = perm if layout.causal else None
     return take_tokens(x, perm), P - 1
+
+
+def random_ids(batch: int, length: int, vocab: int, layout: TextLayout, device=None) -> Tensor:
+    """Full-length random token ids with the pooled token where the tower expects it (EOT =
+    the highest id at the end for argmax pooling, ``eos_id`` at the end for eos pooling): the
+    example input of text towers (describe, bench)."""
+    high = vocab - 1
+    ids = torch.randint(1, high, (batch, length), device=device)
+    if layout.pool == "argmax":
+        ids[:, -1] = high
+    elif layout.pool == "eos":
+        ids[ids == layout.eos_id] = 1 if layout.eos_id != 1 else 3
+        ids[:, -1] = layout.eos_id
+    return ids

@@ -71,7 +71,9 @@ class _ViTMixin(RootMixin):
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
-            bias = size_bias(size[:, start:], x.dtype) if ctx.config.prop_attn else None
+            # the attention pool weighs tokens as block attention does (a fused token is one)
+            attn_size = size if ctx.state.attn_size is None else ctx.state.attn_size
+            bias = size_bias(attn_size[:, start:], x.dtype) if ctx.config.prop_attn else None
             return self.attn_pool(x[:, start:], attn_mask=bias)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type not in ("avg", "avgmax"):
