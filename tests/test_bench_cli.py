@@ -106,3 +106,44 @@ def test_cli_describe_hybrid(capsys):
 
 def test_parse_merge_list():
     assert parse_merge_list("0, 8,16:0.5") == [0, 8, (16, 0.5)]
+
+
+@pytest.mark.parametrize(
+    "model, family",
+    [("open_clip:ViT-B-32", "open_clip_text"), ("hf_clip:ViT-B-32", "hf_clip_text"),
+     ("hf_siglip:base-patch16-224", "hf_clip_text")],
+)
+def test_cli_text_towers(model, family, capsys):
+    pytest.importorskip("open_clip" if model.startswith("open_clip") else "transformers")
+    rc = main(["describe", "--model", model, "--tower", "text", "--merge-r", "4"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert family in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("text ")]
+    assert len(rows) == 12
+    assert int(rows[0][2]) - int(rows[0][-1]) == 4  # full-length random texts: r tokens per layer
+
+
+def test_cli_hf_image_tower_and_errors(capsys):
+    pytest.importorskip("transformers")
+    rc = main(["describe", "--model", "hf_siglip:base-patch16-224", "--img-size", "64",
+               "--merge-r", "2"])
+    assert rc == 0 and "hf_clip_vision" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown hf_clip shape"):
+        main(["describe", "--model", "hf_clip:ViT-Q-99"])
+    with pytest.raises(SystemExit, match="--tower text needs"):
+        main(["describe", "--model", "test_vit", "--tower", "text"])
+
+
+def test_run_bench_on_a_text_tower():
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import TextTransformer
+
+    torch.manual_seed(0)
+    model = TextTransformer(context_length=24, vocab_size=100, width=32, heads=2, layers=3,
+                            output_dim=16).eval()
+    result = run_bench(model, [Setting.merge(2)], batch_size=2, rounds=1, iters=1, warmup=0,
+                       progress=False)
+    assert result.input_size == (24,)
+    row = result.row("r=2")
+    assert row.tokens_final == 24 - 3 * 2 and row.flops_ratio > 1.1

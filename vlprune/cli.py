@@ -161,12 +161,13 @@ HF_SHAPES = {
         ),
     },
     "hf_siglip": {
-        "base-patch16-224": dict(vision={}, text={}),
+        # SigLIP's tokenizer: pad = eos = 1 (the config's defaults are CLIP's ids)
+        "base-patch16-224": dict(vision={}, text=dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)),
         "so400m-patch14-384": dict(
             vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                         num_attention_heads=16, patch_size=14, image_size=384),
             text=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                      num_attention_heads=16),
+                      num_attention_heads=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         ),
     },
 }
