@@ -494,3 +494,26 @@ def test_configure_reaches_both_towers():
     assert model._vlprune.children["text"].schedule == [0] * 4
     assert model._vlprune.children["image"].schedule == [2] * 3
     assert vlprune.get_config(model).text_merge_r == 0
+
+
+@pytest.mark.parametrize("name", ["hf_clip", "hf_siglip"])
+def test_hf_retrieval_loop_batch_sizes(name):
+    """get_text_features once, get_image_features in batches of 1..N: the same ranking."""
+    fam = FAMILIES[name]
+    model = _build(name)
+    vlprune.patch(model, merge_r=2, text_merge_r=1)
+    lengths = (6, 9, 4, 12, 7)
+    texts = fam.text_kwargs(fam.ids(lengths, seed=5))
+    images = torch.randn(5, 3, IMG, IMG)
+    with torch.no_grad():
+        t = model.get_text_features(**texts).pooler_output
+        t = t / t.norm(dim=-1, keepdim=True)
+        scores = []
+        for bs in (1, 2, 5):
+            feats = torch.cat([
+                model.get_image_features(pixel_values=images[i : i + bs]).pooler_output
+                for i in range(0, 5, bs)
+            ])
+            scores.append(feats / feats.norm(dim=-1, keepdim=True) @ t.T)
+    for s in scores[1:]:
+        torch.testing.assert_close(s, scores[0], atol=1e-5, rtol=1e-4)
