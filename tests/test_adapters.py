@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from helpers import IDENTITY, SETTINGS, expected_tokens_out, module_calls, vlprune_attrs
 
 import vlprune
 from vlprune.core.select import keep_count
-from vlprune.merging import max_merge
 
 timm = pytest.importorskip("timm")
 
@@ -58,21 +58,6 @@ def _blocks(model):
 def _has_class_token(model):
     return getattr(model, "cls_token", True) is not None
 
-SETTINGS = {
-    "r0": dict(merge_r=0),
-    "r3": dict(merge_r=3),
-    "ramp": dict(merge_r=(4, 0.5)),
-    "list": dict(merge_r=[5, 0, 2]),
-    "capped": dict(merge_r=100),
-    "keep1": dict(prune_keep=1.0, prune_layers=(1, 2)),
-    "prune": dict(prune_keep=0.6, prune_layers=(1, 3)),
-    "fuse": dict(prune_keep=0.5, prune_layers=(0, 2), prune_fuse=True),
-    "recycle": dict(prune_keep=0.5, prune_layers=(1,), prune_recycle=True),
-    "diverse": dict(prune_keep=0.5, prune_layers=(2,), prune_score="diversity"),
-    "random": dict(prune_keep=0.4, prune_layers=(1,), prune_score="random", prune_seed=3),
-    "hybrid": dict(prune_keep=0.7, prune_layers=(1,), merge_r=2),
-}
-IDENTITY = ("r0", "keep1")
 
 
 def _settings(model, name):
@@ -83,15 +68,6 @@ def _settings(model, name):
     return kw
 
 
-def _expected_tokens_out(n_in, P, keep, r, mode):
-    n = n_in
-    if keep is not None and keep < 1.0:
-        n_keep = keep_count(n, P, keep)
-        if n - P - n_keep > 0:
-            n = P + n_keep + (1 if mode == "fuse" else 0)
-    return n - min(r, max_merge(n, P))
-
-
 def _build(name, seed=0):
     torch.manual_seed(seed)
     return MODELS[name]().eval()
@@ -99,24 +75,6 @@ def _build(name, seed=0):
 
 def _x(batch=2, seed=1, size=IMG):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _vlprune_attrs(model):
-    return [(n, k) for n, m in model.named_modules() for k in vars(m) if k.startswith("_vlprune")]
-
-
-def _module_calls(model, x):
-    """Names of the submodules a forward calls, in order (forward hooks)."""
-    seen = []
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
-        for n, m in model.named_modules() if n
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
 
 
 @pytest.fixture(params=list(MODELS))
@@ -149,7 +107,7 @@ def test_invariants(model_name, setting, batch):
         assert len(desc.layers) == len(_blocks(model))
         for lr, r, keep in zip(desc.layers, model._vlprune.schedule, model._vlprune.prune_schedule):
             assert (lr.merge_r, lr.prune_keep) == (r, keep)
-            assert lr.tokens_out == _expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
+            assert lr.tokens_out == expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
         for prev, nxt in zip(desc.layers, desc.layers[1:]):
             assert nxt.tokens_in == prev.tokens_out
         if cfg.merge_r:
@@ -186,7 +144,7 @@ def test_invariants(model_name, setting, batch):
         vlprune.unpatch(model)
         assert {n: type(m) for n, m in model.named_modules()} == classes
         assert list(model.state_dict()) == keys
-        assert _vlprune_attrs(model) == []
+        assert vlprune_attrs(model) == []
         assert not vlprune.is_patched(model)
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
 
@@ -382,9 +340,9 @@ def test_every_upstream_submodule_still_runs(name):
     """The patched forward calls every submodule the upstream forward calls (LayerScale,
     drop-path, q/k norms, ...), in the same order within each block."""
     model = _build(name)
-    ref = _module_calls(model, _x())
+    ref = module_calls(model, _x())
     vlprune.patch(model, merge_r=3)
-    assert _module_calls(model, _x()) == ref
+    assert module_calls(model, _x()) == ref
 
 
 # --- pruning ------------------------------------------------------------------------------
@@ -488,9 +446,9 @@ def test_open_clip_patched_blocks_still_call_upstream_modules():
     pytest.importorskip("open_clip")
     torch.manual_seed(0)
     model = _open_clip_vit(ls_init_value=0.1).eval()
-    ref = _module_calls(model, _x())
+    ref = module_calls(model, _x())
     vlprune.patch(model, merge_r=3, prune_keep=0.6, prune_layers=(1,))
-    patched = _module_calls(model, _x())
+    patched = module_calls(model, _x())
     # every upstream call still happens, in order; reduced layers also show out_proj, which
     # the fused nn.MultiheadAttention path runs inside its kernel
     it = iter(patched)

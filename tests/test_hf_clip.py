@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from helpers import IDENTITY, SETTINGS, expected_tokens_out, module_calls, vlprune_attrs
 
 import vlprune
 from vlprune.adapters.base import find_adapter
-from vlprune.core.select import keep_count
 from vlprune.core.state import TokenState
-from vlprune.merging import max_merge
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,21 +38,6 @@ MODELS = {
     "siglip_eager": lambda: _siglip(attn="eager"),
 }
 
-SETTINGS = {
-    "r0": dict(merge_r=0),
-    "r3": dict(merge_r=3),
-    "ramp": dict(merge_r=(4, 0.5)),
-    "list": dict(merge_r=[5, 0, 2]),
-    "capped": dict(merge_r=100),
-    "keep1": dict(prune_keep=1.0, prune_layers=(1, 2)),
-    "prune": dict(prune_keep=0.6, prune_layers=(1, 3)),
-    "fuse": dict(prune_keep=0.5, prune_layers=(0, 2), prune_fuse=True),
-    "recycle": dict(prune_keep=0.5, prune_layers=(1,), prune_recycle=True),
-    "diverse": dict(prune_keep=0.5, prune_layers=(2,), prune_score="diversity"),
-    "random": dict(prune_keep=0.4, prune_layers=(1,), prune_score="random", prune_seed=3),
-    "hybrid": dict(prune_keep=0.7, prune_layers=(1,), merge_r=2),
-}
-IDENTITY = ("r0", "keep1")
 
 
 def _build(name, seed=0):
@@ -81,35 +65,9 @@ def _settings(model, name):
     return kw
 
 
-def _expected_tokens_out(n_in, P, keep, r, mode):
-    n = n_in
-    if keep is not None and keep < 1.0:
-        n_keep = keep_count(n, P, keep)
-        if n - P - n_keep > 0:
-            n = P + n_keep + (1 if mode == "fuse" else 0)
-    return n - min(r, max_merge(n, P))
-
-
 def _pooled(out):
     """The model's image feature: image_embeds (with projection) or pooler_output."""
     return out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
-
-
-def _vlprune_attrs(model):
-    return [(n, k) for n, m in model.named_modules() for k in vars(m) if k.startswith("_vlprune")]
-
-
-def _module_calls(model, x):
-    seen = []
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n))
-        for n, m in model.named_modules() if n
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
 
 
 @pytest.fixture(params=list(MODELS))
@@ -146,7 +104,7 @@ def test_invariants(model_name, setting, batch):
         assert desc.layers[0].tokens_in == 36 + P
         for lr, r, keep in zip(desc.layers, ctx.schedule, ctx.prune_schedule):
             assert (lr.merge_r, lr.prune_keep) == (r, keep)
-            assert lr.tokens_out == _expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
+            assert lr.tokens_out == expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
         for prev, nxt in zip(desc.layers, desc.layers[1:]):
             assert nxt.tokens_in == prev.tokens_out
         assert out.last_hidden_state.shape[1] == desc.layers[-1].tokens_out
@@ -183,7 +141,7 @@ def test_invariants(model_name, setting, batch):
         vlprune.unpatch(model)
         assert {n: type(m) for n, m in model.named_modules()} == classes
         assert list(model.state_dict()) == keys
-        assert _vlprune_attrs(model) == []
+        assert vlprune_attrs(model) == []
         assert not vlprune.is_patched(model)
         torch.testing.assert_close(_pooled(model(x)), _pooled(ref), atol=0, rtol=0)
 
@@ -282,10 +240,10 @@ def test_siglip_head_weighs_merged_tokens_by_size():
 def test_every_upstream_submodule_still_runs(name):
     """The patched forward calls every submodule the upstream forward calls, in order."""
     model = _build(name)
-    ref = _module_calls(model, _x())
+    ref = module_calls(model, _x())
     kw = dict(merge_r=3, prune_keep=0.6, prune_layers=(1,))
     vlprune.patch(model, **kw, prune_score="cls_attn" if _num_protected(model) else "key_norm")
-    assert _module_calls(model, _x()) == ref
+    assert module_calls(model, _x()) == ref
 
 
 @pytest.mark.parametrize(
@@ -356,7 +314,7 @@ def test_clip_model_image_tower():
         assert desc.layers[-1].tokens_out == 37 - 16
         vlprune.unpatch(clip.vision_model)
         torch.testing.assert_close(clip.get_image_features(pixel_values=x).pooler_output, ref, atol=0, rtol=0)
-    assert _vlprune_attrs(clip) == []
+    assert vlprune_attrs(clip) == []
 
 
 def test_siglip_model_image_tower():
@@ -447,7 +405,7 @@ def test_unknown_encoder_layer_is_refused():
     model.encoder.layers[1].__class__ = ParallelLayer
     with pytest.raises(vlprune.UnsupportedModelError, match=r"layers\[1\] is .*ParallelLayer"):
         vlprune.patch(model, merge_r=2)
-    assert not vlprune.is_patched(model) and _vlprune_attrs(model) == []
+    assert not vlprune.is_patched(model) and vlprune_attrs(model) == []
 
 
 def test_whole_two_tower_models_are_not_matched_by_this_adapter():

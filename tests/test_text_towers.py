@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import vlprune_attrs
 
 import vlprune
 from vlprune.core.ragged import _keep_counts
@@ -201,10 +202,6 @@ def _run(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-def _vlprune_attrs(model):
-    return [(n, k) for n, m in model.named_modules() for k in vars(m) if k.startswith("_vlprune")]
-
-
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
@@ -253,7 +250,7 @@ def test_invariants(family, setting, batch):
         vlprune.unpatch(model)
         assert {n: type(m) for n, m in model.named_modules()} == classes
         assert list(model.state_dict()) == keys
-        assert _vlprune_attrs(model) == []
+        assert vlprune_attrs(model) == []
         for o, r in zip(_flat(_run(model, inputs)), ref):
             torch.testing.assert_close(o, r, atol=0, rtol=0)
 

@@ -79,21 +79,28 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def _inner(model: nn.Module, wrappers: tuple[str, ...], attr: str) -> nn.Module:
+    """``model.<attr>`` when ``model`` is one of the ``*WithProjection`` wrappers, else ``model``."""
+    return getattr(model, attr) if any(p in wrappers for p in class_path_in_mro(model)) else model
+
+
+def _family(tower: nn.Module, towers: dict, kind: str, supported: str) -> tuple[str, str]:
+    """``(modeling module name, class prefix)`` of a tower's family, from ``towers``."""
+    for path in class_path_in_mro(tower):
+        if path in towers:
+            return towers[path]
+    raise UnsupportedModelError(
+        f"{type(tower).__qualname__} is not a CLIP or SigLIP {kind} tower. Supported: {supported}"
+    )
+
+
 def vision_tower(model: nn.Module) -> nn.Module:
     """The ``CLIPVisionModel`` / ``SiglipVisionModel`` that holds the encoder of ``model``."""
-    if any(p in _WITH_PROJECTION for p in class_path_in_mro(model)):
-        return model.vision_model
-    return model
+    return _inner(model, _WITH_PROJECTION, "vision_model")
 
 
 def _upstream(tower: nn.Module) -> tuple[str, str]:
-    """``(modeling module name, class prefix)`` of the tower's family."""
-    for path in class_path_in_mro(tower):
-        if path in _TOWERS:
-            return _TOWERS[path]
-    raise UnsupportedModelError(
-        f"{type(tower).__qualname__} is not a CLIP or SigLIP vision tower. Supported: {SUPPORTED}"
-    )
+    return _family(tower, _TOWERS, "vision", SUPPORTED)
 
 
 def _same_forward(module: nn.Module, cls: type) -> bool:
@@ -368,18 +375,11 @@ TEXT_SUPPORTED = (
 
 def text_tower(model: nn.Module) -> nn.Module:
     """The ``CLIPTextModel`` / ``SiglipTextModel`` that holds the encoder of ``model``."""
-    if any(p in _TEXT_WITH_PROJECTION for p in class_path_in_mro(model)):
-        return model.text_model
-    return model
+    return _inner(model, _TEXT_WITH_PROJECTION, "text_model")
 
 
 def _text_upstream(tower: nn.Module) -> tuple[str, str]:
-    for path in class_path_in_mro(tower):
-        if path in _TEXT_TOWERS:
-            return _TEXT_TOWERS[path]
-    raise UnsupportedModelError(
-        f"{type(tower).__qualname__} is not a CLIP or SigLIP text tower. Supported: {TEXT_SUPPORTED}"
-    )
+    return _family(tower, _TEXT_TOWERS, "text", TEXT_SUPPORTED)
 
 
 def text_layout(tower: nn.Module) -> TextLayout:

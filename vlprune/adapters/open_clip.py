@@ -322,22 +322,15 @@ def guided_forward(model: nn.Module, forward, image, text):
     if guided is None or not guided.reduces or image is None or text is None:
         return forward(image=image, text=text)
     before = guided.guide_embeds
-    if guided.tower == "image":
-        first = forward(image=None, text=text)
-        guided.guide_embeds = _features(first, "text_features", 1).detach()
-        try:
-            second = forward(image=image, text=None)
-        finally:
-            guided.guide_embeds = before
-        img_out, txt_out = second, first
-    else:
-        first = forward(image=image, text=None)
-        guided.guide_embeds = _features(first, "image_features", 0).detach()
-        try:
-            second = forward(image=None, text=text)
-        finally:
-            guided.guide_embeds = before
-        img_out, txt_out = first, second
+    inputs = {"image": image, "text": text}
+    lead = "text" if guided.tower == "image" else "image"  # the guiding modality runs first
+    first = forward(**{**inputs, guided.tower: None})
+    guided.guide_embeds = _features(first, f"{lead}_features", 0 if lead == "image" else 1).detach()
+    try:
+        second = forward(**{**inputs, lead: None})
+    finally:
+        guided.guide_embeds = before
+    img_out, txt_out = (second, first) if lead == "text" else (first, second)
     if isinstance(img_out, dict):
         return {**img_out, "text_features": txt_out["text_features"]}
     return (img_out[0], txt_out[1], *img_out[2:])
