@@ -125,23 +125,20 @@ def _bias_refusal(impl: str | None) -> str:
     )
 
 
-def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: bool = False) -> None:
-    """Raise :class:`UnsupportedModelError` (or ``ValueError`` for settings this tower cannot
-    run) unless :func:`patch_hf_vision_tower` can patch ``tower`` for ``config``. A ``guided``
-    tower's pruning scores come from the other modality, not from ``prune_score``."""
-    module_name, prefix = _upstream(tower)
-    mod = importlib.import_module(module_name)
+def _check_encoder(tower: nn.Module, mod, prefix: str, part: str, supported: str) -> None:
+    """The structure both tower kinds share: not patched yet, ``encoder.layers`` of the
+    upstream encoder layer with the upstream attention, and ``part`` (a tower attribute)."""
     if "_vlprune_ctx" in tower.__dict__:
         raise ValueError(
             f"this {type(tower).__bases__[-1].__name__} is already patched as part of a larger "
             "model; call vlprune.unpatch on that model first"
         )
     layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    if not hasattr(tower, "embeddings") or not isinstance(layers, nn.ModuleList):
+    if not hasattr(tower, part) or not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(
-            f"{type(tower).__qualname__} has no `embeddings` and `encoder.layers` (transformers "
+            f"{type(tower).__qualname__} has no `{part}` and `encoder.layers` (transformers "
             f"{_transformers_version()}): vlprune knows the transformers>=5 layout. Supported: "
-            f"{SUPPORTED}"
+            f"{supported}"
         )
     layer_cls = getattr(mod, f"{prefix}EncoderLayer")
     attn_cls = getattr(mod, f"{prefix}Attention")
@@ -151,7 +148,7 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: boo
         ):
             raise UnsupportedModelError(
                 f"encoder.layers[{i}] is {type(layer).__qualname__}; supported: "
-                f"{layer_cls.__qualname__} with its upstream forward. Supported: {SUPPORTED}"
+                f"{layer_cls.__qualname__} with its upstream forward. Supported: {supported}"
             )
         attn = layer.self_attn
         if not isinstance(attn, attn_cls) or not _same_forward(attn, attn_cls) or not all(
@@ -159,8 +156,17 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: boo
         ):
             raise UnsupportedModelError(
                 f"encoder.layers[{i}].self_attn is {type(attn).__qualname__}; supported: "
-                f"{attn_cls.__qualname__} with its upstream forward. Supported: {SUPPORTED}"
+                f"{attn_cls.__qualname__} with its upstream forward. Supported: {supported}"
             )
+
+
+def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: bool = False) -> None:
+    """Raise :class:`UnsupportedModelError` (or ``ValueError`` for settings this tower cannot
+    run) unless :func:`patch_hf_vision_tower` can patch ``tower`` for ``config``. A ``guided``
+    tower's pruning scores come from the other modality, not from ``prune_score``."""
+    module_name, prefix = _upstream(tower)
+    mod = importlib.import_module(module_name)
+    _check_encoder(tower, mod, prefix, "embeddings", SUPPORTED)
     impl = tower.config._attn_implementation
     if _uses_bias(config) and impl not in BIAS_IMPLEMENTATIONS:
         raise UnsupportedModelError(_bias_refusal(impl))
@@ -396,28 +402,8 @@ def check_hf_text_tower(tower: nn.Module, config: ReductionConfig) -> None:
     """Raise unless :func:`patch_hf_text_tower` can patch ``tower`` for ``config`` (the text
     tower's own config, see :meth:`ReductionConfig.for_tower`)."""
     module_name, prefix = _text_upstream(tower)
-    if "_vlprune_ctx" in tower.__dict__:
-        raise ValueError(
-            f"this {type(tower).__bases__[-1].__name__} is already patched as part of a larger "
-            "model; call vlprune.unpatch on that model first"
-        )
     mod = importlib.import_module(module_name)
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(tower, "final_layer_norm"):
-        raise UnsupportedModelError(
-            f"{type(tower).__qualname__} has no `encoder.layers` / `final_layer_norm` (transformers "
-            f"{_transformers_version()}). Supported: {TEXT_SUPPORTED}"
-        )
-    layer_cls = getattr(mod, f"{prefix}EncoderLayer")
-    attn_cls = getattr(mod, f"{prefix}Attention")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, layer_cls) or not _same_forward(layer, layer_cls) or not isinstance(
-            layer.self_attn, attn_cls
-        ) or not _same_forward(layer.self_attn, attn_cls):
-            raise UnsupportedModelError(
-                f"text encoder.layers[{i}] is {type(layer).__qualname__}; supported: "
-                f"{layer_cls.__qualname__} with {attn_cls.__qualname__}. Supported: {TEXT_SUPPORTED}"
-            )
+    _check_encoder(tower, mod, prefix, "final_layer_norm", TEXT_SUPPORTED)
     impl = tower.config._attn_implementation
     if not config.is_identity and impl not in BIAS_IMPLEMENTATIONS:
         raise UnsupportedModelError(
