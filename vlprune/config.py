@@ -149,6 +149,11 @@ def _validate_keep_layers(keep: Any, layers: Any, keep_name: str, layers_name: s
 
 GUIDES = (None, "text", "image")
 
+# Visual-token scores of "before the LLM" reduction in vision-language models (LLaVA), and
+# the ones that are planned but not available yet.
+VISUAL_SCORES = ("cls_attn", "random", "diversity", "pool")
+VISUAL_SCORES_LATER = ("text", "dominant_contextual")
+
 
 @dataclass
 class ReductionConfig:
@@ -188,6 +193,19 @@ class ReductionConfig:
             features, through the model's own image head, align best with the texts of the
             same forward (max over texts). ``"image"``: the text tower's pruning
             (``text_prune_keep``) keeps the tokens that align best with the images.
+        visual_keep: "before the LLM" reduction in a vision-language model (LLaVA): the
+            projected visual tokens each image keeps, as an ``int`` count (1 .. tokens per
+            image) or a ``float`` ratio in (0, 1] (``ceil(ratio * tokens)``, at least one).
+            The kept tokens stay in their original order and the prompt's image placeholder
+            span shrinks to match, so the language model sees fewer tokens. ``None`` or
+            ``1.0``: every token.
+        visual_score: how visual tokens are ranked: ``cls_attn`` (the vision tower's class
+            token attention at the feature layer, FasterVLM), ``random`` (seeded: the same
+            patch positions for every image),
+            ``diversity`` (max-min farthest-point on the projected features, DivPrune) or
+            ``pool`` (2x2 average pooling of the patch grid: ``visual_keep`` must then be a
+            quarter of the tokens per image).
+        visual_seed: seed of the ``random`` visual score.
         family: force an adapter by name instead of detecting it from the model's class.
     """
 
@@ -205,6 +223,9 @@ class ReductionConfig:
     text_prune_layers: tuple[int, ...] | None = None
     text_prune_score: str | None = None
     guide: str | None = None
+    visual_keep: int | float | None = None
+    visual_score: str = "cls_attn"
+    visual_seed: int = 0
     family: str | None = None
     version: str = field(default="", compare=False)
 
@@ -212,6 +233,7 @@ class ReductionConfig:
         self.merge_r = validate_merge_r(self.merge_r)
         self._validate_prune()
         self._validate_text()
+        self._validate_visual()
         for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -280,6 +302,50 @@ class ReductionConfig:
             if self.text_prune_score is not None:
                 raise ValueError("guide='image' replaces text_prune_score; leave it unset")
 
+    def _validate_visual(self) -> None:
+        keep = self.visual_keep
+        if keep is not None:
+            if _is_int(keep):
+                if keep < 1:
+                    raise ValueError(
+                        f"visual_keep={keep} keeps no token; give an int count >= 1 or a float "
+                        "ratio in (0, 1]"
+                    )
+                self.visual_keep = int(keep)
+            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
+                self.visual_keep = float(keep)
+            else:
+                raise ValueError(
+                    f"visual_keep must be an int count >= 1 or a float ratio in (0, 1], got {keep!r}"
+                )
+        if self.visual_score in VISUAL_SCORES_LATER:
+            raise ValueError(
+                f"visual_score={self.visual_score!r} is not yet supported; allowed: {list(VISUAL_SCORES)}"
+            )
+        if self.visual_score not in VISUAL_SCORES:
+            raise ValueError(f"unknown visual_score {self.visual_score!r}; allowed: {list(VISUAL_SCORES)}")
+        if not _is_int(self.visual_seed):
+            raise ValueError(f"visual_seed must be an int, got {self.visual_seed!r}")
+        if keep is None:
+            stray = [name for name, default in (("visual_score", "cls_attn"), ("visual_seed", 0))
+                     if getattr(self, name) != default]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but visual_keep is not, so visual token reduction is "
+                    "off and they would be ignored; give visual_keep (or leave them at their defaults)"
+                )
+
+    @property
+    def has_visual_settings(self) -> bool:
+        """True when ``visual_keep`` is set (vision-language models only)."""
+        return self.visual_keep is not None
+
+    @property
+    def visual_is_identity(self) -> bool:
+        """True when the visual-token reduction keeps every token (count-independent check)."""
+        keep = self.visual_keep
+        return keep is None or (isinstance(keep, float) and keep == 1.0)
+
     @property
     def has_text_settings(self) -> bool:
         """True when any ``text_*`` option or ``guide`` is set."""
@@ -344,7 +410,9 @@ class ReductionConfig:
         """True when this config removes no token at any layer of any tower."""
         return all(
             _no_merge(r) for r in (self.merge_r, self.text_merge_r) if r is not None
-        ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep))
+        ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep)) and (
+            self.visual_is_identity
+        )
 
 
 def _no_merge(r: MergeSchedule) -> bool:

@@ -245,6 +245,12 @@ class Adapter(ABC):
     def make_context(self, model: nn.Module, config: ReductionConfig) -> PatchContext:
         """The context of a new patch: one plain context for an image model; for models with
         a text tower, a root context holding one child context per tower."""
+        if config.has_visual_settings:
+            raise ValueError(
+                f"visual_keep/visual_score reduce the visual tokens a vision-language model (LLaVA) "
+                f"feeds its language model; {type(model).__name__} has none: use merge_r or "
+                "prune_keep"
+            )
         if config.guide is not None and set(self.towers) != {"image", "text"}:
             raise ValueError(
                 f"guide={config.guide!r} needs a model with an image and a text tower (CLIP, "

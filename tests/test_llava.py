@@ -1,0 +1,237 @@
+"""LLaVA (transformers LlavaForConditionalGeneration): visual tokens reduced before the
+language model, in forward and generate, on a tiny random model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vlprune
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+IMAGE_ID = 199
+N_IMG = 16  # 32x32 image, 8x8 patches, class token dropped ("default" strategy)
+PAD = 0
+# (text before the image, text after it) of each prompt; different lengths
+PROMPTS = ((3, 2), (7, 4), (1, 1), (5, 6))
+SCORES = ("cls_attn", "random", "diversity")
+
+
+def _build() -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, max_position_embeddings=128,
+        ),
+        image_token_index=IMAGE_ID, image_seq_length=N_IMG,
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _build()
+    yield m
+    if vlprune.is_patched(m):
+        vlprune.unpatch(m)
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(model):
+    if vlprune.is_patched(model):
+        vlprune.unpatch(model)
+    yield
+
+
+def _row(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + i)
+    before, after = PROMPTS[i]
+    text = torch.randint(1, IMAGE_ID, (before + after,), generator=g)
+    return torch.cat([text[:before], torch.full((N_IMG,), IMAGE_ID), text[before:]])
+
+
+def _pixels(rows) -> torch.Tensor:
+    return torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in rows])
+
+
+def _batch(rows) -> dict:
+    """Left-padded prompts (as a tokenizer pads for generation), one image each."""
+    seqs = [_row(i) for i in rows]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, L - len(s):] = s
+        mask[b, L - len(s):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(rows))
+
+
+def _generate(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False)
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+class _LMInput:
+    """Records the sequence lengths and masks the language model receives."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls.append((kwargs["inputs_embeds"].shape[1], kwargs.get("attention_mask")))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("rows", [(0,), (0, 1, 2, 3)])
+def test_identity_matches_unpatched(model, rows):
+    inputs = _batch(rows)
+    ref_logits, ref_gen = _logits(model, inputs), _generate(model, inputs)
+    vlprune.patch(model, visual_keep=1.0)
+    assert torch.equal(_logits(model, inputs), ref_logits)
+    assert torch.equal(_generate(model, inputs), ref_gen)
+    # keeping every token through the rewrite path gives the same computation
+    vlprune.patch(model, visual_keep=N_IMG)
+    torch.testing.assert_close(_logits(model, inputs), ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_generate(model, inputs), ref_gen)
+
+
+@pytest.mark.parametrize("keep", [4, 0.3])
+@pytest.mark.parametrize("score", [*SCORES, "pool"])
+def test_generate_reduces_and_rows_are_independent(model, score, keep):
+    if score == "pool":
+        keep = 4 if keep == 4 else 0.25
+    k = keep if isinstance(keep, int) else math.ceil(keep * N_IMG)
+    vlprune.patch(model, visual_keep=keep, visual_score=score)
+    rows = (0, 1, 2, 3)
+    inputs = _batch(rows)
+    with _LMInput(model) as lm:
+        out = _generate(model, inputs)
+    L = inputs["input_ids"].shape[1]
+    # prefill sees the shorter prompt; every row lost N_IMG - k placeholders
+    assert lm.calls[0][0] == L - (N_IMG - k)
+    assert all(n == 1 for n, _ in lm.calls[1:])
+    # the caller's prompt comes back, then the new tokens
+    assert torch.equal(out[:, :L], inputs["input_ids"]) and out.shape[1] == L + 5
+    for b, i in enumerate(rows):
+        alone = _batch((i,))
+        with _LMInput(model) as lm1:
+            single = _generate(model, alone)
+        assert lm1.calls[0][0] == alone["input_ids"].shape[1] - (N_IMG - k)
+        assert torch.equal(single[0, -5:], out[b, -5:]), (score, b)
+
+
+def test_forward_features_and_labels(model):
+    inputs = _batch((0, 1))
+    vlprune.patch(model, visual_keep=5, visual_score="cls_attn")
+    labels = inputs["input_ids"].clone()
+    labels[labels == IMAGE_ID] = -100
+    with torch.no_grad(), _LMInput(model) as lm:
+        out = model(**inputs, labels=labels)
+    L = inputs["input_ids"].shape[1]
+    assert out.logits.shape[1] == L - (N_IMG - 5) == lm.calls[0][0]
+    assert torch.isfinite(out.loss)
+    # the kept image features are the top-5 class-attention patches, in order
+    assert out.image_hidden_states.shape == (2 * 5, 32)
+
+
+def test_random_is_seeded_and_scores_differ(model):
+    inputs = _batch((0,))
+    vlprune.patch(model, visual_keep=4, visual_score="random", visual_seed=1)
+    a, b = _logits(model, inputs), _logits(model, inputs)
+    assert torch.equal(a, b)
+    vlprune.patch(model, visual_keep=4, visual_score="random", visual_seed=2)
+    assert not torch.equal(_logits(model, inputs), a)
+
+
+def test_disabled_and_unpatch_restore(model):
+    inputs = _batch((0, 2))
+    ref_logits, ref_gen = _logits(model, inputs), _generate(model, inputs)
+    cls = type(model)
+    vlprune.patch(model, visual_keep=4)
+    assert _logits(model, inputs).shape[1] < ref_logits.shape[1]
+    with vlprune.disabled(model):
+        assert torch.equal(_logits(model, inputs), ref_logits)
+    vlprune.unpatch(model)
+    assert type(model) is cls and type(model) is LlavaForConditionalGeneration
+    assert not any(k.startswith("_vlprune") for m in model.modules() for k in m.__dict__)
+    assert torch.equal(_logits(model, inputs), ref_logits)
+    assert torch.equal(_generate(model, inputs), ref_gen)
+
+
+def test_configure_and_describe(model):
+    vlprune.patch(model, visual_keep=8)
+    vlprune.configure(model, visual_keep=4, visual_score="diversity")
+    d = vlprune.describe(model, flops=False)
+    assert [(lr.tokens_in, lr.tokens_out, lr.tower) for lr in d.layers] == [(N_IMG, 4, "visual")]
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(visual_keep=4, visual_score="text"), "not yet supported"),
+        (dict(visual_keep=4, visual_score="dominant_contextual"), "not yet supported"),
+        (dict(visual_keep=4, visual_score="nope"), "allowed"),
+        (dict(visual_score="random"), "visual_keep is not"),
+        (dict(visual_seed=3), "visual_keep is not"),
+        (dict(visual_keep=0), "int count >= 1"),
+        (dict(visual_keep=1.5), "float ratio in"),
+        (dict(visual_keep=True), "int count >= 1 or a float"),
+        (dict(visual_keep=-0.5), "float ratio in"),
+    ],
+)
+def test_bad_settings(settings, match):
+    with pytest.raises(ValueError, match=match):
+        vlprune.ReductionConfig(**settings)
+
+
+def test_refusals(model):
+    with pytest.raises(ValueError, match="only 16 visual tokens"):
+        vlprune.patch(model, visual_keep=17)
+    with pytest.raises(ValueError, match="visual_keep must be 4"):
+        vlprune.patch(model, visual_keep=5, visual_score="pool")
+    with pytest.raises(ValueError, match="not yet supported on LLaVA"):
+        vlprune.patch(model, visual_keep=4, merge_r=2)
+    with pytest.raises(ValueError, match="give visual_keep"):
+        vlprune.patch(model, merge_r=0)
+    assert not vlprune.is_patched(model)
+    # image-only models refuse the visual_* settings
+    tower = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    ))
+    with pytest.raises(ValueError, match="vision-language model"):
+        vlprune.patch(tower, visual_keep=4)
+    # prompts whose placeholder count does not match the images
+    vlprune.patch(model, visual_keep=4)
+    inputs = _batch((0,))
+    inputs["input_ids"] = inputs["input_ids"][:, 1:]
+    inputs["input_ids"][0, 3] = 5  # one placeholder fewer
+    inputs["attention_mask"] = inputs["attention_mask"][:, 1:]
+    with pytest.raises(ValueError, match="image tokens"):
+        _logits(model, inputs)
