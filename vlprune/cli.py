@@ -5,6 +5,9 @@
     vlprune bench --model open_clip:ViT-B-16 --tower text --merge-r 0,2,4
     vlprune bench --model hf_clip:ViT-B-16 --tower text --merge-r 0,2,4
     vlprune describe --model vit_tiny_patch16_224 --merge-r 16
+    vlprune bench --model llava:1.5-7b --llm-layers 4 --batch-size 8 \
+        --setting "visual_keep=64 visual_score=cls_attn"
+    vlprune describe --model llava:1.5-7b --llm-layers 4 --visual-keep 64
 """
 
 from __future__ import annotations
@@ -52,11 +55,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="timm model name; open_clip:<config> (e.g. open_clip:ViT-B-16); "
                    f"hf_clip:<shape> ({', '.join(HF_SHAPES['hf_clip'])}) or hf_siglip:<shape> "
                    f"({', '.join(HF_SHAPES['hf_siglip'])}) for Hugging Face towers built from "
-                   f"a config; all with random weights (default: {DEFAULT_MODEL})")
+                   f"a config; llava:<shape> ({', '.join(LLAVA_SHAPES)}) for a LLaVA model "
+                   f"built from a config (language-model depth reduced, see --llm-layers); all "
+                   f"with random weights (default: {DEFAULT_MODEL})")
     p.add_argument("--tower", choices=("image", "text"), default="image",
                    help="which tower of an open_clip / hf_clip / hf_siglip model to run "
                    "(default: image); text runs full-length random texts")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--llm-layers", type=int, default=None,
+                   help="llava: language-model layers built (default: the shape's reduced depth, "
+                   "4 for 1.5-7b, whose checkpoint has 32); widths stay the real ones")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="llava: vision-tower layers built (default: the real depth)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -67,6 +77,25 @@ def parse_float_list(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_keep_list(text: str) -> list[int | float]:
+    """``"192,0.25"`` -> ``[192, 0.25]`` (ints stay counts, other numbers are ratios)."""
+    out: list[int | float] = []
+    for v in text.split(","):
+        v = v.strip()
+        if not v:
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            try:
+                out.append(float(v))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--visual-keep needs at least one value")
+    return out
 
 
 def parse_int_tuple(text: str) -> tuple[int, ...]:
@@ -117,6 +146,11 @@ def _add_reduction_args(p: argparse.ArgumentParser, many: bool) -> None:
     p.add_argument("--prune-recycle", action="store_true",
                    help="merge dropped tokens into their most similar kept token")
     p.add_argument("--prune-seed", type=int, default=0, help="seed of the random score")
+    p.add_argument("--visual-keep", type=parse_keep_list, default=None,
+                   help=f"llava: visual tokens kept per image{rows}, counts or ratios, e.g. "
+                   "192,128,64 (default on llava: 192,128,64 for bench, 64 for describe)")
+    p.add_argument("--visual-score", default="cls_attn",
+                   help="llava: how visual tokens are ranked: cls_attn, random, diversity, pool")
     if many:
         p.add_argument("--setting", action="append", type=parse_setting, default=[],
                        metavar='"KEY=VALUE ..."',
@@ -138,14 +172,22 @@ def _prune_options(args: argparse.Namespace) -> dict:
     return prune
 
 
-def settings_from_args(args: argparse.Namespace, default_merge: list) -> list:
-    """The rows asked for on the command line (merge rows, prune rows, free-form rows)."""
+def settings_from_args(args: argparse.Namespace, default_merge: list,
+                       default_visual: list | None = None) -> list:
+    """The rows asked for on the command line (merge rows, prune rows, visual-token rows,
+    free-form rows); with none, ``default_visual`` visual rows when given, else merge rows."""
     from .eval.bench import Setting
 
     prune = _prune_options(args)
+    if args.visual_score != "cls_attn" and not args.visual_keep:
+        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
     rows = [Setting.of(merge_r=r) for r in (args.merge_r or [])]
+    rows += [Setting.of(visual_keep=k, visual_score=args.visual_score)
+             for k in (args.visual_keep or [])]
     rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
     rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
+    if not rows and default_visual is not None:
+        return [Setting.of(visual_keep=k, visual_score="cls_attn") for k in default_visual]
     return rows or [Setting.of(merge_r=r) for r in default_merge]
 
 
@@ -173,8 +215,72 @@ HF_SHAPES = {
 }
 
 
+# LLaVA models built from configs: the vision tower, projector and language-model widths of
+# the public checkpoints; the language model is built shallower (``llm_layers``) so that a
+# prefill fits a CPU run. The real depth is in ``real_llm_layers``.
+LLAVA_SHAPES = {
+    "1.5-7b": dict(  # CLIP ViT-L/14-336 (576 visual tokens) + a Llama-2-7B-shaped LLM
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, patch_size=14, image_size=336, projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                  pad_token_id=0),
+        image_token_index=32000, llm_layers=4, real_llm_layers=32,
+    ),
+    "tiny": dict(  # the same 336 px / patch 14 grid (576 visual tokens), tiny widths: tests
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, patch_size=14, image_size=336, projection_dim=32),
+        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
+                  pad_token_id=0),
+        image_token_index=300, llm_layers=2, real_llm_layers=2,
+    ),
+}
+
+
+def is_llava(name: str) -> bool:
+    return name.partition(":")[0] == "llava"
+
+
+def build_llava(shape: str, img_size: int | None = None, llm_layers: int | None = None,
+                vision_layers: int | None = None):
+    """A ``LlavaForConditionalGeneration`` of a :data:`LLAVA_SHAPES` shape, random weights
+    (LLaVA-1.5 wiring: penultimate vision layer, class token dropped)."""
+    try:
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+        )
+    except ImportError as e:
+        raise SystemExit("LLaVA models need transformers: pip install 'vlprune[hf]'") from e
+    if shape not in LLAVA_SHAPES:
+        raise SystemExit(f"unknown llava shape {shape!r}; known: {sorted(LLAVA_SHAPES)}")
+    spec = LLAVA_SHAPES[shape]
+    vision = dict(spec["vision"])
+    if img_size:
+        vision["image_size"] = img_size
+    if vision_layers is not None:
+        if vision_layers < 2:
+            raise SystemExit("--vision-layers must be >= 2 (LLaVA reads the penultimate layer)")
+        vision["num_hidden_layers"] = vision_layers
+    n_llm = spec["llm_layers"] if llm_layers is None else llm_layers
+    if n_llm < 1:
+        raise SystemExit("--llm-layers must be >= 1")
+    grid = (vision["image_size"] // vision["patch_size"]) ** 2
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(num_hidden_layers=n_llm, **spec["text"]),
+        image_token_index=spec["image_token_index"], image_seq_length=grid,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg)
+
+
 def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype,
-                tower: str = "image"):
+                tower: str = "image", llm_layers: int | None = None,
+                vision_layers: int | None = None):
     """A model with random weights (no download), in eval mode on ``device``/``dtype``.
 
     ``name`` is a timm model name, ``open_clip:<config>`` (e.g. ``open_clip:ViT-B-16``), or
@@ -182,9 +288,13 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
     families ``tower`` picks the image tower or a text tower of the same shape.
     """
     family, _, config = name.partition(":")
+    if family != "llava" and (llm_layers is not None or vision_layers is not None):
+        raise SystemExit(f"--llm-layers / --vision-layers need a llava: model, got {name!r}")
     if tower != "image" and family not in ("open_clip", *HF_SHAPES):
         raise SystemExit(f"--tower {tower} needs an open_clip:, hf_clip: or hf_siglip: model, got {name!r}")
-    if family == "open_clip":
+    if family == "llava":
+        model = build_llava(config, img_size, llm_layers, vision_layers)
+    elif family == "open_clip":
         model = _build_open_clip_tower(config, img_size, tower)
     elif family in HF_SHAPES:
         model = _build_hf_tower(family, config, img_size, tower)
@@ -245,6 +355,11 @@ def _build_open_clip_tower(config: str, img_size: int | None, tower: str):
     return open_clip.create_model(config, pretrained=None, **kwargs).visual
 
 
+def _model_from_args(args: argparse.Namespace):
+    return build_model(args.model, args.img_size, args.device, args.dtype, args.tower,
+                       args.llm_layers, args.vision_layers)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .eval.bench import run_bench
 
@@ -252,28 +367,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available here")
-    settings = settings_from_args(args, default_merge=[0, 8, 16])
-    model = build_model(args.model, args.img_size, args.device, args.dtype, args.tower)
+    llava = is_llava(args.model)
+    if not llava and (args.text_tokens is not None or args.new_tokens is not None):
+        raise SystemExit("--text-tokens / --new-tokens need a llava: model")
+    settings = settings_from_args(args, default_merge=[0, 8, 16],
+                                  default_visual=[192, 128, 64] if llava else None)
+    model = _model_from_args(args)
+    if llava:
+        from .eval.vlm_bench import run_vlm_bench
+
+        result = run_vlm_bench(
+            model, settings, model_name=args.model, batch_size=args.batch_size or 1,
+            text_tokens=40 if args.text_tokens is None else args.text_tokens,
+            new_tokens=8 if args.new_tokens is None else args.new_tokens,
+            rounds=args.rounds, iters=args.iters, warmup=args.warmup,
+            measure_memory=not args.no_memory, progress=not args.no_progress,
+        )
+        _write_outputs(result, args)
+        rows = {
+            r.setting: {
+                "visual_tokens": r.visual_tokens,
+                "prefill_ms": round(r.prefill_ms, 1),
+                "flops_ratio": round(r.flops_ratio, 3),
+                "speedup": round(r.speedup, 3),
+                "efficiency": round(r.efficiency, 3),
+                "decode_tok_s": None if r.decode_tok_s is None else round(r.decode_tok_s, 2),
+            }
+            for r in result.rows
+        }
+        print("--result")
+        print(json.dumps({"model": result.model, "batch_size": result.batch_size, "rows": rows}))
+        return 0
     result = run_bench(
         model,
         settings,
         model_name=args.model if args.tower == "image" else f"{args.model} ({args.tower})",
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 32,
         rounds=args.rounds,
         iters=args.iters,
         warmup=args.warmup,
         measure_memory=not args.no_memory,
         progress=not args.no_progress,
     )
-    print(result.table())
-    if result.load_warning:
-        print(f"WARNING: {result.load_warning}", file=sys.stderr)
-    if args.json:
-        result.write_json(args.json)
-    if args.csv:
-        result.write_csv(args.csv)
-    if args.plot:
-        result.plot(args.plot)
+    _write_outputs(result, args)
     summary = {
         "model": result.model,
         "batch_size": result.batch_size,
@@ -292,17 +428,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_outputs(result, args: argparse.Namespace) -> None:
+    print(result.table())
+    if result.load_warning:
+        print(f"WARNING: {result.load_warning}", file=sys.stderr)
+    if args.json:
+        result.write_json(args.json)
+    if args.csv:
+        result.write_csv(args.csv)
+    if args.plot:
+        result.plot(args.plot)
+
+
 def cmd_describe(args: argparse.Namespace) -> int:
     from .api import describe, patch
     from .config import ReductionConfig
 
-    if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1:
-        raise SystemExit("describe takes one --merge-r and/or one --prune-keep value")
+    if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1 or len(args.visual_keep or []) > 1:
+        raise SystemExit("describe takes one --merge-r, --prune-keep and/or --visual-keep value")
     prune = _prune_options(args)
+    if args.visual_score != "cls_attn" and not args.visual_keep:
+        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
     kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}
+    if args.visual_keep or (is_llava(args.model) and not kw and not args.merge_r):
+        kw.update(visual_keep=args.visual_keep[0] if args.visual_keep else 64,
+                  visual_score=args.visual_score)
     if args.merge_r or not kw:
         kw["merge_r"] = args.merge_r[0] if args.merge_r else 16
-    model = build_model(args.model, args.img_size, args.device, args.dtype, args.tower)
+    model = _model_from_args(args)
     patch(model, ReductionConfig(**kw))
     d = describe(model)
     print(d)
@@ -322,11 +475,19 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="throughput, FLOPs and memory of reduction settings",
-                       description="Benchmark an unpatched model against merge settings, "
-                       "interleaved, with medians, speedup and efficiency (speedup / FLOPs ratio).")
+                       description="Benchmark an unpatched model against reduction settings, "
+                       "interleaved, with medians, speedup and efficiency (speedup / FLOPs ratio). "
+                       "On llava: models: prefill latency and FLOPs, decode tokens/s and the "
+                       "visual tokens reaching the language model per visual_keep setting.")
     _add_model_args(b)
     _add_reduction_args(b, many=True)
-    b.add_argument("--batch-size", "-b", type=int, default=32)
+    b.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="default: 32; 1 for llava: models")
+    b.add_argument("--text-tokens", type=int, default=None,
+                   help="llava: text tokens of the longest prompt (default 40); rows of a batch "
+                   "are 3 tokens shorter each, left padded")
+    b.add_argument("--new-tokens", type=int, default=None,
+                   help="llava: tokens generated for the decode timing (default 8; 0 or 1 skips it)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds over all settings")
     b.add_argument("--iters", type=int, default=2, help="timed calls per setting and round")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -349,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     for name in ("batch_size", "rounds", "iters"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, 1)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         return args.func(args)

@@ -35,6 +35,9 @@ BASELINE = "unpatched"
 def config_label(cfg: ReductionConfig) -> str:
     """A short readable name of a config, e.g. ``r=8``, ``cls_attn 0.7@3/6/9 +fuse``."""
     parts = []
+    if cfg.visual_keep is not None:
+        seed = f" seed={cfg.visual_seed}" if cfg.visual_score == "random" else ""
+        parts.append(f"visual {cfg.visual_keep:g} {cfg.visual_score}{seed}")
     if cfg.prune_keep is not None:
         keep = cfg.prune_keep
         keep_txt = "/".join(f"{k:g}" for k in keep) if isinstance(keep, list) else f"{keep:g}"
@@ -99,6 +102,9 @@ class BenchResult:
     env: dict
     load_warning: str | None = None
 
+    #: the y axis of :meth:`plot` (what "speedup" measures)
+    speedup_axis = "measured speedup"
+
     def row(self, label: str) -> BenchRow:
         for r in self.rows:
             if r.setting == label:
@@ -150,7 +156,7 @@ class BenchResult:
             ax.scatter(r.flops_ratio, r.speedup, marker=markers[i % len(markers)], zorder=3,
                        label=f"{r.setting} (eff. {r.efficiency:.2f})")
         ax.set_xlabel("FLOPs reduction (x)")
-        ax.set_ylabel(f"measured speedup (x), batch {self.batch_size}")
+        ax.set_ylabel(f"{self.speedup_axis} (x), batch {self.batch_size}")
         ax.set_title(f"{self.model} on {self.device} {self.dtype}, {self.threads} threads", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -159,7 +165,11 @@ class BenchResult:
         plt.close(fig)
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        names = [f.name for f in dataclasses.fields(BenchRow) if f.name not in ("times_ms", "config")]
+        row_type = type(self.rows[0]) if self.rows else BenchRow
+        names = [
+            f.name for f in dataclasses.fields(row_type)
+            if f.name != "config" and not f.name.startswith("times_")
+        ]
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["model", "batch_size", "device", "dtype", "threads", *names])
