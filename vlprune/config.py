@@ -206,6 +206,17 @@ class ReductionConfig:
             ``pool`` (2x2 average pooling of the patch grid: ``visual_keep`` must then be a
             quarter of the tokens per image).
         visual_seed: seed of the ``random`` visual score.
+        llm_layer: FastV-style pruning inside the language model of a vision-language model
+            (LLaVA), at prefill: the decoder layer (``0 < llm_layer <`` number of LLM layers,
+            checked at patch time) from which on only ``llm_keep`` visual tokens per image
+            remain, ranked by the attention the last prompt token gives them (heads averaged,
+            recomputed with that layer's own query/key projections and RoPE from its input).
+            Needs ``llm_keep``.
+        llm_keep: visual tokens per image kept from ``llm_layer`` on, of those entering the
+            language model (after ``visual_keep``): an ``int`` count or a ``float`` ratio in
+            (0, 1] (``ceil(ratio * tokens)``, at least one). ``None`` or ``1.0``: every token.
+        llm_renumber_positions: give the kept tokens (and the generated ones) contiguous RoPE
+            positions in the pruned layers; by default they keep their original positions.
         family: force an adapter by name instead of detecting it from the model's class.
     """
 
@@ -226,6 +237,9 @@ class ReductionConfig:
     visual_keep: int | float | None = None
     visual_score: str = "cls_attn"
     visual_seed: int = 0
+    llm_layer: int | None = None
+    llm_keep: int | float | None = None
+    llm_renumber_positions: bool = False
     family: str | None = None
     version: str = field(default="", compare=False)
 
@@ -234,6 +248,7 @@ class ReductionConfig:
         self._validate_prune()
         self._validate_text()
         self._validate_visual()
+        self._validate_llm()
         for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -335,10 +350,52 @@ class ReductionConfig:
                     "off and they would be ignored; give visual_keep (or leave them at their defaults)"
                 )
 
+    def _validate_llm(self) -> None:
+        layer, keep = self.llm_layer, self.llm_keep
+        if layer is not None and not (_is_int(layer) and layer >= 1):
+            raise ValueError(
+                f"llm_layer must be an int >= 1 (a decoder layer of the language model), got {layer!r}"
+            )
+        if keep is not None:
+            if _is_int(keep):
+                if keep < 1:
+                    raise ValueError(
+                        f"llm_keep={keep} keeps no token; give an int count >= 1 or a float ratio "
+                        "in (0, 1]"
+                    )
+                self.llm_keep = int(keep)
+            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
+                self.llm_keep = float(keep)
+            else:
+                raise ValueError(
+                    f"llm_keep must be an int count >= 1 or a float ratio in (0, 1], got {keep!r}"
+                )
+        if not isinstance(self.llm_renumber_positions, bool):
+            raise ValueError(
+                f"llm_renumber_positions must be True or False, got {self.llm_renumber_positions!r}"
+            )
+        if keep is not None and layer is None:
+            raise ValueError("llm_keep is set but llm_layer is not; give llm_layer (the decoder "
+                             "layer from which on visual tokens are pruned)")
+        if keep is None and (layer is not None or self.llm_renumber_positions):
+            name = "llm_layer" if layer is not None else "llm_renumber_positions"
+            raise ValueError(
+                f"{name} set but llm_keep is not, so pruning inside the language model is off and "
+                "it would be ignored; give llm_keep (an int count or a float ratio in (0, 1])"
+            )
+        if layer is not None:
+            self.llm_layer = int(layer)
+
     @property
     def has_visual_settings(self) -> bool:
-        """True when ``visual_keep`` is set (vision-language models only)."""
-        return self.visual_keep is not None
+        """True when ``visual_keep`` or ``llm_keep`` is set (vision-language models only)."""
+        return self.visual_keep is not None or self.llm_keep is not None
+
+    @property
+    def llm_is_identity(self) -> bool:
+        """True when the pruning inside the language model keeps every visual token."""
+        keep = self.llm_keep
+        return keep is None or (isinstance(keep, float) and keep == 1.0)
 
     @property
     def visual_is_identity(self) -> bool:
@@ -411,7 +468,7 @@ class ReductionConfig:
         return all(
             _no_merge(r) for r in (self.merge_r, self.text_merge_r) if r is not None
         ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep)) and (
-            self.visual_is_identity
+            self.visual_is_identity and self.llm_is_identity
         )
 
 

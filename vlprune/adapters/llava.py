@@ -18,6 +18,10 @@ How it is wired (transformers >= 5):
   the shorter prompt and ``mm_encoder_outputs``; generate forwards ``mm_encoder_outputs`` at
   prefill only, so the KV cache holds the shorter sequence. The returned sequences start with
   the caller's original prompt, followed by the generated tokens, as without patching.
+* ``llm_layer``/``llm_keep`` (FastV, :mod:`vlprune.adapters.llava_llm`): the decoder layers
+  from ``llm_layer`` on are patched; a forward with an empty cache is a prefill whose image
+  placeholder positions (after the rewrite above) the root hands to them. A patched
+  ``forward`` then returns logits for the kept positions only.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .llava_llm import FastVLayerMixin, LLMState, check_decoder_layers
 
 _LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
 _GEN_VISION_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
@@ -105,6 +110,24 @@ class _LlavaMixin(RootMixin):
     def _vlprune_active(self) -> bool:
         ctx: PatchContext = self._vlprune
         return ctx.enabled and not ctx.config.visual_is_identity
+
+    def _vlprune_llm_active(self) -> bool:
+        ctx: PatchContext = self._vlprune
+        return ctx.enabled and not ctx.config.llm_is_identity
+
+    def _vlprune_llm_begin(self, input_ids, attention_mask, past_key_values, strategy) -> None:
+        """Arm (prefill: empty cache) or keep (decode step) the pruning inside the LLM."""
+        st: LLMState = self.__dict__["_vlprune_llm"]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past:
+            return
+        if input_ids is None:
+            st.reset()
+            return
+        cfg = self._vlprune.config
+        n = _vision_tokens(self, strategy)
+        per_image = n if cfg.visual_is_identity else visual_keep_count(cfg.visual_keep, n)
+        st.begin(input_ids, attention_mask, self.config.image_token_id, per_image)
 
     # -- selection -------------------------------------------------------------------------
 
@@ -265,16 +288,49 @@ class _LlavaMixin(RootMixin):
             input_ids, attention_mask = seqs["input_ids"], seqs["attention_mask"]
             position_ids, labels = seqs["position_ids"], seqs["labels"]
             mm_encoder_outputs, pixel_values = seqs["mm_encoder_outputs"], None
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
-            logits_to_keep=logits_to_keep, image_sizes=image_sizes,
-            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
-        )
+        llm = "_vlprune_llm" in self.__dict__
+        cfg = self._vlprune.config
+        if cfg.llm_keep is not None and (not llm or self.__dict__["_vlprune_llm"].layer != cfg.llm_layer):
+            raise ValueError(
+                "llm_layer (or turning llm_keep on) cannot be changed by configure(): the decoder "
+                "layers are patched at patch time; call vlprune.patch() again"
+            )
+        if llm:
+            st: LLMState = self.__dict__["_vlprune_llm"]
+            if not self._vlprune_llm_active():
+                st.reset()
+            else:
+                if labels is not None:
+                    raise ValueError(
+                        "llm_keep drops visual tokens inside the language model, so the logits "
+                        "no longer line up with labels; compute the loss unpatched or without llm_keep"
+                    )
+                self._vlprune_llm_begin(
+                    input_ids, attention_mask, past_key_values,
+                    vision_feature_select_strategy or self.config.vision_feature_select_strategy,
+                )
+        try:
+            return super().forward(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
+                logits_to_keep=logits_to_keep, image_sizes=image_sizes,
+                mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+            )
+        finally:
+            if llm:
+                st.end()
 
     def generate(self, inputs=None, *args, **kwargs):
+        if self.__dict__.get("_vlprune_llm") is not None and self._vlprune_llm_active():
+            gen_cfg = kwargs.get("generation_config") or self.generation_config
+            beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
+            if beams > 1:
+                raise ValueError(
+                    "llm_keep keeps per-row kept-token maps for the pruned cache layers, which beam "
+                    "search would reorder; use num_beams=1"
+                )
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None or not self._vlprune_active():
             return super().generate(inputs, *args, **kwargs)
@@ -307,19 +363,51 @@ class _LlavaMixin(RootMixin):
         return out
 
 
+def _llm_layers(model: nn.Module):
+    lm = getattr(model.model, "language_model", None)
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"llm_keep needs a decoder-only language model with .layers, got {type(lm).__name__}"
+        )
+    return layers
+
+
 def check_llava(model: nn.Module, config: ReductionConfig) -> None:
     other = [
         n for n in ReductionConfig.field_names()
-        if not n.startswith("visual_") and n not in ("family", "prop_attn")
+        if not n.startswith(("visual_", "llm_")) and n not in ("family", "prop_attn")
         and getattr(config, n) != getattr(ReductionConfig(), n)
     ]
     if other:
         raise ValueError(
             f"{', '.join(other)} not yet supported on LLaVA; use visual_keep, visual_score and "
-            "visual_seed (reduction before the language model)"
+            "visual_seed (reduction before the language model) and llm_layer, llm_keep (pruning "
+            "inside it)"
         )
     if not config.has_visual_settings:
-        raise ValueError("give visual_keep (an int count or a float ratio in (0, 1]) to patch LLaVA")
+        raise ValueError(
+            "give visual_keep (an int count or a float ratio in (0, 1]) or llm_layer and llm_keep "
+            "to patch LLaVA"
+        )
+    if config.llm_keep is not None:
+        layers = _llm_layers(model)
+        if not 0 < config.llm_layer < len(layers):
+            raise ValueError(
+                f"llm_layer={config.llm_layer} out of range: the language model has "
+                f"{len(layers)} decoder layers, give 1..{len(layers) - 1}"
+            )
+        check_decoder_layers(layers[config.llm_layer:])
+        per_image = _vision_tokens(model)
+        if config.visual_keep is not None:
+            per_image = visual_keep_count(config.visual_keep, per_image)
+        if isinstance(config.llm_keep, int) and config.llm_keep > per_image:
+            raise ValueError(
+                f"llm_keep={config.llm_keep} but each image enters the language model with only "
+                f"{per_image} visual tokens"
+            )
+    if config.visual_keep is None:
+        return
     layers = _encoder_layers(model)
     if config.visual_score == "cls_attn":
         layer = layers[0]
@@ -369,6 +457,17 @@ class LlavaAdapter(Adapter):
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         swap_class(model, _LlavaMixin, ctx)
         model.__dict__["_vlprune"] = ctx
+        cfg = ctx.config
+        if cfg.llm_keep is None:
+            return
+        lm = model.model.language_model
+        state = LLMState(
+            cfg.llm_layer, lambda n: visual_keep_count(ctx.config.llm_keep, n),
+            getattr(lm, "rotary_emb", None),
+        )
+        model.__dict__["_vlprune_llm"] = state
+        for i, layer in enumerate(_llm_layers(model)[cfg.llm_layer:]):
+            swap_class(layer, FastVLayerMixin, ctx, llm=state, first=i == 0)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
         vcfg = model.config.vision_config

@@ -1,0 +1,205 @@
+"""FastV-style visual token pruning inside the language model of LLaVA, at prefill.
+
+From decoder layer ``llm_layer`` on, each image keeps ``llm_keep`` of its visual tokens: the
+ones the last prompt token of the row attends to most, heads averaged. The attention is
+recomputed from the input of layer ``llm_layer`` (the output of layer ``llm_layer - 1``) with
+that layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and the rotary embeddings it
+receives, for the last prompt row only, so the layers keep their fast attention kernel.
+
+Wiring (transformers >= 5, ``LlamaDecoderLayer``):
+
+* The LLaVA root marks the image placeholder positions of a prefill (a forward whose cache
+  is empty) in a :class:`LLMState` shared with the patched layers ``>= llm_layer``.
+* At prefill, layer ``llm_layer`` ranks the visual tokens and stores the kept positions
+  (B, R) of every row; each patched layer index-selects the hidden states (first one only),
+  the rotary ``(cos, sin)``, ``position_ids`` and the rows and columns of the 4D mask it gets.
+  An absent mask (sdpa, no padding) stays absent: the kept tokens are in order, so plain
+  causal attention over them is right. Layers ``< llm_layer`` cache the full prompt, layers
+  ``>= llm_layer`` the reduced one.
+* At decode steps the model builds its mask from layer 0's cache (full length: that is what
+  ``DynamicCache.get_seq_length`` and ``get_mask_sizes`` read), so ``cache_position`` and the
+  positions continue the original numbering; each patched layer keeps the mask's key columns
+  of its own cache: the kept prompt columns, then every column after the prompt.
+* ``llm_renumber_positions=True``: the patched layers recompute the rotary embeddings with
+  contiguous positions (each kept token moves back by the visual tokens dropped before it;
+  generated tokens by all the row's dropped tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import LayerRecord, PatchContext, UnsupportedModelError
+
+_DECODER_LAYERS = ("transformers.models.llama.modeling_llama.LlamaDecoderLayer",)
+
+
+class LLMState:
+    """Per-forward state of the pruning inside the language model (shared by the layers)."""
+
+    def __init__(self, layer: int, keep_count, rotary: nn.Module | None):
+        self.layer = layer
+        self.keep_count = keep_count  # tokens per image -> kept per image
+        self.rotary = rotary
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefill = False
+        self.visual: Tensor | None = None  # (B, L) bool: image placeholder positions
+        self.per_image = 0  # visual tokens per image entering the LLM
+        self.last: Tensor | None = None  # (B,) index of each row's last prompt token
+        self.valid: Tensor | None = None  # (B, L) bool: keys the last token may attend to
+        self.length = 0  # prefill length L
+        self.kept: Tensor | None = None  # (B, R) kept original positions
+        self.shift: Tensor | None = None  # (B, R) positions each kept token moves back
+        self.dropped: Tensor | None = None  # (B, 1) visual tokens each row dropped
+
+    def begin(self, input_ids: Tensor, attention_mask: Tensor | None, image_id: int,
+              per_image: int) -> None:
+        """Arm a prefill of ``input_ids`` (B, L)."""
+        self.reset()
+        visual = input_ids == image_id
+        B, L = input_ids.shape
+        counts = visual.sum(dim=1)
+        if not bool(counts.any()):
+            return
+        if bool((counts % per_image).any()) or bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"llm_keep needs the same number of images (of {per_image} tokens each) in every "
+                f"row; the rows hold {counts.tolist()} image tokens"
+            )
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask.bool()
+            pos = torch.arange(L, device=input_ids.device).expand(B, L)
+            last = torch.where(valid, pos, -1).max(dim=1).values.clamp(min=0)
+            valid = valid & (pos <= last[:, None])
+        elif attention_mask is None:
+            valid = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+            last = torch.full((B,), L - 1, device=input_ids.device)
+        else:
+            raise ValueError("llm_keep needs a 2D attention_mask (or none)")
+        self.prefill, self.visual, self.per_image = True, visual, per_image
+        self.last, self.valid, self.length = last, valid, L
+
+    def end(self) -> None:
+        """The prefill forward is over: later forwards with a cache are decode steps."""
+        self.prefill = False
+
+
+def check_decoder_layers(layers) -> None:
+    for layer in layers:
+        cls = type(layer)
+        names = [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__]
+        if not any(n in names for n in _DECODER_LAYERS):
+            raise UnsupportedModelError(
+                f"llm_keep prunes inside the language model's decoder layers; {cls.__name__} is "
+                f"not supported (supported: {', '.join(n.rsplit('.', 1)[1] for n in _DECODER_LAYERS)})"
+            )
+
+
+def _rows(t: Tensor, B: int) -> Tensor:
+    return t.expand(B, *t.shape[1:]) if t.shape[0] == 1 and B > 1 else t
+
+
+def _take_seq(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[b, idx[b]]`` along dim 1 for (B or 1, L, ...) tensors."""
+    t = _rows(t, idx.shape[0])
+    index = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def _take_mask(mask, rows: Tensor | None, cols: Tensor):
+    """Select query rows (dim 2) and key columns (dim 3) of a 4D mask, per batch row."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        raise ValueError(
+            f"llm_keep needs a 4D tensor attention mask in the decoder layers, got "
+            f"{type(mask).__name__}; use attn_implementation 'sdpa' or 'eager'"
+        )
+    B = cols.shape[0]
+    m = _rows(mask, B)
+    H = m.shape[1]
+    if rows is not None:
+        m = m.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], m.shape[3]))
+    return m.gather(3, cols[:, None, None, :].expand(B, H, m.shape[2], cols.shape[1]))
+
+
+def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last: Tensor,
+                         valid: Tensor) -> Tensor:
+    """Attention (B, L) of each row's last prompt token to every position, heads averaged,
+    as ``layer`` computes it from its input ``x`` (B, L, C)."""
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    B, L, _ = h.shape
+    hd = attn.head_dim
+    rows = torch.arange(B, device=x.device)
+    cos, sin = (_rows(t, B) for t in position_embeddings)  # (B, L, hd)
+    q = attn.q_proj(h[rows, last]).view(B, -1, hd)  # (B, H, hd)
+    q = q * cos[rows, last][:, None] + rotate_half(q) * sin[rows, last][:, None]
+    k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k = repeat_kv(k, attn.num_key_value_groups)
+    logits = (q.float()[:, :, None] @ k.float().transpose(-2, -1))[:, :, 0] * attn.scaling
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+class FastVLayerMixin:
+    """A decoder layer at or after ``llm_layer`` that runs on the kept tokens only."""
+
+    def _vlprune_select(self, x: Tensor, position_embeddings) -> Tensor:
+        st: LLMState = self._vlprune_llm
+        B, L = st.visual.shape
+        scores = last_token_attention(self, x, position_embeddings, st.last, st.valid)
+        V = int(st.visual[0].sum())
+        n_img, K = V // st.per_image, st.per_image
+        k = st.keep_count(K)
+        vis = st.visual.nonzero()[:, 1].view(B, V)  # row-major: each row's visual positions
+        top = scores.gather(1, vis).view(B, n_img, K).topk(k, dim=-1).indices.sort(dim=-1).values
+        kept_vis = vis.view(B, n_img, K).gather(2, top).view(B, n_img * k)
+        keep = ~st.visual
+        keep.scatter_(1, kept_vis, True)
+        st.kept = keep.nonzero()[:, 1].view(B, -1)
+        dropped = st.visual & ~keep
+        st.shift = dropped.cumsum(dim=1).gather(1, st.kept)
+        st.dropped = dropped.sum(dim=1, keepdim=True)
+        ctx: PatchContext = self._vlprune_ctx
+        if ctx.record is not None:
+            ctx.record.append(LayerRecord(st.layer, V, n_img * k, 0, None, "llm"))
+        return st.kept
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        st: LLMState = self._vlprune_llm
+        ctx: PatchContext = self._vlprune_ctx
+        if ctx.enabled and st.prefill and position_embeddings is not None:
+            if self._vlprune_first and hidden_states.shape[1] == st.length:
+                hidden_states = _take_seq(hidden_states, self._vlprune_select(hidden_states, position_embeddings))
+            if st.kept is not None and position_embeddings[0].shape[1] == st.length:
+                idx = st.kept
+                attention_mask = _take_mask(attention_mask, idx, idx)
+                if position_ids is not None:
+                    position_ids = _take_seq(position_ids, idx)
+                if ctx.config.llm_renumber_positions and position_ids is not None:
+                    position_ids = position_ids - st.shift
+                    position_embeddings = st.rotary(hidden_states, position_ids)
+                else:
+                    position_embeddings = tuple(_take_seq(t, idx) for t in position_embeddings)
+        elif ctx.enabled and not st.prefill and st.kept is not None:
+            if attention_mask is not None:
+                K = attention_mask.shape[-1]
+                B = st.kept.shape[0]
+                after = torch.arange(st.length, K, device=st.kept.device).expand(B, K - st.length)
+                attention_mask = _take_mask(attention_mask, None, torch.cat([st.kept, after], dim=1))
+            if ctx.config.llm_renumber_positions and position_ids is not None:
+                position_ids = _rows(position_ids, st.dropped.shape[0]) - st.dropped
+                position_embeddings = st.rotary(hidden_states, position_ids)
+        return super().forward(
+            hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs,
+        )
