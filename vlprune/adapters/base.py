@@ -331,6 +331,14 @@ def class_path_in_mro(model: nn.Module) -> list[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__]
 
 
+def hf_image_input_size(vision_config) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of a Hugging Face vision config (``image_size`` is an int
+    or a pair)."""
+    size = vision_config.image_size
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    return (vision_config.num_channels, h, w)
+
+
 def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters(), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)

@@ -46,6 +46,7 @@ from .base import (
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
+    hf_image_input_size,
     refuse_grad_checkpointing,
     register_adapter,
     swap_class,
@@ -358,10 +359,7 @@ class HFClipVisionAdapter(Adapter):
         model.__dict__["_vlprune"] = ctx
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
-        cfg = vision_tower(model).config
-        size = cfg.image_size
-        h, w = size if isinstance(size, (tuple, list)) else (size, size)
-        return (cfg.num_channels, h, w)
+        return hf_image_input_size(vision_tower(model).config)
 
 
 # ---- text towers and two-tower models ------------------------------------------------------
@@ -607,10 +605,7 @@ class HFClipAdapter(Adapter):
         text.project = model._vlprune_project_text
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
-        cfg = model.vision_model.config
-        size = cfg.image_size
-        h, w = size if isinstance(size, (tuple, list)) else (size, size)
-        return (cfg.num_channels, h, w)
+        return hf_image_input_size(model.vision_model.config)
 
     def example_input(self, model, batch_size=1, input_size=None):
         device, dtype = device_dtype(model)

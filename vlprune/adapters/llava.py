@@ -43,6 +43,7 @@ from .base import (
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
+    hf_image_input_size,
     register_adapter,
     swap_class,
 )
@@ -55,9 +56,8 @@ _GEN_VISION_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 def _vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
     """Projected tokens one image gives (patch grid, plus the class token for ``full``)."""
     vcfg = model.config.vision_config
-    size, patch = vcfg.image_size, vcfg.patch_size
-    h, w = size if isinstance(size, (tuple, list)) else (size, size)
-    n = (h // patch) * (w // patch)
+    _, h, w = hf_image_input_size(vcfg)
+    n = (h // vcfg.patch_size) * (w // vcfg.patch_size)
     strategy = strategy or model.config.vision_feature_select_strategy
     return n + (1 if strategy == "full" else 0)
 
@@ -470,10 +470,7 @@ class LlavaAdapter(Adapter):
             swap_class(layer, FastVLayerMixin, ctx, llm=state, first=i == 0)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
-        vcfg = model.config.vision_config
-        size = vcfg.image_size
-        h, w = size if isinstance(size, (tuple, list)) else (size, size)
-        return (vcfg.num_channels, h, w)
+        return hf_image_input_size(model.config.vision_config)
 
     def example_input(self, model, batch_size=1, input_size=None):
         """One image per row: a short text prefix, the image's placeholder span, a suffix."""

@@ -326,13 +326,20 @@ def run_bench(
             )
         )
     return BenchResult(
+        **run_fields(model, model_name, batch_size, tuple(x.shape[1:]), device, dtype, warning),
+        rows=rows,
+    )
+
+
+def run_fields(model, model_name, batch_size, input_size, device, dtype, warning) -> dict:
+    """The fields every benchmark result records about its run (model, shapes, machine)."""
+    return dict(
         model=model_name or type(model).__name__,
         batch_size=batch_size,
-        input_size=tuple(x.shape[1:]),
+        input_size=input_size,
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         threads=torch.get_num_threads(),
-        rows=rows,
         env=environment(),
         load_warning=warning,
     )

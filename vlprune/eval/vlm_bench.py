@@ -37,8 +37,8 @@ from .bench import (
     _apply,
     _progress,
     _sync,
-    environment,
     load_warning,
+    run_fields,
 )
 from .flops import count_flops
 from .memory import peak_memory
@@ -295,15 +295,9 @@ def run_vlm_bench(
             times_generate_ms=t_gen[s.label],
         ))
     return VlmBenchResult(
-        model=model_name or type(model).__name__,
-        batch_size=batch_size,
-        input_size=tuple(x["pixel_values"].shape[1:]),
-        device=str(device),
-        dtype=str(dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(),
+        **run_fields(model, model_name, batch_size, tuple(x["pixel_values"].shape[1:]), device,
+                     dtype, warning),
         rows=rows,
-        env=environment(),
-        load_warning=warning,
         text_tokens=n_text,
         image_tokens=_image_tokens(model),
         new_tokens=new_tokens if decode else 0,
