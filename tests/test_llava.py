@@ -156,8 +156,15 @@ def test_forward_features_and_labels(model):
     L = inputs["input_ids"].shape[1]
     assert out.logits.shape[1] == L - (N_IMG - 5) == lm.calls[0][0]
     assert torch.isfinite(out.loss)
-    # the kept image features are the top-5 class-attention patches, in order
-    assert out.image_hidden_states.shape == (2 * 5, 32)
+    # the kept image features are 5 of each image's own projected patches, in their order
+    kept = out.image_outputs.pooler_output
+    assert [k.shape for k in kept] == [(5, 32)] * 2
+    with torch.no_grad():
+        full = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
+    for k, f in zip(kept, full):
+        where = [int((f == row).all(dim=1).nonzero()[0]) for row in k]
+        assert where == sorted(set(where))
 
 
 def test_random_is_seeded_and_scores_differ(model):
@@ -194,8 +201,12 @@ def test_configure_and_describe(model):
 @pytest.mark.parametrize(
     "settings, match",
     [
-        (dict(visual_keep=4, visual_score="text"), "not yet supported"),
-        (dict(visual_keep=4, visual_score="dominant_contextual"), "not yet supported"),
+        (dict(visual_keep=4, visual_contextual=2), "would be ignored"),
+        (dict(visual_keep=4, visual_score="dominant_contextual", visual_contextual=-1), "int >= 0"),
+        (dict(text_keep=0.0), r"text_keep must be a float ratio in \(0, 1\]"),
+        (dict(text_keep=2), r"text_keep must be a float ratio in \(0, 1\]"),
+        (dict(visual_keep=4, text_protect_last=3), "text_keep is not"),
+        (dict(text_keep=0.5, text_protect_last=-1), "int >= 0"),
         (dict(visual_keep=4, visual_score="nope"), "allowed"),
         (dict(visual_score="random"), "visual_keep is not"),
         (dict(visual_seed=3), "visual_keep is not"),
@@ -215,8 +226,8 @@ def test_refusals(model):
         vlprune.patch(model, visual_keep=17)
     with pytest.raises(ValueError, match="visual_keep must be 4"):
         vlprune.patch(model, visual_keep=5, visual_score="pool")
-    with pytest.raises(ValueError, match="not yet supported on LLaVA"):
-        vlprune.patch(model, visual_keep=4, merge_r=2)
+    with pytest.raises(ValueError, match="text_merge_r not supported on LlavaForConditionalGeneration"):
+        vlprune.patch(model, visual_keep=4, text_merge_r=2)
     with pytest.raises(ValueError, match="give visual_keep"):
         vlprune.patch(model, merge_r=0)
     assert not vlprune.is_patched(model)

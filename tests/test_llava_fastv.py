@@ -210,8 +210,8 @@ def test_refusals(model):
         vlprune.patch(model, llm_layer=2, llm_keep=4)
     with pytest.raises(ValueError, match="only 8 visual tokens"):
         vlprune.patch(model, llm_layer=1, llm_keep=9, visual_keep=8)
-    with pytest.raises(ValueError, match="not yet supported on LLaVA"):
-        vlprune.patch(model, llm_layer=1, llm_keep=4, merge_r=2)
+    with pytest.raises(ValueError, match="guide not supported on LlavaForConditionalGeneration"):
+        vlprune.patch(model, llm_layer=1, llm_keep=4, guide="text", prune_keep=0.5)
     assert not vlprune.is_patched(model)
     vlprune.patch(model, llm_layer=1, llm_keep=4)
     inputs = _batch((0,))

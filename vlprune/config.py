@@ -151,8 +151,8 @@ GUIDES = (None, "text", "image")
 
 # Visual-token scores of "before the LLM" reduction in vision-language models (LLaVA), and
 # the ones that are planned but not available yet.
-VISUAL_SCORES = ("cls_attn", "random", "diversity", "pool")
-VISUAL_SCORES_LATER = ("text", "dominant_contextual")
+VISUAL_SCORES = ("cls_attn", "dominant_contextual", "text", "diversity", "random", "pool")
+DEFAULT_TEXT_PROTECT_LAST = 8
 
 
 @dataclass
@@ -202,10 +202,24 @@ class ReductionConfig:
         visual_score: how visual tokens are ranked: ``cls_attn`` (the vision tower's class
             token attention at the feature layer, FasterVLM), ``random`` (seeded: the same
             patch positions for every image),
-            ``diversity`` (max-min farthest-point on the projected features, DivPrune) or
-            ``pool`` (2x2 average pooling of the patch grid: ``visual_keep`` must then be a
-            quarter of the tokens per image).
+            ``dominant_contextual`` (VisionZip-like: the top class-attention tokens plus
+            ``visual_contextual`` tokens that each average a group of similar leftover tokens),
+            ``text`` (the attention the prompt's text embeddings give each projected visual
+            token, SparseVLM-like), ``diversity`` (max-min farthest-point on the projected
+            features, DivPrune) or ``pool`` (2x2 average pooling of the patch grid:
+            ``visual_keep`` must then be a quarter of the tokens per image).
         visual_seed: seed of the ``random`` visual score.
+        visual_contextual: with ``dominant_contextual``, how many of each image's kept tokens
+            are merged contextual tokens (default: ``round(10 / 64 * kept)``, VisionZip's
+            54 + 10 split at 64 tokens).
+        text_keep: image-guided prompt dropping in a vision-language model (LLaVA): the
+            fraction in (0, 1] of each prompt's droppable text tokens kept, ranked by their
+            best cosine similarity to the row's projected visual tokens. Special tokens
+            (BOS/EOS/padding ids of the language model's config), image placeholders, padding
+            and the last ``text_protect_last`` tokens of the prompt are never dropped; rows
+            without an image keep their prompt.
+        text_protect_last: prompt tokens at the end of each row that ``text_keep`` never
+            drops (default 8: the assistant turn marker and the question's end).
         llm_layer: FastV-style pruning inside the language model of a vision-language model
             (LLaVA), at prefill: the decoder layer (``0 < llm_layer <`` number of LLM layers,
             checked at patch time) from which on only ``llm_keep`` visual tokens per image
@@ -237,6 +251,9 @@ class ReductionConfig:
     visual_keep: int | float | None = None
     visual_score: str = "cls_attn"
     visual_seed: int = 0
+    visual_contextual: int | None = None
+    text_keep: float | None = None
+    text_protect_last: int | None = None
     llm_layer: int | None = None
     llm_keep: int | float | None = None
     llm_renumber_positions: bool = False
@@ -333,17 +350,37 @@ class ReductionConfig:
                 raise ValueError(
                     f"visual_keep must be an int count >= 1 or a float ratio in (0, 1], got {keep!r}"
                 )
-        if self.visual_score in VISUAL_SCORES_LATER:
-            raise ValueError(
-                f"visual_score={self.visual_score!r} is not yet supported; allowed: {list(VISUAL_SCORES)}"
-            )
         if self.visual_score not in VISUAL_SCORES:
             raise ValueError(f"unknown visual_score {self.visual_score!r}; allowed: {list(VISUAL_SCORES)}")
         if not _is_int(self.visual_seed):
             raise ValueError(f"visual_seed must be an int, got {self.visual_seed!r}")
+        ctx = self.visual_contextual
+        if ctx is not None:
+            if not _is_int(ctx) or ctx < 0:
+                raise ValueError(f"visual_contextual must be an int >= 0, got {ctx!r}")
+            if self.visual_score != "dominant_contextual":
+                raise ValueError(
+                    "visual_contextual is the contextual-token count of visual_score="
+                    f"'dominant_contextual'; with visual_score={self.visual_score!r} it would be ignored"
+                )
+        tk = self.text_keep
+        if tk is not None:
+            if not (isinstance(tk, numbers.Real) and not isinstance(tk, bool) and 0.0 < tk <= 1.0):
+                raise ValueError(f"text_keep must be a float ratio in (0, 1], got {tk!r}")
+            self.text_keep = float(tk)
+        last = self.text_protect_last
+        if last is not None:
+            if not _is_int(last) or last < 0:
+                raise ValueError(f"text_protect_last must be an int >= 0, got {last!r}")
+            if tk is None:
+                raise ValueError(
+                    "text_protect_last set but text_keep is not, so prompt dropping is off and it "
+                    "would be ignored; give text_keep in (0, 1]"
+                )
         if keep is None:
-            stray = [name for name, default in (("visual_score", "cls_attn"), ("visual_seed", 0))
-                     if getattr(self, name) != default]
+            stray = [name for name, default in (
+                ("visual_score", "cls_attn"), ("visual_seed", 0), ("visual_contextual", None))
+                if getattr(self, name) != default]
             if stray:
                 raise ValueError(
                     f"{', '.join(stray)} set but visual_keep is not, so visual token reduction is "
@@ -388,8 +425,9 @@ class ReductionConfig:
 
     @property
     def has_visual_settings(self) -> bool:
-        """True when ``visual_keep`` or ``llm_keep`` is set (vision-language models only)."""
-        return self.visual_keep is not None or self.llm_keep is not None
+        """True when ``visual_keep``, ``llm_keep`` or ``text_keep`` is set (vision-language
+        models only)."""
+        return self.visual_keep is not None or self.llm_keep is not None or self.text_keep is not None
 
     @property
     def llm_is_identity(self) -> bool:
@@ -402,6 +440,11 @@ class ReductionConfig:
         """True when the visual-token reduction keeps every token (count-independent check)."""
         keep = self.visual_keep
         return keep is None or (isinstance(keep, float) and keep == 1.0)
+
+    @property
+    def text_keep_is_identity(self) -> bool:
+        """True when image-guided prompt dropping keeps every text token."""
+        return self.text_keep is None or self.text_keep == 1.0
 
     @property
     def has_text_settings(self) -> bool:
@@ -468,7 +511,7 @@ class ReductionConfig:
         return all(
             _no_merge(r) for r in (self.merge_r, self.text_merge_r) if r is not None
         ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep)) and (
-            self.visual_is_identity and self.llm_is_identity
+            self.visual_is_identity and self.llm_is_identity and self.text_keep_is_identity
         )
 
 

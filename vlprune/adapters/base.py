@@ -247,9 +247,9 @@ class Adapter(ABC):
         a text tower, a root context holding one child context per tower."""
         if config.has_visual_settings:
             raise ValueError(
-                f"visual_keep/visual_score and llm_layer/llm_keep reduce the visual tokens a "
-                f"vision-language model (LLaVA) feeds its language model; {type(model).__name__} "
-                "has none: use merge_r or prune_keep"
+                f"visual_keep/visual_score, llm_layer/llm_keep and text_keep reduce the visual and "
+                f"prompt tokens a vision-language model (LLaVA) feeds its language model; "
+                f"{type(model).__name__} has none: use merge_r or prune_keep"
             )
         if config.guide is not None and set(self.towers) != {"image", "text"}:
             raise ValueError(

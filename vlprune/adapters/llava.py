@@ -1,40 +1,51 @@
-"""Hugging Face LLaVA (``LlavaForConditionalGeneration``): "before the LLM" visual token
-reduction.
+"""Hugging Face LLaVA-style models (transformers >= 5): fewer visual tokens reach the
+language model, and fewer prompt tokens too.
 
-Each image keeps ``visual_keep`` of its projected visual tokens (ranked by ``visual_score``,
-kept in their original order) and the prompt's image placeholder span shrinks to match, so
-the language model runs on a shorter sequence at prefill and every decode step.
+Families: ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration``
+(anyres: a base image, unpadded crops and row-end ``image_newline`` tokens),
+``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, ``anyres_max`` packing) and
+``LlavaNextVideoForConditionalGeneration`` (its image path; videos pass through unchanged).
 
-How it is wired (transformers >= 5):
+Reduction points, combinable:
 
-* ``forward`` with ``pixel_values``: the patched model computes the image features itself
-  (``model.get_image_features``; a temporary hook on the vision layer at
-  ``vision_feature_layer`` captures its input when the score is ``cls_attn``), selects the
-  tokens, removes the dropped placeholder positions from ``input_ids``, ``attention_mask``,
-  ``position_ids`` and ``labels`` (rows re-padded on the side they were padded on, left when
-  unknown) and calls upstream with ``mm_encoder_outputs`` holding the kept features, so the
-  vision tower runs once.
-* ``generate`` with ``pixel_values``: the same rewrite once, then upstream ``generate`` with
-  the shorter prompt and ``mm_encoder_outputs``; generate forwards ``mm_encoder_outputs`` at
-  prefill only, so the KV cache holds the shorter sequence. The returned sequences start with
-  the caller's original prompt, followed by the generated tokens, as without patching.
-* ``llm_layer``/``llm_keep`` (FastV, :mod:`vlprune.adapters.llava_llm`): the decoder layers
-  from ``llm_layer`` on are patched; a forward with an empty cache is a prefill whose image
-  placeholder positions (after the rewrite above) the root hands to them. A patched
-  ``forward`` then returns logits for the kept positions only.
+* **before the LLM** (``visual_keep``/``visual_score``): each image keeps ``visual_keep`` of its
+  projected tokens (a count, or a ratio of that image's tokens), and its placeholder span in
+  the prompt shrinks to match. Scores per token come from the vision tower's feature layer
+  (class-token attention, recomputed for that one query row from the layer's own projections;
+  on a tower without a class token, the mean attention each token receives), from the prompt
+  (``text``), or from the features (``diversity``, ``random``). On anyres images the per-crop
+  scores are packed by the model's own ``pack_image_features`` (recorded during the forward),
+  so they line up with the packed features; row-end ``image_newline`` tokens are kept first.
+* **prompt dropping** (``text_keep``): droppable prompt tokens of a row with images are ranked
+  by their best cosine similarity to the row's kept visual tokens.
+* **inside the LLM** (``llm_layer``/``llm_keep``, FastV): see :mod:`vlprune.adapters.llava_llm`.
+
+How it is wired: the patched ``forward`` encodes the images itself (``get_image_features``,
+once), selects the kept tokens, removes the dropped positions from ``input_ids``,
+``attention_mask``, ``position_ids`` and ``labels`` with one keep mask (rows re-padded on the
+side they were padded on, left when unknown) and calls upstream with ``mm_encoder_outputs``
+holding the kept features. ``generate`` does the same rewrite once, then runs upstream
+``generate`` on the shorter prompt (so the KV cache holds the shorter sequence) and returns the
+caller's prompt followed by the generated tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ReductionConfig
-from ..core.plan import take_tokens
-from ..core.scores import diversity_order
+from ..config import DEFAULT_TEXT_PROTECT_LAST, ReductionConfig
+from ..core.visual import (
+    dominant_contextual,
+    image_text_alignment,
+    select_visual,
+    text_attention_scores,
+    visual_diversity_scores,
+)
 from .base import (
     Adapter,
     LayerRecord,
@@ -49,12 +60,31 @@ from .base import (
 )
 from .llava_llm import FastVLayerMixin, LLMState, check_decoder_layers
 
-_LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
-_GEN_VISION_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
+_FAMILIES = {
+    "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration": "llava",
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextForConditionalGeneration":
+        "llava_next",
+    "transformers.models.llava_onevision.modeling_llava_onevision."
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "transformers.models.llava_next_video.modeling_llava_next_video."
+    "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+}
+_ATTN_SCORES = ("cls_attn", "dominant_contextual")
+_SEQ_FILLS = {"attention_mask": 0, "position_ids": 0, "labels": -100}
+
+
+def llava_family(model: nn.Module) -> str | None:
+    """``llava``, ``llava_next``, ``llava_onevision``, ``llava_next_video`` or None."""
+    mro = class_path_in_mro(model)
+    for path, name in _FAMILIES.items():
+        if path in mro:
+            return name
+    return None
 
 
 def _vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
-    """Projected tokens one image gives (patch grid, plus the class token for ``full``)."""
+    """Projected tokens of one crop (the patch grid, plus the class token for ``full``): the
+    tokens of one LLaVA-1.5 image, the base image of an anyres one."""
     vcfg = model.config.vision_config
     _, h, w = hf_image_input_size(vcfg)
     n = (h // vcfg.patch_size) * (w // vcfg.patch_size)
@@ -62,26 +92,38 @@ def _vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
     return n + (1 if strategy == "full" else 0)
 
 
-def visual_keep_count(keep: int | float, num_tokens: int) -> int:
+def visual_keep_count(keep: int | float, num_tokens: int, name: str = "visual_keep") -> int:
     """Tokens one image keeps: an int count as is, a ratio as ``ceil(ratio * n)`` (>= 1)."""
     if isinstance(keep, float):
         return min(num_tokens, max(1, math.ceil(keep * num_tokens)))
     if keep > num_tokens:
-        raise ValueError(f"visual_keep={keep} but an image gives only {num_tokens} visual tokens")
+        raise ValueError(
+            f"{name}={keep} but an image gives only {num_tokens} visual tokens; give a count "
+            f"<= {num_tokens} or a ratio in (0, 1]"
+        )
     return keep
+
+
+def _vision_inner(model: nn.Module) -> nn.Module:
+    tower = getattr(model.model, "vision_tower", None)
+    return getattr(tower, "vision_model", tower)
 
 
 def _encoder_layers(model: nn.Module):
     """The vision tower's encoder layers (``encoder.layers``, or under ``vision_model``)."""
-    tower = getattr(model.model, "vision_tower", None)
-    inner = getattr(tower, "vision_model", tower)
-    layers = getattr(getattr(inner, "encoder", None), "layers", None)
+    layers = getattr(getattr(_vision_inner(model), "encoder", None), "layers", None)
     if layers is None:
+        tower = getattr(model.model, "vision_tower", None)
         raise UnsupportedModelError(
-            f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP-like tower with "
-            "encoder.layers"
+            f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP- or SigLIP-like "
+            "tower with encoder.layers"
         )
     return layers
+
+
+def _has_class_token(model: nn.Module) -> bool:
+    emb = getattr(_vision_inner(model), "embeddings", None)
+    return hasattr(emb, "class_embedding")
 
 
 def _feature_layer_index(layer: int, num_layers: int) -> int:
@@ -90,146 +132,296 @@ def _feature_layer_index(layer: int, num_layers: int) -> int:
     return idx - 1
 
 
-def _cls_attention(layer: nn.Module, x: Tensor) -> Tensor:
-    """Class-token attention to every token (B, N), heads averaged, recomputed from the
-    layer's own pre-norm and q/k projections (CLIP-style encoder layer)."""
+def _tower_attention(layer: nn.Module, x: Tensor, class_token: bool) -> Tensor:
+    """Per-crop token scores (C, N) from the input ``x`` (C, N, D) of a CLIP/SigLIP encoder
+    layer, heads averaged, recomputed from the layer's pre-norm and q/k projections: the class
+    token's attention row, or (no class token) the mean attention each token receives."""
     attn = layer.self_attn
     h = layer.layer_norm1(x)
-    B, N, _ = h.shape
+    C, N, _ = h.shape
     H = attn.num_heads
-    q = attn.q_proj(h[:, :1]).view(B, 1, H, -1).transpose(1, 2)
-    k = attn.k_proj(h).view(B, N, H, -1).transpose(1, 2)
-    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
-    a = ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)
-    return a[:, :, 0].mean(dim=1)
+    scale = getattr(attn, "scale", (h.shape[-1] // H) ** -0.5)
+    k = attn.k_proj(h).view(C, N, H, -1).transpose(1, 2).float()
+    if class_token:
+        q = attn.q_proj(h[:, :1]).view(C, 1, H, -1).transpose(1, 2).float()
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    out = []
+    for c in range(C):  # one crop at a time: an (H, N, N) matrix, not (C, H, N, N)
+        q = attn.q_proj(h[c]).view(N, H, -1).transpose(0, 1).float()
+        out.append(((q * scale) @ k[c].transpose(-2, -1)).softmax(dim=-1).mean(dim=(0, 1)))
+    return torch.stack(out)
+
+
+def _special_ids(model: nn.Module) -> set[int]:
+    """Token ids prompt dropping never drops: BOS/EOS/padding, image and video placeholders."""
+    ids: set[int] = set()
+    for cfg in (model.config, model.config.text_config, getattr(model, "generation_config", None)):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
+                     "video_token_id", "image_token_index", "video_token_index"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(i) for i in v)
+    return ids
+
+
+def _bind_forward(model: nn.Module, args, kwargs) -> dict:
+    """Upstream ``forward``'s arguments by name (extra keyword arguments merged in)."""
+    upstream = type(model).__bases__[-1].forward
+    sig = inspect.signature(upstream)
+    bound = sig.bind(model, *args, **kwargs).arguments
+    named = {}
+    for name, value in bound.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif name != "self":
+            named[name] = value
+    return named
+
+
+class _Encoded:
+    """What one image-encoding pass gives: per image its projected tokens, their scores, the
+    protected (row-end) tokens, and the tokens each image's placeholder span holds."""
+
+    def __init__(self, feats: list[Tensor], scores: list[Tensor] | None,
+                 protect: list[Tensor | None]):
+        self.feats = feats
+        self.scores = scores
+        self.protect = protect
+        self.lens = [f.shape[0] for f in feats]
 
 
 class _LlavaMixin(RootMixin):
-    """``LlavaForConditionalGeneration`` that feeds its language model fewer visual tokens."""
+    """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens."""
 
-    def _vlprune_active(self) -> bool:
-        ctx: PatchContext = self._vlprune
-        return ctx.enabled and not ctx.config.visual_is_identity
+    def _vlprune_cfg(self) -> ReductionConfig:
+        return self._vlprune.config
+
+    def _vlprune_rewrites(self) -> bool:
+        cfg = self._vlprune_cfg()
+        return self._vlprune.enabled and not (cfg.visual_is_identity and cfg.text_keep_is_identity)
 
     def _vlprune_llm_active(self) -> bool:
-        ctx: PatchContext = self._vlprune
-        return ctx.enabled and not ctx.config.llm_is_identity
+        return self._vlprune.enabled and not self._vlprune_cfg().llm_is_identity
 
-    def _vlprune_llm_begin(self, input_ids, attention_mask, past_key_values, strategy) -> None:
-        """Arm (prefill: empty cache) or keep (decode step) the pruning inside the LLM."""
-        st: LLMState = self.__dict__["_vlprune_llm"]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past:
-            return
-        if input_ids is None:
-            st.reset()
-            return
-        cfg = self._vlprune.config
-        n = _vision_tokens(self, strategy)
-        per_image = n if cfg.visual_is_identity else visual_keep_count(cfg.visual_keep, n)
-        st.begin(input_ids, attention_mask, self.config.image_token_id, per_image)
+    # -- encoding and scoring ------------------------------------------------------------
 
-    # -- selection -------------------------------------------------------------------------
+    def _vlprune_image_kwargs(self, named: dict) -> dict:
+        """The arguments of ``get_image_features`` besides the pixels, taken out of ``named``."""
+        params = inspect.signature(self.model.get_image_features).parameters
+        out = {}
+        for name in params:
+            if name not in ("pixel_values", "kwargs", "self") and name in named:
+                value = named.pop(name)
+                if value is not None:
+                    out[name] = value
+        return out
 
-    def _vlprune_features(self, pixel_values, vision_feature_layer, strategy, image_sizes):
-        """Kept projected features (I, K, D) of every image, in original order."""
-        ctx: PatchContext = self._vlprune
-        cfg = ctx.config
+    def _vlprune_encode(self, pixel_values: Tensor, image_kwargs: dict, need_attn: bool) -> _Encoded:
+        """Run the vision tower and projector once; record what scoring needs."""
         mcfg = self.config
-        layer = mcfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = mcfg.vision_feature_select_strategy if strategy is None else strategy
-        if image_sizes is not None:
-            raise ValueError("visual_keep does not support image_sizes (per-image sizes) yet")
-        score = cfg.visual_score
+        layer = image_kwargs.get("vision_feature_layer", mcfg.vision_feature_layer)
+        strategy = image_kwargs.get("vision_feature_select_strategy",
+                                    getattr(mcfg, "vision_feature_select_strategy", "default"))
         captured: dict[str, Tensor] = {}
         handle = None
-        if score == "cls_attn":
+        if need_attn:
             if not isinstance(layer, int):
                 raise ValueError(
-                    "visual_score='cls_attn' needs one vision_feature_layer, got a list "
-                    f"{list(layer)}; use another visual_score"
+                    f"visual_score={self._vlprune_cfg().visual_score!r} reads the tower's attention "
+                    f"at one vision_feature_layer, got a list {list(layer)}; use visual_score "
+                    "'text', 'diversity' or 'random'"
                 )
             layers = _encoder_layers(self)
             idx = _feature_layer_index(layer, len(layers))
             if idx < 0:
-                raise ValueError("visual_score='cls_attn' needs a feature layer after the embeddings")
+                raise ValueError("attention scores need a vision_feature_layer after the embeddings")
 
             def hook(module, args, kwargs):
                 captured["x"] = args[0] if args else kwargs["hidden_states"]
 
             handle = layers[idx].register_forward_pre_hook(hook, with_kwargs=True)
+        inner = self.model
+        packs: list[tuple] = []
+        pack = getattr(inner, "pack_image_features", None)
+        if pack is not None:
+            def record(*a, **kw):
+                packs.append((a, kw))
+                return pack(*a, **kw)
+
+            inner.pack_image_features = record
         try:
-            out = self.model.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy, return_dict=True,
-            )
+            out = inner.get_image_features(pixel_values=pixel_values, **image_kwargs, return_dict=True)
         finally:
             if handle is not None:
                 handle.remove()
-        feats = torch.stack(list(out.pooler_output))  # (I, N, D)
-        n_img, N, D = feats.shape
-        K = visual_keep_count(cfg.visual_keep, N)
-        if score == "pool":
-            side = math.isqrt(N)
-            if strategy != "default" or side * side != N or side % 2:
-                raise ValueError(
-                    f"visual_score='pool' needs an even square patch grid without the class token "
-                    f"(vision_feature_select_strategy='default'); got {N} tokens per image"
-                )
-            if K != N // 4:
-                raise ValueError(
-                    f"visual_score='pool' averages 2x2 patches: visual_keep must be {N // 4} "
-                    f"(or 0.25) for {N} tokens per image, got {cfg.visual_keep!r}"
-                )
-            grid = feats.view(n_img, side, side, D).permute(0, 3, 1, 2)
-            kept = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+            if pack is not None:
+                del inner.pack_image_features
+        feats = list(out.pooler_output)
+        protect: list[Tensor | None] = [None] * len(feats)
+        scores = None
+        if packs:
+            row_end = self._vlprune_pack(pack, packs[0], None, feats)
+            protect = [r.bool() for r in row_end]
+        if need_attn:
+            crop = _tower_attention(layers[idx], captured["x"], _has_class_token(self))
+            if strategy == "default" and _has_class_token(self):
+                crop = crop[:, 1:]
+            scores = self._vlprune_pack(pack, packs[0], crop, feats) if packs else list(crop)
+        return _Encoded(feats, scores, protect)
+
+    def _vlprune_pack(self, pack, call: tuple, per_crop: Tensor | None, feats) -> list[Tensor]:
+        """Pack per-crop values (C, T) the way the recorded ``pack_image_features`` call packed
+        the features; ``None`` packs zeros with ones at the row-end (``image_newline``) places."""
+        a, kw = call
+        sig = inspect.signature(pack)
+        bound = sig.bind(*a, **kw)
+        crops = bound.arguments["image_features"]
+        counts = [c.shape[0] for c in crops]
+        device = crops[0].device
+        if per_crop is None:
+            per_crop = torch.zeros(sum(counts), crops[0].shape[1], device=device)
+            newline = torch.ones(1, device=device)
         else:
+            newline = torch.full((1,), float("inf"), device=device)
+        bound.arguments["image_features"] = list(per_crop.float()[..., None].split(counts))
+        if "image_newline" in sig.parameters:
+            bound.arguments["image_newline"] = newline
+        packed, _ = pack(*bound.args, **bound.kwargs)
+        packed = [p[:, 0] for p in packed]
+        if [p.shape[0] for p in packed] != [f.shape[0] for f in feats]:
+            raise RuntimeError("packed scores do not line up with the packed features")
+        return packed
+
+    def _vlprune_select(self, enc: _Encoded, texts: list[Tensor]) -> list[Tensor]:
+        """The kept tokens of every image, ``texts[j]``: the prompt embeddings of image j's row."""
+        ctx: PatchContext = self._vlprune
+        cfg = ctx.config
+        score = cfg.visual_score
+        kept = []
+        for j, f in enumerate(enc.feats):
+            n = f.shape[0]
+            prot = enc.protect[j]
+            if cfg.visual_is_identity:
+                kept.append(f)
+                continue
+            k = visual_keep_count(cfg.visual_keep, n)
+            if score == "pool":
+                kept.append(self._vlprune_pool(f, k))
+                continue
+            if score == "dominant_contextual":
+                kept.append(dominant_contextual(f, enc.scores[j], k, cfg.visual_contextual, prot))
+                continue
             if score == "cls_attn":
-                s = _cls_attention(layers[idx], captured["x"])  # (I, 1 + patches)
-                s = s[:, 1:] if strategy == "default" else s
+                s = enc.scores[j]
+            elif score == "text":
+                s = text_attention_scores(f, texts[j])
             elif score == "random":
-                # one seeded draw of patch positions, the same for every image, so an
-                # image's choice does not depend on its place in the batch
+                # seeded by position only, so an image's choice does not depend on its batch
                 gen = torch.Generator().manual_seed(cfg.visual_seed)
-                s = torch.rand(1, N, generator=gen).to(feats.device).expand(n_img, N)
+                s = torch.rand(n, generator=gen).to(f.device)
             else:  # diversity
-                s = diversity_order(feats, 0, picks=K)
-            index = s.topk(K, dim=1).indices.sort(dim=1).values
-            kept = take_tokens(feats, index)
-        if ctx.record is not None:
-            ctx.record.append(LayerRecord(0, N, K, 0, None, "visual"))
-        return kept.contiguous()
+                s = visual_diversity_scores(f, k, prot)
+            kept.append(f[select_visual(s, k, prot)])
+        if ctx.record is not None and enc.feats:
+            ctx.record.append(LayerRecord(0, enc.lens[0], kept[0].shape[0], 0, None, "visual"))
+        return kept
 
-    def _vlprune_rewrite(self, input_ids, kept_per_image: int, num_tokens: int, **seqs):
-        """Drop placeholder positions so each image's span holds ``kept_per_image`` tokens.
-
-        ``seqs`` are (B, L) tensors aligned with ``input_ids`` (attention_mask, position_ids,
-        labels); returns the new ``input_ids`` and the rewritten ``seqs`` (attention_mask is
-        created when rows end up of different lengths)."""
-        image_id = self.config.image_token_id
-        is_image = input_ids == image_id
-        total = int(is_image.sum())
-        if total % num_tokens:
+    def _vlprune_pool(self, f: Tensor, k: int) -> Tensor:
+        n, D = f.shape
+        side = math.isqrt(n)
+        if side * side != n or side % 2:
             raise ValueError(
-                f"input_ids hold {total} image tokens, not a multiple of the {num_tokens} tokens "
-                "one image gives; expand each image placeholder to its full span (the processor "
-                "does) before a patched forward"
+                f"visual_score='pool' needs an even square patch grid without the class token "
+                f"(vision_feature_select_strategy='default'); got {n} tokens per image"
             )
-        # the j-th image token of the flattened batch belongs to image j // N, slot j % N
-        slot = torch.zeros_like(input_ids)
-        slot[is_image] = torch.arange(total, device=input_ids.device) % num_tokens
-        keep = ~is_image | (slot < kept_per_image)
+        if k != n // 4:
+            raise ValueError(
+                f"visual_score='pool' averages 2x2 patches: visual_keep must be {n // 4} (or "
+                f"0.25) for {n} tokens per image, got {self._vlprune_cfg().visual_keep!r}"
+            )
+        grid = f.view(side, side, D).permute(2, 0, 1)[None]
+        return F.avg_pool2d(grid, 2)[0].flatten(1).T
+
+    # -- the prompt rewrite --------------------------------------------------------------
+
+    def _vlprune_image_rows(self, input_ids: Tensor, lens: list[int]) -> list[int]:
+        """The row of each image (images fill the placeholder spans row by row)."""
+        counts = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        if sum(counts) != sum(lens):
+            raise ValueError(
+                f"input_ids hold {sum(counts)} image tokens for {len(lens)} images of "
+                f"{sum(lens)} tokens ({lens}); expand each image placeholder to its full span "
+                "(the processor does) before a patched forward"
+            )
+        rows, j = [], 0
+        for b, c in enumerate(counts):
+            while c > 0:
+                rows.append(b)
+                c -= lens[j]
+                j += 1
+            if c:
+                raise ValueError(
+                    f"row {b}'s image placeholders do not add up to whole images ({lens} tokens)"
+                )
+        return rows
+
+    def _vlprune_text_embeds(self, input_ids: Tensor, attention_mask: Tensor | None,
+                             rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per row: the positions of its prompt text tokens and their input embeddings."""
+        special = torch.tensor(sorted(_special_ids(self)), device=input_ids.device)
+        text = ~torch.isin(input_ids, special)
+        if attention_mask is not None:
+            text &= attention_mask.bool()
+        emb = self.get_input_embeddings()
+        pos, embs = [], []
+        for b in range(input_ids.shape[0]):
+            p = text[b].nonzero()[:, 0]
+            pos.append(p)
+            embs.append(emb(input_ids[b, p]) if b in rows else None)
+        return pos, embs
+
+    def _vlprune_text_drop(self, input_ids, attention_mask, positions, kept, rows) -> Tensor:
+        """(B, L) bool: prompt tokens dropped by ``text_keep``."""
+        cfg = self._vlprune_cfg()
+        protect_last = DEFAULT_TEXT_PROTECT_LAST if cfg.text_protect_last is None else cfg.text_protect_last
+        B, L = input_ids.shape
+        drop = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        emb = self.get_input_embeddings()
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(drop)
+        for b in range(B):
+            mine = [kept[j] for j, r in enumerate(rows) if r == b]
+            if not mine:
+                continue  # no image to be guided by
+            row_real = real[b].nonzero()[:, 0]
+            tail = set(row_real[-protect_last:].tolist()) if protect_last else set()
+            cand = torch.tensor([p for p in positions[b].tolist() if p not in tail],
+                                dtype=torch.long, device=input_ids.device)
+            if cand.numel() == 0:
+                continue
+            k = math.ceil(cfg.text_keep * cand.numel())
+            score = image_text_alignment(emb(input_ids[b, cand]), torch.cat(mine))
+            keep = torch.zeros(cand.numel(), dtype=torch.bool, device=drop.device)
+            keep[score.topk(k).indices] = True
+            drop[b, cand[~keep]] = True
+        return drop
+
+    def _vlprune_rewrite(self, input_ids: Tensor, keep: Tensor, seqs: dict) -> dict:
+        """Remove the positions ``~keep`` (B, L) from ``input_ids`` and the aligned (B, L)
+        tensors of ``seqs``, re-padding each row on the side it was padded on."""
         lengths = keep.sum(dim=1)
         L = int(lengths.max())
         mask = seqs.get("attention_mask")
         right = mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
         if mask is None and bool((lengths != L).any()):
-            mask = torch.ones_like(input_ids)
-            seqs["attention_mask"] = mask
+            seqs["attention_mask"] = torch.ones_like(input_ids)
+        image_id = self.config.image_token_id
         pad_id = self.config.text_config.pad_token_id
         if pad_id is None or pad_id == image_id:
             pad_id = 0 if image_id != 0 else 1
-        fills = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": -100}
+        fills = {"input_ids": pad_id, **_SEQ_FILLS}
         out = {}
         for name, t in {"input_ids": input_ids, **seqs}.items():
             if t is None:
@@ -245,79 +437,97 @@ class _LlavaMixin(RootMixin):
             out[name] = new
         return out
 
-    def _vlprune_prepare(self, input_ids, pixel_values, attention_mask=None, position_ids=None,
-                         labels=None, vision_feature_layer=None, vision_feature_select_strategy=None,
-                         image_sizes=None):
-        if input_ids is None:
-            raise ValueError(
-                "visual_keep needs input_ids (to find the image placeholders); got inputs_embeds"
-            )
-        kept = self._vlprune_features(
-            pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
-        )
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        n = _vision_tokens(self, strategy)
-        if kept.shape[0] and int((input_ids == self.config.image_token_id).sum()) != kept.shape[0] * n:
-            raise ValueError(
-                f"input_ids hold {int((input_ids == self.config.image_token_id).sum())} image tokens "
-                f"for {kept.shape[0]} images of {n} tokens each"
-            )
-        seqs = self._vlprune_rewrite(
-            input_ids, kept.shape[1], n, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels,
-        )
+    def _vlprune_prepare(self, named: dict) -> None:
+        """Encode the images of a call, select, and rewrite its arguments ``named`` in place
+        (pixels and image arguments out, ``mm_encoder_outputs`` in)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        seqs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(kept))}
-        return seqs
-
-    # -- entry points ----------------------------------------------------------------------
-
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
-                vision_feature_select_strategy=None, labels=None, logits_to_keep=0,
-                image_sizes=None, mm_encoder_outputs=None, **kwargs):
-        if pixel_values is not None and self._vlprune_active():
-            if inputs_embeds is not None:
-                raise ValueError("visual_keep needs input_ids (to find the image placeholders), "
-                                 "not inputs_embeds")
-            seqs = self._vlprune_prepare(
-                input_ids, pixel_values, attention_mask, position_ids, labels,
-                vision_feature_layer, vision_feature_select_strategy, image_sizes,
+        cfg = self._vlprune_cfg()
+        input_ids = named.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "vlprune on a LLaVA model needs input_ids (to find the image placeholders), not "
+                "inputs_embeds"
             )
-            input_ids, attention_mask = seqs["input_ids"], seqs["attention_mask"]
-            position_ids, labels = seqs["position_ids"], seqs["labels"]
-            mm_encoder_outputs, pixel_values = seqs["mm_encoder_outputs"], None
+        pixel_values = named.pop("pixel_values")
+        image_kwargs = self._vlprune_image_kwargs(named)
+        need_attn = not cfg.visual_is_identity and cfg.visual_score in _ATTN_SCORES
+        enc = self._vlprune_encode(pixel_values, image_kwargs, need_attn)
+        rows = self._vlprune_image_rows(input_ids, enc.lens)
+        mask = named.get("attention_mask")
+        need_text = (cfg.visual_score == "text" and not cfg.visual_is_identity) or not cfg.text_keep_is_identity
+        positions, embs = (self._vlprune_text_embeds(input_ids, mask, rows) if need_text
+                           else (None, None))
+        kept = self._vlprune_select(enc, [embs[r] if embs else None for r in rows])
+        # the j-th image token of the flattened batch belongs to image j's span; keep the
+        # first (kept tokens) places of each span
+        is_image = input_ids == self.config.image_token_id
+        keep = torch.ones_like(is_image)
+        if kept:
+            lens = torch.tensor(enc.lens, device=input_ids.device)
+            starts = lens.cumsum(0) - lens
+            flat = torch.arange(int(lens.sum()), device=input_ids.device)
+            img = torch.searchsorted(lens.cumsum(0), flat, right=True)
+            n_kept = torch.tensor([k.shape[0] for k in kept], device=input_ids.device)
+            where = is_image.nonzero(as_tuple=True)
+            keep[where] = (flat - starts[img]) < n_kept[img]
+        if not cfg.text_keep_is_identity:
+            keep &= ~self._vlprune_text_drop(input_ids, mask, positions, kept, rows)
+        seqs = {n: named.get(n) for n in ("attention_mask", "position_ids", "labels") if n in named}
+        new = self._vlprune_rewrite(input_ids, keep, seqs)
+        named.update(new)
+        named["mm_encoder_outputs"] = {
+            **(named.get("mm_encoder_outputs") or {}),
+            "image": BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept]),
+        }
+        self.__dict__["_vlprune_lens"] = [k.shape[0] for k in kept]
+
+    # -- entry points --------------------------------------------------------------------
+
+    def _vlprune_llm_begin(self, named: dict) -> None:
+        st: LLMState = self.__dict__["_vlprune_llm"]
+        cache = named.get("cache", named.get("past_key_values"))
+        if cache is not None and cache.get_seq_length():
+            return  # a decode step: the prefill's selection stands
+        input_ids = named.get("input_ids")
+        mm = named.get("mm_encoder_outputs") or {}
+        if input_ids is None or mm.get("image") is None:
+            st.reset()
+            return
+        lens = [f.shape[0] for f in mm["image"].pooler_output]
+        st.begin(input_ids, named.get("attention_mask"), self.config.image_token_id, lens)
+
+    def forward(self, *args, **kwargs):
+        named = _bind_forward(self, args, kwargs)
+        cfg = self._vlprune_cfg()
         llm = "_vlprune_llm" in self.__dict__
-        cfg = self._vlprune.config
         if cfg.llm_keep is not None and (not llm or self.__dict__["_vlprune_llm"].layer != cfg.llm_layer):
             raise ValueError(
                 "llm_layer (or turning llm_keep on) cannot be changed by configure(): the decoder "
                 "layers are patched at patch time; call vlprune.patch() again"
             )
+        pixels = named.get("pixel_values")
+        has_pixels = pixels is not None and pixels.shape[0] > 0
+        if has_pixels and (self._vlprune_rewrites() or (llm and self._vlprune_llm_active())):
+            if named.get("inputs_embeds") is not None:
+                raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image "
+                                 "placeholders), not inputs_embeds")
+            if (named.get("mm_encoder_outputs") or {}).get("image") is not None:
+                raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+            self._vlprune_prepare(named)
         if llm:
             st: LLMState = self.__dict__["_vlprune_llm"]
             if not self._vlprune_llm_active():
                 st.reset()
             else:
-                if labels is not None:
+                if named.get("labels") is not None:
                     raise ValueError(
                         "llm_keep drops visual tokens inside the language model, so the logits "
                         "no longer line up with labels; compute the loss unpatched or without llm_keep"
                     )
-                self._vlprune_llm_begin(
-                    input_ids, attention_mask, past_key_values,
-                    vision_feature_select_strategy or self.config.vision_feature_select_strategy,
-                )
+                self._vlprune_llm_begin(named)
         try:
-            return super().forward(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
-                logits_to_keep=logits_to_keep, image_sizes=image_sizes,
-                mm_encoder_outputs=mm_encoder_outputs, **kwargs,
-            )
+            return super().forward(**named)
         finally:
             if llm:
                 st.end()
@@ -332,26 +542,19 @@ class _LlavaMixin(RootMixin):
                     "search would reorder; use num_beams=1"
                 )
         pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or not self._vlprune_active():
+        if pixel_values is None or pixel_values.shape[0] == 0 or not self._vlprune_rewrites():
             return super().generate(inputs, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
-            raise ValueError("visual_keep needs input_ids (to find the image placeholders)")
-        if kwargs.get("mm_encoder_outputs") is not None:
+            raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image placeholders)")
+        if (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-        kwargs.pop("pixel_values")
+        named = dict(kwargs, input_ids=input_ids)
         with torch.no_grad():
-            seqs = self._vlprune_prepare(
-                input_ids, pixel_values, kwargs.pop("attention_mask", None),
-                kwargs.pop("position_ids", None), None,
-                *(kwargs.pop(k, None) for k in _GEN_VISION_KEYS), kwargs.pop("image_sizes", None),
-            )
-        new_ids = seqs["input_ids"]
-        for name in ("attention_mask", "position_ids"):
-            if seqs[name] is not None:
-                kwargs[name] = seqs[name]
-        kwargs["mm_encoder_outputs"] = seqs["mm_encoder_outputs"]
-        out = super().generate(new_ids, *args, **kwargs)
+            self._vlprune_prepare(named)
+        new_ids = named.pop("input_ids")
+        named = {k: v for k, v in named.items() if v is not None or k in kwargs}
+        out = super().generate(new_ids, *args, **named)
         # give back the caller's prompt, followed by what was generated
         seq = out if isinstance(out, Tensor) else out.sequences
         n_ret = seq.shape[0] // input_ids.shape[0]
@@ -361,6 +564,25 @@ class _LlavaMixin(RootMixin):
             return full
         out.sequences = full
         return out
+
+
+_FAMILY_MIXINS: dict[type, type] = {}
+
+
+def _mixin_for(cls: type) -> type:
+    """:class:`_LlavaMixin` whose ``forward`` shows the signature of ``cls.forward`` (which
+    ``generate`` reads to validate and route its arguments)."""
+    mixin = _FAMILY_MIXINS.get(cls)
+    if mixin is None:
+        def forward(self, *args, **kwargs):
+            return _LlavaMixin.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(cls.forward)
+        forward.__doc__ = cls.forward.__doc__
+        mixin = type(f"_LlavaMixin_{cls.__name__}", (_LlavaMixin,),
+                     {"forward": forward, "__module__": __name__})
+        _FAMILY_MIXINS[cls] = mixin
+    return mixin
 
 
 def _llm_layers(model: nn.Module):
@@ -374,22 +596,26 @@ def _llm_layers(model: nn.Module):
 
 
 def check_llava(model: nn.Module, config: ReductionConfig) -> None:
+    family = llava_family(model)
+    anyres = family != "llava"
     other = [
         n for n in ReductionConfig.field_names()
-        if not n.startswith(("visual_", "llm_")) and n not in ("family", "prop_attn")
+        if not n.startswith(("visual_", "llm_")) and n not in ("family", "prop_attn", "text_keep",
+                                                               "text_protect_last")
         and getattr(config, n) != getattr(ReductionConfig(), n)
     ]
     if other:
         raise ValueError(
-            f"{', '.join(other)} not yet supported on LLaVA; use visual_keep, visual_score and "
-            "visual_seed (reduction before the language model) and llm_layer, llm_keep (pruning "
-            "inside it)"
+            f"{', '.join(other)} not supported on {type(model).__name__}; use visual_keep, "
+            "visual_score (reduction before the language model), text_keep (prompt dropping) "
+            "and llm_layer, llm_keep (pruning inside it)"
         )
     if not config.has_visual_settings:
         raise ValueError(
-            "give visual_keep (an int count or a float ratio in (0, 1]) or llm_layer and llm_keep "
-            "to patch LLaVA"
+            "give visual_keep (an int count or a float ratio in (0, 1]), text_keep, or llm_layer "
+            f"and llm_keep to patch {type(model).__name__}"
         )
+    n = _vision_tokens(model)
     if config.llm_keep is not None:
         layers = _llm_layers(model)
         if not 0 < config.llm_layer < len(layers):
@@ -398,31 +624,34 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
                 f"{len(layers)} decoder layers, give 1..{len(layers) - 1}"
             )
         check_decoder_layers(layers[config.llm_layer:])
-        per_image = _vision_tokens(model)
-        if config.visual_keep is not None:
-            per_image = visual_keep_count(config.visual_keep, per_image)
-        if isinstance(config.llm_keep, int) and config.llm_keep > per_image:
-            raise ValueError(
-                f"llm_keep={config.llm_keep} but each image enters the language model with only "
-                f"{per_image} visual tokens"
-            )
+        if not anyres:
+            per_image = n if config.visual_keep is None else visual_keep_count(config.visual_keep, n)
+            if isinstance(config.llm_keep, int) and config.llm_keep > per_image:
+                raise ValueError(
+                    f"llm_keep={config.llm_keep} but each image enters the language model with "
+                    f"only {per_image} visual tokens"
+                )
     if config.visual_keep is None:
         return
     layers = _encoder_layers(model)
-    if config.visual_score == "cls_attn":
+    if config.visual_score in _ATTN_SCORES:
         layer = layers[0]
         attn = getattr(layer, "self_attn", None)
         if not (hasattr(layer, "layer_norm1") and all(
             hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads")
         )):
             raise UnsupportedModelError(
-                "visual_score='cls_attn' needs CLIP-style encoder layers (layer_norm1, "
-                "self_attn.q_proj/k_proj); use another visual_score"
+                f"visual_score={config.visual_score!r} needs CLIP- or SigLIP-style encoder layers "
+                "(layer_norm1, self_attn.q_proj/k_proj); use 'text', 'diversity' or 'random'"
             )
-    n = _vision_tokens(model)
-    if isinstance(config.visual_keep, int) and config.visual_keep > n:
-        raise ValueError(f"visual_keep={config.visual_keep} but an image gives only {n} visual tokens")
+    if not anyres and isinstance(config.visual_keep, int):
+        visual_keep_count(config.visual_keep, n)
     if config.visual_score == "pool":
+        if anyres:
+            raise ValueError(
+                f"visual_score='pool' pools one square patch grid; {type(model).__name__} packs "
+                "crops of different shapes with row-end tokens: use another visual_score"
+            )
         grid = _vision_tokens(model, "default")
         if model.config.vision_feature_select_strategy != "default" or math.isqrt(grid) ** 2 != grid:
             raise ValueError("visual_score='pool' needs a square patch grid without the class token")
@@ -437,12 +666,14 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
 class LlavaAdapter(Adapter):
     name = "hf_llava"
     supported = (
-        "transformers>=5 LlavaForConditionalGeneration: visual tokens reduced before the "
-        "language model (visual_keep)"
+        "transformers>=5 LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+        "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration: "
+        "visual tokens reduced before the language model (visual_keep) and inside it "
+        "(llm_layer/llm_keep), prompt tokens dropped (text_keep)"
     )
 
     def matches(self, model: nn.Module) -> bool:
-        return _LLAVA in class_path_in_mro(model)
+        return llava_family(model) is not None
 
     def check(self, model: nn.Module, config: ReductionConfig) -> None:
         check_llava(model, config)
@@ -455,14 +686,14 @@ class LlavaAdapter(Adapter):
         return PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
-        swap_class(model, _LlavaMixin, ctx)
+        swap_class(model, _mixin_for(type(model)), ctx)
         model.__dict__["_vlprune"] = ctx
         cfg = ctx.config
         if cfg.llm_keep is None:
             return
         lm = model.model.language_model
         state = LLMState(
-            cfg.llm_layer, lambda n: visual_keep_count(ctx.config.llm_keep, n),
+            cfg.llm_layer, lambda n: visual_keep_count(ctx.config.llm_keep, n, "llm_keep"),
             getattr(lm, "rotary_emb", None),
         )
         model.__dict__["_vlprune_llm"] = state
@@ -473,7 +704,8 @@ class LlavaAdapter(Adapter):
         return hf_image_input_size(model.config.vision_config)
 
     def example_input(self, model, batch_size=1, input_size=None):
-        """One image per row: a short text prefix, the image's placeholder span, a suffix."""
+        """One image per row: a short text prefix, the image's placeholder span, a suffix
+        (LLaVA-1.5 layout; anyres families get one base-size image each)."""
         device, dtype = device_dtype(model)
         size = input_size or self.default_input_size(model)
         n = _vision_tokens(model)
@@ -481,9 +713,25 @@ class LlavaAdapter(Adapter):
         vocab = model.config.text_config.vocab_size
         text = torch.randint(0, vocab, (batch_size, 8), device=device)
         text = torch.where(text == image_id, (text + 1) % vocab, text)
+        pixels = torch.randn(batch_size, *size, device=device, dtype=dtype)
+        out = {"pixel_values": pixels}
+        if llava_family(model) != "llava":
+            # anyres: one image of the crop size each; its token count (base image, crops,
+            # row ends) is whatever the model's packing gives, so ask the model
+            sizes = torch.tensor([list(size[1:])] * batch_size, device=device)
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            crops = image_size_to_num_patches(
+                size[1:], model.config.image_grid_pinpoints, model.config.vision_config.image_size
+            )
+            out["pixel_values"] = torch.randn(batch_size, crops, *size, device=device, dtype=dtype)
+            out["image_sizes"] = sizes
+            with torch.no_grad():
+                feats = model.model.get_image_features(
+                    pixel_values=out["pixel_values"][:1], image_sizes=sizes[:1], return_dict=True
+                ).pooler_output
+            n = feats[0].shape[0]
         image = torch.full((batch_size, n), image_id, device=device)
-        ids = torch.cat([text[:, :3], image, text[:, 3:]], dim=1)
-        return {
-            "input_ids": ids,
-            "pixel_values": torch.randn(batch_size, *size, device=device, dtype=dtype),
-        }
+        out["input_ids"] = torch.cat([text[:, :3], image, text[:, 3:]], dim=1)
+        return out
+

@@ -6,7 +6,7 @@ recomputed from the input of layer ``llm_layer`` (the output of layer ``llm_laye
 that layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and the rotary embeddings it
 receives, for the last prompt row only, so the layers keep their fast attention kernel.
 
-Wiring (transformers >= 5, ``LlamaDecoderLayer``):
+Wiring (transformers >= 5; Llama, Mistral and Qwen2 decoder layers):
 
 * The LLaVA root marks the image placeholder positions of a prefill (a forward whose cache
   is empty) in a :class:`LLMState` shared with the patched layers ``>= llm_layer``.
@@ -32,7 +32,11 @@ from torch import Tensor, nn
 
 from .base import LayerRecord, PatchContext, UnsupportedModelError
 
-_DECODER_LAYERS = ("transformers.models.llama.modeling_llama.LlamaDecoderLayer",)
+_DECODER_LAYERS = (
+    "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
+    "transformers.models.mistral.modeling_mistral.MistralDecoderLayer",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
+)
 
 
 class LLMState:
@@ -47,7 +51,7 @@ class LLMState:
     def reset(self) -> None:
         self.prefill = False
         self.visual: Tensor | None = None  # (B, L) bool: image placeholder positions
-        self.per_image = 0  # visual tokens per image entering the LLM
+        self.row_lens: list[list[int]] = []  # per row: tokens of each image entering the LLM
         self.last: Tensor | None = None  # (B,) index of each row's last prompt token
         self.valid: Tensor | None = None  # (B, L) bool: keys the last token may attend to
         self.length = 0  # prefill length L
@@ -56,19 +60,33 @@ class LLMState:
         self.dropped: Tensor | None = None  # (B, 1) visual tokens each row dropped
 
     def begin(self, input_ids: Tensor, attention_mask: Tensor | None, image_id: int,
-              per_image: int) -> None:
-        """Arm a prefill of ``input_ids`` (B, L)."""
+              lens: list[int]) -> None:
+        """Arm a prefill of ``input_ids`` (B, L) whose images give ``lens`` tokens each (in
+        the order their placeholder spans appear, row by row)."""
         self.reset()
         visual = input_ids == image_id
         B, L = input_ids.shape
-        counts = visual.sum(dim=1)
-        if not bool(counts.any()):
+        counts = visual.sum(dim=1).tolist()
+        if not any(counts):
             return
-        if bool((counts % per_image).any()) or bool((counts != counts[0]).any()):
+        if sum(counts) != sum(lens):
             raise ValueError(
-                f"llm_keep needs the same number of images (of {per_image} tokens each) in every "
-                f"row; the rows hold {counts.tolist()} image tokens"
+                f"input_ids hold {sum(counts)} image tokens for images of {sum(lens)} tokens"
             )
+        row_lens: list[list[int]] = []
+        j = 0
+        for c in counts:
+            mine: list[int] = []
+            while c > 0 and j < len(lens):
+                mine.append(lens[j])
+                c -= lens[j]
+                j += 1
+            if c != 0:
+                raise ValueError(
+                    "an image's placeholder span crosses a row boundary: every row must hold whole "
+                    f"images (rows hold {counts} image tokens, images {lens})"
+                )
+            row_lens.append(mine)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask.bool()
             pos = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -79,7 +97,7 @@ class LLMState:
             last = torch.full((B,), L - 1, device=input_ids.device)
         else:
             raise ValueError("llm_keep needs a 2D attention_mask (or none)")
-        self.prefill, self.visual, self.per_image = True, visual, per_image
+        self.prefill, self.visual, self.row_lens = True, visual, row_lens
         self.last, self.valid, self.length = last, valid, L
 
     def end(self) -> None:
@@ -132,6 +150,8 @@ def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last:
     as ``layer`` computes it from its input ``x`` (B, L, C)."""
     from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+    # Llama, Mistral and Qwen2 share this attention layout (q/k projections, rotary, GQA)
+
     attn = layer.self_attn
     h = layer.input_layernorm(x)
     B, L, _ = h.shape
@@ -155,25 +175,36 @@ class FastVLayerMixin:
         st: LLMState = self._vlprune_llm
         B, L = st.visual.shape
         scores = last_token_attention(self, x, position_embeddings, st.last, st.valid)
-        V = int(st.visual[0].sum())
-        n_img, K = V // st.per_image, st.per_image
-        k = st.keep_count(K)
-        vis = st.visual.nonzero()[:, 1].view(B, V)  # row-major: each row's visual positions
-        top = scores.gather(1, vis).view(B, n_img, K).topk(k, dim=-1).indices.sort(dim=-1).values
-        kept_vis = vis.view(B, n_img, K).gather(2, top).view(B, n_img * k)
         keep = ~st.visual
-        keep.scatter_(1, kept_vis, True)
+        kept_visual = []
+        for b in range(B):
+            vis = st.visual[b].nonzero()[:, 0]
+            n_kept = 0
+            for span in vis.split(st.row_lens[b]):  # each image keeps its own budget
+                k = st.keep_count(span.shape[0])
+                keep[b, span[scores[b, span].topk(k).indices]] = True
+                n_kept += k
+            kept_visual.append(n_kept)
+        lengths = keep.sum(dim=1)
+        if bool((lengths != lengths[0]).any()):
+            raise ValueError(
+                "llm_keep needs every row of a batch to keep the same number of tokens inside the "
+                f"language model; the rows keep {kept_visual} visual tokens of "
+                f"{[sum(r) for r in st.row_lens]} (rows differ in their images). Run such rows "
+                "in separate batches, or use visual_keep (before the language model), which has "
+                "no such limit"
+            )
         st.kept = keep.nonzero()[:, 1].view(B, -1)
         dropped = st.visual & ~keep
         st.shift = dropped.cumsum(dim=1).gather(1, st.kept)
         st.dropped = dropped.sum(dim=1, keepdim=True)
         ctx: PatchContext = self._vlprune_ctx
         if ctx.record is not None:
-            ctx.record.append(LayerRecord(st.layer, V, n_img * k, 0, None, "llm"))
+            ctx.record.append(LayerRecord(st.layer, sum(st.row_lens[0]), kept_visual[0], 0, None, "llm"))
         return st.kept
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                position_embeddings=None, **kwargs):
         st: LLMState = self._vlprune_llm
         ctx: PatchContext = self._vlprune_ctx
         if ctx.enabled and st.prefill and position_embeddings is not None:
@@ -198,8 +229,8 @@ class FastVLayerMixin:
             if ctx.config.llm_renumber_positions and position_ids is not None:
                 position_ids = _rows(position_ids, st.dropped.shape[0]) - st.dropped
                 position_embeddings = st.rotary(hidden_states, position_ids)
+        # the cache and the rest pass through under whatever names this transformers uses
         return super().forward(
             hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache,
             position_embeddings=position_embeddings, **kwargs,
         )
