@@ -147,3 +147,25 @@ def test_run_bench_on_a_text_tower():
     assert result.input_size == (24,)
     row = result.row("r=2")
     assert row.tokens_final == 24 - 3 * 2 and row.flops_ratio > 1.1
+
+
+def test_plot_speedup_series(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vlprune.eval.bench import plot_speedup
+
+    pts = [(BASELINE, 1.0, 1.0, 1.0), ("r=8", 1.5, 1.4, 1.4 / 1.5)]
+    path = tmp_path / "p.png"
+    plot_speedup(path, {"batch 1": pts, "batch 8": pts[:1]}, xlabel="x", ylabel="y", title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_speedup(path, {"": []}, xlabel="x", ylabel="y", title="t")
+
+
+def test_config_label_llava_options():
+    from vlprune.config import ReductionConfig
+    from vlprune.eval.bench import config_label
+
+    assert config_label(ReductionConfig(llm_layer=2, llm_keep=64)) == "llm 64@2"
+    assert config_label(ReductionConfig(visual_keep=64, llm_layer=2, llm_keep=0.5,
+                                        llm_renumber_positions=True)) == (
+        "visual 64 cls_attn + llm 0.5@2 +renumber")

@@ -5,8 +5,8 @@
     vlprune bench --model open_clip:ViT-B-16 --tower text --merge-r 0,2,4
     vlprune bench --model hf_clip:ViT-B-16 --tower text --merge-r 0,2,4
     vlprune describe --model vit_tiny_patch16_224 --merge-r 16
-    vlprune bench --model llava:1.5-7b --llm-layers 4 --batch-size 8 \
-        --setting "visual_keep=64 visual_score=cls_attn"
+    vlprune bench --model llava:1.5-7b --llm-layers 4 --batch-size 1,8 \
+        --visual-keep 192,128,64 --setting "llm_layer=2 llm_keep=64" --plot llava.png
     vlprune describe --model llava:1.5-7b --llm-layers 4 --visual-keep 64
 """
 
@@ -98,6 +98,22 @@ def parse_keep_list(text: str) -> list[int | float]:
     return out
 
 
+def parse_batch_list(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``: distinct batch sizes >= 1 (a list needs a llava: model)."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        out = [int(v) for v in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad batch size list {text!r}: use comma-separated ints >= 1, e.g. 8 or 1,8"
+        ) from None
+    if not out or any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"bad batch size list {text!r}: every batch size must be >= 1")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"bad batch size list {text!r}: a batch size is repeated")
+    return out
+
+
 def parse_int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -115,8 +131,14 @@ def parse_setting(text: str) -> dict:
     for item in text.replace(";", " ").split():
         key, sep, value = item.partition("=")
         if not sep or key not in ReductionConfig.field_names():
+            import difflib
+
+            names = list(ReductionConfig.field_names())
+            close = difflib.get_close_matches(key, names, n=3) if sep else []
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            what = f"unknown key {key!r}{hint}" if sep else "not KEY=VALUE"
             raise argparse.ArgumentTypeError(
-                f"bad setting item {item!r}: use KEY=VALUE with KEY in {list(ReductionConfig.field_names())}"
+                f"bad setting item {item!r}: {what}; use KEY=VALUE with KEY in {names}"
             )
         try:
             val = ast.literal_eval(value)
@@ -370,6 +392,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     llava = is_llava(args.model)
     if not llava and (args.text_tokens is not None or args.new_tokens is not None):
         raise SystemExit("--text-tokens / --new-tokens need a llava: model")
+    batch_sizes = args.batch_size or [1 if llava else 32]
+    if not llava and len(batch_sizes) > 1:
+        raise SystemExit(f"--batch-size {','.join(map(str, batch_sizes))}: a list of batch "
+                         "sizes needs a llava: model; give one batch size")
     settings = settings_from_args(args, default_merge=[0, 8, 16],
                                   default_visual=[192, 128, 64] if llava else None)
     model = _model_from_args(args)
@@ -377,32 +403,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .eval.vlm_bench import run_vlm_bench
 
         result = run_vlm_bench(
-            model, settings, model_name=args.model, batch_size=args.batch_size or 1,
+            model, settings, model_name=args.model, batch_size=batch_sizes,
             text_tokens=40 if args.text_tokens is None else args.text_tokens,
             new_tokens=8 if args.new_tokens is None else args.new_tokens,
             rounds=args.rounds, iters=args.iters, warmup=args.warmup,
             measure_memory=not args.no_memory, progress=not args.no_progress,
         )
         _write_outputs(result, args)
-        rows = {
-            r.setting: {
-                "visual_tokens": r.visual_tokens,
-                "prefill_ms": round(r.prefill_ms, 1),
-                "flops_ratio": round(r.flops_ratio, 3),
-                "speedup": round(r.speedup, 3),
-                "efficiency": round(r.efficiency, 3),
-                "decode_tok_s": None if r.decode_tok_s is None else round(r.decode_tok_s, 2),
+        batches = {
+            str(b): {
+                r.setting: {
+                    "visual_tokens": r.visual_tokens,
+                    "visual_tokens_last": r.visual_tokens_last,
+                    "llm_tokens": r.llm_tokens,
+                    "gflops_prefill": round(r.gflops_prefill, 2),
+                    "prefill_ms": round(r.prefill_ms, 1),
+                    "flops_ratio": round(r.flops_ratio, 3),
+                    "speedup": round(r.speedup, 3),
+                    "efficiency": round(r.efficiency, 3),
+                    "decode_tok_s": None if r.decode_tok_s is None else round(r.decode_tok_s, 2),
+                }
+                for r in result.rows if r.batch_size == b
             }
-            for r in result.rows
+            for b in result.batch_sizes
         }
+        # "rows": the first batch size (as with one batch size); "batches": all of them
+        rows = batches[str(result.batch_size)]
         print("--result")
-        print(json.dumps({"model": result.model, "batch_size": result.batch_size, "rows": rows}))
+        print(json.dumps({"model": result.model, "batch_size": result.batch_size,
+                          "batch_sizes": result.batch_sizes, "rows": rows, "batches": batches}))
         return 0
     result = run_bench(
         model,
         settings,
         model_name=args.model if args.tower == "image" else f"{args.model} ({args.tower})",
-        batch_size=args.batch_size or 32,
+        batch_size=batch_sizes[0],
         rounds=args.rounds,
         iters=args.iters,
         warmup=args.warmup,
@@ -478,24 +513,28 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Benchmark an unpatched model against reduction settings, "
                        "interleaved, with medians, speedup and efficiency (speedup / FLOPs ratio). "
                        "On llava: models: prefill latency and FLOPs, decode tokens/s and the "
-                       "visual tokens reaching the language model per visual_keep setting.")
+                       "visual tokens reaching the language model (and its last layer) per "
+                       "visual_keep / llm_keep setting, at one or several batch sizes.")
     _add_model_args(b)
     _add_reduction_args(b, many=True)
-    b.add_argument("--batch-size", "-b", type=int, default=None,
-                   help="default: 32; 1 for llava: models")
+    b.add_argument("--batch-size", "-b", type=parse_batch_list, default=None,
+                   help="default: 32; 1 for llava: models, which also take a list (e.g. 1,8: "
+                   "rows per batch size)")
     b.add_argument("--text-tokens", type=int, default=None,
                    help="llava: text tokens of the longest prompt (default 40); rows of a batch "
                    "are 3 tokens shorter each, left padded")
     b.add_argument("--new-tokens", type=int, default=None,
-                   help="llava: tokens generated for the decode timing (default 8; 0 or 1 skips it)")
+                   help="llava: tokens generated per timed call (default 8): the prefill gives the "
+                   "first, the decode timing covers the others; 0 or 1: prefill only")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds over all settings")
     b.add_argument("--iters", type=int, default=2, help="timed calls per setting and round")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    b.add_argument("--csv", metavar="PATH", help="write one CSV row per setting")
-    b.add_argument("--plot", metavar="PATH", help="write a PNG of speedup against FLOPs reduction")
+    b.add_argument("--csv", metavar="PATH", help="write one CSV row per setting (and batch size)")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of speedup against FLOPs reduction "
+                   "(llava: prefill, one series per batch size)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("describe", help="tokens per layer and FLOPs of one setting")
@@ -509,7 +548,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "rounds", "iters"):
+    for name in ("rounds", "iters"):  # --batch-size: checked by parse_batch_list
         value = getattr(args, name, 1)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

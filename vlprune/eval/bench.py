@@ -37,7 +37,14 @@ def config_label(cfg: ReductionConfig) -> str:
     parts = []
     if cfg.visual_keep is not None:
         seed = f" seed={cfg.visual_seed}" if cfg.visual_score == "random" else ""
-        parts.append(f"visual {cfg.visual_keep:g} {cfg.visual_score}{seed}")
+        ctx = "" if cfg.visual_contextual is None else f" ctx={cfg.visual_contextual}"
+        parts.append(f"visual {cfg.visual_keep:g} {cfg.visual_score}{seed}{ctx}")
+    if cfg.text_keep is not None:  # image-guided prompt dropping
+        last = "" if cfg.text_protect_last is None else f" last={cfg.text_protect_last}"
+        parts.append(f"text {cfg.text_keep:g}{last}")
+    if cfg.llm_keep is not None:  # FastV inside the language model
+        renumber = " +renumber" if cfg.llm_renumber_positions else ""
+        parts.append(f"llm {cfg.llm_keep:g}@{cfg.llm_layer}{renumber}")
     if cfg.prune_keep is not None:
         keep = cfg.prune_keep
         keep_txt = "/".join(f"{k:g}" for k in keep) if isinstance(keep, list) else f"{keep:g}"
@@ -141,28 +148,12 @@ class BenchResult:
 
     def plot(self, path: str | os.PathLike) -> None:
         """Speedup against FLOPs reduction per setting, with the ideal line (efficiency 1)."""
-        try:
-            import matplotlib
-        except ImportError as e:
-            raise RuntimeError("plotting needs matplotlib: pip install 'vlprune[eval]'") from e
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        top = max(max(r.flops_ratio for r in self.rows), max(r.speedup for r in self.rows)) * 1.05
-        ax.plot([1, top], [1, top], "--", color="grey", lw=1, label="speedup = FLOPs ratio")
-        markers = "osD^v<>pP*Xh"
-        for i, r in enumerate(self.rows):  # a legend entry per setting: clusters stay readable
-            ax.scatter(r.flops_ratio, r.speedup, marker=markers[i % len(markers)], zorder=3,
-                       label=f"{r.setting} (eff. {r.efficiency:.2f})")
-        ax.set_xlabel("FLOPs reduction (x)")
-        ax.set_ylabel(f"{self.speedup_axis} (x), batch {self.batch_size}")
-        ax.set_title(f"{self.model} on {self.device} {self.dtype}, {self.threads} threads", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        plot_speedup(
+            path, {"": [(r.setting, r.flops_ratio, r.speedup, r.efficiency) for r in self.rows]},
+            xlabel="FLOPs reduction (x)",
+            ylabel=f"{self.speedup_axis} (x), batch {self.batch_size}",
+            title=f"{self.model} on {self.device} {self.dtype}, {self.threads} threads",
+        )
 
     def write_csv(self, path: str | os.PathLike) -> None:
         row_type = type(self.rows[0]) if self.rows else BenchRow
@@ -178,6 +169,52 @@ class BenchResult:
                     [self.model, self.batch_size, self.device, self.dtype, self.threads]
                     + [getattr(r, n) for n in names]
                 )
+
+
+PlotPoint = tuple[str, float, float, float]  # setting, FLOPs ratio, speedup, efficiency
+
+
+def plot_speedup(path: str | os.PathLike, series: dict[str, Sequence[PlotPoint]], *,
+                 xlabel: str, ylabel: str, title: str) -> None:
+    """A PNG of speedup against FLOPs ratio with the ideal line ``speedup = FLOPs ratio``.
+
+    ``series`` maps a series name (e.g. ``"batch 8"``; ``""`` for a single unnamed series) to
+    its points. Every point gets its own legend entry, ``[series: ]setting (eff. E)``; within a
+    series each setting has its own marker, and a setting keeps its marker across series,
+    which differ by colour.
+    """
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib: pip install 'vlprune[eval]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        raise ValueError("nothing to plot")
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    top = max(max(p[1] for p in points), max(p[2] for p in points)) * 1.05
+    ax.plot([1, top], [1, top], "--", color="grey", lw=1, label="speedup = FLOPs ratio")
+    markers = "osD^v<>pP*Xh"
+    settings = list(dict.fromkeys(p[0] for p in points))  # first-seen order
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, (name, pts) in enumerate(series.items()):
+        for i, (setting, ratio, speedup, eff) in enumerate(pts):
+            # one series: a colour per point (as before); several: a colour per series
+            color = colors[(i if len(series) == 1 else j) % len(colors)]
+            prefix = f"{name}: " if name else ""
+            # a legend entry per point: clusters stay readable
+            ax.scatter(ratio, speedup, marker=markers[settings.index(setting) % len(markers)],
+                       color=color, zorder=3, label=f"{prefix}{setting} (eff. {eff:.2f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def machine_load(sample_s: float = 0.5) -> tuple[float, float]:
