@@ -22,7 +22,8 @@ Refused: proportional attention with an attention implementation other than ``ea
 encoder layers, attention modules or pooling heads other than the upstream ones, gradient
 checkpointing while reducing. This adapter matches the vision models only, not a whole
 ``CLIPModel`` / ``SiglipModel`` (patch ``model.vision_model``); adapters of two-tower models
-reuse :func:`check_hf_vision_tower` and :func:`patch_hf_vision_tower` for the image tower.
+and LLaVA (:mod:`vlprune.adapters.llava_tower`) reuse :func:`check_hf_vision_tower` and
+:func:`patch_hf_vision_tower` for the image tower.
 
 transformers is imported lazily: ``import vlprune`` does not need it.
 """
@@ -191,15 +192,20 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: boo
         )
 
 
-def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext) -> None:
+def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext, mixin: type | None = None) -> None:
     """Swap the classes of one CLIP / SigLIP vision tower (checked by
     :func:`check_hf_vision_tower`) so it reduces tokens as ``ctx`` says.
 
     The tower starts the token state of ``ctx`` in its own ``forward``; the caller puts ``ctx``
     on its root module as ``_vlprune``. The schedule indexes the tower's encoder layers.
+    ``mixin`` (a subclass of the tower mixin, e.g. LLaVA's, which checks the hidden states a
+    call reads) replaces the tower's default mixin.
     """
     module_name, prefix = _upstream(tower)
-    swap_class(tower, _VisionTowerMixin, ctx, num_protected=int(_has_class_token(tower)))
+    mixin = _VisionTowerMixin if mixin is None else mixin
+    if not issubclass(mixin, _VisionTowerMixin):
+        raise TypeError(f"mixin must subclass {_VisionTowerMixin.__qualname__}, got {mixin!r}")
+    swap_class(tower, mixin, ctx, num_protected=int(_has_class_token(tower)))
     _register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
         swap_class(layer, _EncoderLayerMixin, ctx, layer=i)

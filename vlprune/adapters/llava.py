@@ -59,6 +59,14 @@ from .base import (
     swap_class,
 )
 from .llava_llm import FastVLayerMixin, LLMState, check_decoder_layers
+from .llava_tower import (
+    TOWER_OPTIONS,
+    check_llava_tower,
+    llava_context,
+    patch_llava_tower,
+    tower_requested,
+    tower_tokens_per_image,
+)
 
 _FAMILIES = {
     "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration": "llava",
@@ -200,8 +208,15 @@ class _LlavaMixin(RootMixin):
         return self._vlprune.config
 
     def _vlprune_rewrites(self) -> bool:
-        cfg = self._vlprune_cfg()
-        return self._vlprune.enabled and not (cfg.visual_is_identity and cfg.text_keep_is_identity)
+        """True when the prompt must change: fewer visual tokens (in the tower or after it) or
+        fewer prompt tokens."""
+        ctx: PatchContext = self._vlprune
+        cfg = ctx.config
+        tower = ctx.children.get("image") if ctx.children else None
+        return ctx.enabled and (
+            not (cfg.visual_is_identity and cfg.text_keep_is_identity)
+            or (tower is not None and tower.reduces)
+        )
 
     def _vlprune_llm_active(self) -> bool:
         return self._vlprune.enabled and not self._vlprune_cfg().llm_is_identity
@@ -453,6 +468,11 @@ class _LlavaMixin(RootMixin):
         image_kwargs = self._vlprune_image_kwargs(named)
         need_attn = not cfg.visual_is_identity and cfg.visual_score in _ATTN_SCORES
         enc = self._vlprune_encode(pixel_values, image_kwargs, need_attn)
+        tower = self._vlprune.children.get("image") if self._vlprune.children else None
+        if tower is not None and tower.reduces:
+            # merged in the tower: the prompt still holds each image's full span
+            strategy = image_kwargs.get("vision_feature_select_strategy")
+            enc.lens = [_vision_tokens(self, strategy)] * len(enc.feats)
         rows = self._vlprune_image_rows(input_ids, enc.lens)
         mask = named.get("attention_mask")
         need_text = (cfg.visual_score == "text" and not cfg.visual_is_identity) or not cfg.text_keep_is_identity
@@ -600,8 +620,8 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
     anyres = family != "llava"
     other = [
         n for n in ReductionConfig.field_names()
-        if not n.startswith(("visual_", "llm_")) and n not in ("family", "prop_attn", "text_keep",
-                                                               "text_protect_last")
+        if not n.startswith(("visual_", "llm_"))
+        and n not in ("family", "text_keep", "text_protect_last", *TOWER_OPTIONS)
         and getattr(config, n) != getattr(ReductionConfig(), n)
     ]
     if other:
@@ -610,12 +630,15 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
             "visual_score (reduction before the language model), text_keep (prompt dropping) "
             "and llm_layer, llm_keep (pruning inside it)"
         )
-    if not config.has_visual_settings:
+    check_llava_tower(model, config)  # merge_r / prune_*: refused on anyres families
+    if not config.has_visual_settings and not tower_requested(config):
         raise ValueError(
-            "give visual_keep (an int count or a float ratio in (0, 1]), text_keep, or llm_layer "
-            f"and llm_keep to patch {type(model).__name__}"
+            "give visual_keep (an int count or a float ratio in (0, 1]), text_keep, llm_layer "
+            f"and llm_keep, or merge_r / prune_keep (inside the vision tower) to patch "
+            f"{type(model).__name__}"
         )
-    n = _vision_tokens(model)
+    n = tower_tokens_per_image(model, config)
+    n = _vision_tokens(model) if n is None else n
     if config.llm_keep is not None:
         layers = _llm_layers(model)
         if not 0 < config.llm_layer < len(layers):
@@ -683,11 +706,12 @@ class LlavaAdapter(Adapter):
 
     def make_context(self, model: nn.Module, config: ReductionConfig) -> PatchContext:
         check_llava(model, config)
-        return PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
+        return llava_context(model, config, self.name, self.num_layers(model))
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         swap_class(model, _mixin_for(type(model)), ctx)
         model.__dict__["_vlprune"] = ctx
+        patch_llava_tower(model, ctx)
         cfg = ctx.config
         if cfg.llm_keep is None:
             return
