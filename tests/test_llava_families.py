@@ -199,7 +199,19 @@ def test_next_video_passes_videos_through():
     inputs["pixel_values_videos"] = frames
     with _LLMInputs(model) as rec:
         out = _generate(model, inputs)
-    assert int((rec.ids[0] == VIDEO_ID).sum()) == n_video
+        logits = _logits(model, inputs)  # forward takes videos next to the reduced images too
+    assert int((rec.ids[0] == VIDEO_ID).sum()) == int((rec.ids[-1] == VIDEO_ID).sum()) == n_video
+    assert logits.shape[1] == rec.ids[-1].shape[1]
     n_img = int((inputs["input_ids"] == IMAGE_ID).sum())
     assert int((rec.ids[0] == IMAGE_ID).sum()) == math.ceil(0.5 * n_img)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("settings", [dict(text_keep=0.5), dict(visual_keep=0.3, text_keep=0.6,
+                                                                   visual_score="dominant_contextual")])
+def test_prompt_dropping_rows_are_independent(model, settings):
+    vlprune.patch(model, **settings)
+    out = _generate(model, batch(model, ROWS))
+    for b, r in enumerate(ROWS):
+        alone = _generate(model, batch(model, [r]))
+        assert torch.equal(alone[0, -4:], out[b, -4:]), b

@@ -456,3 +456,19 @@ def test_generate_with_tower_reduction(visual_keep):
     k = PATCHES - 3 if visual_keep is None else visual_keep
     assert seen[0] == L - (PATCHES - k)
     assert torch.equal(out[:, :L], inputs["input_ids"]) and out.shape[1] == L + 3
+
+
+@pytest.mark.parametrize("settings", [dict(merge_r=3), dict(merge_r=2, prune_keep=0.5,
+                                                              prune_layers=(0,), visual_keep=3)])
+def test_tower_rows_do_not_depend_on_neighbours(settings):
+    model = _model("clip3")
+    inputs = _prompt(PATCHES, batch=4)
+    vlprune.patch(model, **settings)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        for b in range(4):
+            real = inputs["attention_mask"][b].bool()
+            alone = model.generate(input_ids=inputs["input_ids"][b:b + 1, real],
+                                   pixel_values=inputs["pixel_values"][b:b + 1],
+                                   max_new_tokens=3, do_sample=False)
+            assert torch.equal(alone[0, -3:], out[b, -3:])

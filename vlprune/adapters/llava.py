@@ -500,7 +500,10 @@ class _LlavaMixin(RootMixin):
             **(named.get("mm_encoder_outputs") or {}),
             "image": BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept]),
         }
-        self.__dict__["_vlprune_lens"] = [k.shape[0] for k in kept]
+        if named.get("pixel_values_videos") is not None:
+            # upstream refuses raw video pixels next to mm_encoder_outputs: encode the videos
+            # (unchanged) the way generate does, so they ride along as features too
+            self._prepare_multimodal_encoder_kwargs_for_generation(named)
 
     # -- entry points --------------------------------------------------------------------
 
