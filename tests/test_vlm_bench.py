@@ -211,7 +211,9 @@ def test_cli_llava_argument_errors(argv, match, capsys):
     (["--visual-keep", "999"],
      "setting 'visual 999 cls_attn': visual_keep=999 but an image gives only 576 visual tokens"),
     (["--setting", "llm_layer=1 llm_keep=700"], "llm_keep=700"),
-    (["--setting", "merge_r=8"], "merge_r not supported on LlavaForConditionalGeneration"),
+    # llava:tiny's tower has no layer before the one LLaVA reads, so nothing can merge there
+    (["--setting", "merge_r=8"], "nothing to merge or prune in the vision tower"),
+    (["--setting", "text_merge_r=8"], "text_merge_r not supported on LlavaForConditionalGeneration"),
 ])
 def test_cli_llava_setting_errors(argv, match, capsys):
     """Refused before anything runs: one line, exit status 2."""
