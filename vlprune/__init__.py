@@ -23,10 +23,12 @@ from .api import (  # noqa: E402
     unpatch,
 )
 from .config import ReductionConfig, parse_schedule  # noqa: E402
+from .merging import TemporalResult, temporal_merge  # noqa: E402
 
 __all__ = [
     "Description",
     "ReductionConfig",
+    "TemporalResult",
     "UnsupportedModelError",
     "configure",
     "describe",
@@ -38,5 +40,6 @@ __all__ = [
     "patch",
     "set_guide",
     "supported_text",
+    "temporal_merge",
     "unpatch",
 ]

@@ -148,6 +148,7 @@ def _validate_keep_layers(keep: Any, layers: Any, keep_name: str, layers_name: s
 
 
 GUIDES = (None, "text", "image")
+TEXT_OUTPUTS = ("full", "compact")
 
 # Visual-token scores of "before the LLM" reduction in vision-language models (LLaVA), and
 # the ones that are planned but not available yet.
@@ -188,6 +189,13 @@ class ReductionConfig:
         text_prune_layers: layers of the text tower that prune (default: EViT's placement).
         text_prune_score: score of the text tower's pruning; ``cls_attn`` there is the
             attention of the pooling token (EOT for CLIP, the last token for SigLIP).
+        text_output: what a reduced BERT-style encoder (``hf_bert``) returns as
+            ``last_hidden_state``. ``"full"`` (default): one vector per input position, as
+            upstream (each position gets the final value of the token it was merged into; a
+            pruned position keeps its output of the layer where it left; padding is zero), so
+            mean pooling with the input's attention mask keeps working. ``"compact"``: the
+            reduced tokens, with ``attention_mask`` (real tokens) and ``token_sizes`` (input
+            tokens each one holds) on the output.
         guide: cross-modal alignment-guided dropping on a two-tower model. ``"text"``: the
             image tower's pruning (``prune_keep`` at ``prune_layers``) keeps the patches whose
             features, through the model's own image head, align best with the texts of the
@@ -231,6 +239,16 @@ class ReductionConfig:
             (0, 1] (``ceil(ratio * tokens)``, at least one). ``None`` or ``1.0``: every token.
         llm_renumber_positions: give the kept tokens (and the generated ones) contiguous RoPE
             positions in the pruned layers; by default they keep their original positions.
+        temporal_keep: temporal merging of the videos of a video-language model
+            (LLaVA-NeXT-Video, LLaVA-OneVision), before the LLM: each video's first frame keeps
+            its tokens; every later frame keeps its ``temporal_keep`` tokens least similar to
+            the same place in the frame before (an ``int`` count per frame, or a ``float`` ratio
+            in (0, 1]) and merges the others into them (chains followed back to the survivor;
+            size-weighted means). The video's placeholder span shrinks to match. ``1.0``: every
+            token. See :func:`vlprune.temporal_merge`.
+        temporal_threshold: instead of ``temporal_keep``: merge every video token whose cosine
+            similarity to its place in the frame before is ``>=`` this value (in [-1, 1]); the
+            token count then depends on the video.
         family: force an adapter by name instead of detecting it from the model's class.
     """
 
@@ -247,6 +265,7 @@ class ReductionConfig:
     text_prune_keep: float | list[float] | None = None
     text_prune_layers: tuple[int, ...] | None = None
     text_prune_score: str | None = None
+    text_output: str = "full"
     guide: str | None = None
     visual_keep: int | float | None = None
     visual_score: str = "cls_attn"
@@ -257,6 +276,8 @@ class ReductionConfig:
     llm_layer: int | None = None
     llm_keep: int | float | None = None
     llm_renumber_positions: bool = False
+    temporal_keep: int | float | None = None
+    temporal_threshold: float | None = None
     family: str | None = None
     version: str = field(default="", compare=False)
 
@@ -266,6 +287,7 @@ class ReductionConfig:
         self._validate_text()
         self._validate_visual()
         self._validate_llm()
+        self._validate_temporal()
         for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -315,6 +337,8 @@ class ReductionConfig:
                     "text_prune_score is set but text_prune_keep is not, so it would be ignored; "
                     "give text_prune_keep in (0, 1]"
                 )
+        if self.text_output not in TEXT_OUTPUTS:
+            raise ValueError(f"unknown text_output {self.text_output!r}; allowed: {list(TEXT_OUTPUTS)}")
         if self.guide not in GUIDES:
             raise ValueError(f"unknown guide {self.guide!r}; allowed: {list(GUIDES)}")
         if self.guide == "text":
@@ -423,11 +447,48 @@ class ReductionConfig:
         if layer is not None:
             self.llm_layer = int(layer)
 
+    def _validate_temporal(self) -> None:
+        keep, thr = self.temporal_keep, self.temporal_threshold
+        if keep is not None:
+            if _is_int(keep):
+                if keep < 1:
+                    raise ValueError(
+                        f"temporal_keep={keep} keeps no token of a frame; give an int count >= 1 "
+                        "or a float ratio in (0, 1]"
+                    )
+                self.temporal_keep = int(keep)
+            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
+                self.temporal_keep = float(keep)
+            else:
+                raise ValueError(
+                    f"temporal_keep must be an int count >= 1 or a float ratio in (0, 1] (tokens "
+                    f"each frame after the first keeps), got {keep!r}"
+                )
+        if thr is not None:
+            if not (isinstance(thr, numbers.Real) and not isinstance(thr, bool) and -1.0 <= thr <= 1.0):
+                raise ValueError(
+                    f"temporal_threshold is a cosine similarity in [-1, 1], got {thr!r}"
+                )
+            self.temporal_threshold = float(thr)
+        if keep is not None and thr is not None:
+            raise ValueError(
+                "temporal_keep (a static per-frame budget) and temporal_threshold (merge what is "
+                "at least this similar) exclude each other; give one"
+            )
+
     @property
     def has_visual_settings(self) -> bool:
-        """True when ``visual_keep``, ``llm_keep`` or ``text_keep`` is set (vision-language
-        models only)."""
-        return self.visual_keep is not None or self.llm_keep is not None or self.text_keep is not None
+        """True when ``visual_keep``, ``llm_keep``, ``text_keep`` or a ``temporal_*`` option is
+        set (vision-language models only)."""
+        return any(getattr(self, n) is not None for n in (
+            "visual_keep", "llm_keep", "text_keep", "temporal_keep", "temporal_threshold"))
+
+    @property
+    def temporal_is_identity(self) -> bool:
+        """True when temporal merging of videos keeps every token."""
+        keep = self.temporal_keep
+        return self.temporal_threshold is None and (
+            keep is None or (isinstance(keep, float) and keep == 1.0))
 
     @property
     def llm_is_identity(self) -> bool:
@@ -485,7 +546,7 @@ class ReductionConfig:
             extra = dict(prune_fuse=self.prune_fuse, prune_recycle=self.prune_recycle, prune_seed=self.prune_seed)
         return ReductionConfig(
             merge_r=merge_r, prune_keep=keep, prune_layers=layers, prune_score=score,
-            **extra, **base,
+            text_output=self.text_output, **extra, **base,
         )
 
     @property
@@ -512,6 +573,7 @@ class ReductionConfig:
             _no_merge(r) for r in (self.merge_r, self.text_merge_r) if r is not None
         ) and all(_no_prune(k) for k in (self.prune_keep, self.text_prune_keep)) and (
             self.visual_is_identity and self.llm_is_identity and self.text_keep_is_identity
+            and self.temporal_is_identity
         )
 
 

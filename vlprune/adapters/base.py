@@ -221,6 +221,7 @@ class Adapter(ABC):
     name: str = ""
     supported: str = ""
     towers: tuple[str, ...] = ("image",)  # ("text",) for text models, both for CLIP-like
+    full_text_output: bool = False  # takes text_output="compact" (BERT-style encoders)
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -247,9 +248,16 @@ class Adapter(ABC):
         a text tower, a root context holding one child context per tower."""
         if config.has_visual_settings:
             raise ValueError(
-                f"visual_keep/visual_score, llm_layer/llm_keep and text_keep reduce the visual and "
-                f"prompt tokens a vision-language model (LLaVA) feeds its language model; "
+                f"visual_keep/visual_score, llm_layer/llm_keep, text_keep and temporal_keep/"
+                f"temporal_threshold reduce the visual, video and prompt tokens a vision-language "
+                f"model (LLaVA) feeds its language model; "
                 f"{type(model).__name__} has none: use merge_r or prune_keep"
+            )
+        if config.text_output != "full" and not self.full_text_output:
+            raise ValueError(
+                f"text_output={config.text_output!r} chooses between the full-length and the compact "
+                f"output of BERT-style encoders (hf_bert); {type(model).__name__} ({self.name}) "
+                "returns its reduced sequence as it is: leave text_output at 'full'"
             )
         if config.guide is not None and set(self.towers) != {"image", "text"}:
             raise ValueError(
@@ -258,7 +266,7 @@ class Adapter(ABC):
             )
         if self.towers == ("image",):
             if config.has_text_settings:
-                set_text = [n for n in ReductionConfig.field_names() if n.startswith("text_")
+                set_text = [n for n in ReductionConfig.field_names() if n.startswith("text_") and n != "text_output"
                             and getattr(config, n) is not None]
                 raise ValueError(
                     f"{', '.join(set_text)} set but {type(model).__name__} has no text tower; "

@@ -31,7 +31,6 @@ transformers is imported lazily: ``import vlprune`` does not need it.
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 
 import torch
@@ -52,6 +51,12 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .hf_common import (
+    BIAS_IMPLEMENTATIONS,
+    register_output_capture,
+    same_forward,
+    transformers_version,
+)
 from .step import enter_block, reduce_step
 from .text import TextLayout, random_ids, start_text
 
@@ -65,20 +70,12 @@ _TOWERS = {
 _WITH_PROJECTION = (f"{_CLIP}.CLIPVisionModelWithProjection",)
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# attention implementations that add a float attention_mask to the logits (ALL_ATTENTION_FUNCTIONS)
-BIAS_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 SUPPORTED = (
     "transformers>=5 CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel (also "
     "CLIPModel.vision_model / SiglipModel.vision_model) with the upstream encoder layers, "
     "eager or sdpa attention (flash/flex only with prop_attn=False)"
 )
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _inner(model: nn.Module, wrappers: tuple[str, ...], attr: str) -> nn.Module:
@@ -103,12 +100,6 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 def _upstream(tower: nn.Module) -> tuple[str, str]:
     return _family(tower, _TOWERS, "vision", SUPPORTED)
-
-
-def _same_forward(module: nn.Module, cls: type) -> bool:
-    # transformers wraps every GradientCheckpointingLayer subclass's forward: compare the
-    # functions inside the wrappers
-    return inspect.unwrap(type(module).forward) is inspect.unwrap(cls.forward)
 
 
 def _has_class_token(tower: nn.Module) -> bool:
@@ -139,13 +130,13 @@ def _check_encoder(tower: nn.Module, mod, prefix: str, part: str, supported: str
     if not hasattr(tower, part) or not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(
             f"{type(tower).__qualname__} has no `{part}` and `encoder.layers` (transformers "
-            f"{_transformers_version()}): vlprune knows the transformers>=5 layout. Supported: "
+            f"{transformers_version()}): vlprune knows the transformers>=5 layout. Supported: "
             f"{supported}"
         )
     layer_cls = getattr(mod, f"{prefix}EncoderLayer")
     attn_cls = getattr(mod, f"{prefix}Attention")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, layer_cls) or not _same_forward(layer, layer_cls) or not all(
+        if not isinstance(layer, layer_cls) or not same_forward(layer, layer_cls) or not all(
             hasattr(layer, n) for n in _LAYER_PARTS
         ):
             raise UnsupportedModelError(
@@ -153,7 +144,7 @@ def _check_encoder(tower: nn.Module, mod, prefix: str, part: str, supported: str
                 f"{layer_cls.__qualname__} with its upstream forward. Supported: {supported}"
             )
         attn = layer.self_attn
-        if not isinstance(attn, attn_cls) or not _same_forward(attn, attn_cls) or not all(
+        if not isinstance(attn, attn_cls) or not same_forward(attn, attn_cls) or not all(
             hasattr(attn, n) for n in _ATTN_PARTS
         ):
             raise UnsupportedModelError(
@@ -176,7 +167,7 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: boo
     if head is not None:
         head_cls = getattr(mod, f"{prefix}MultiheadAttentionPoolingHead", None)
         mha = getattr(head, "attention", None)
-        if head_cls is None or not isinstance(head, head_cls) or not _same_forward(
+        if head_cls is None or not isinstance(head, head_cls) or not same_forward(
             head, head_cls
         ) or not (isinstance(mha, nn.MultiheadAttention) and mha.batch_first):
             raise UnsupportedModelError(
@@ -206,23 +197,13 @@ def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext, mixin: type | Non
     if not issubclass(mixin, _VisionTowerMixin):
         raise TypeError(f"mixin must subclass {_VisionTowerMixin.__qualname__}, got {mixin!r}")
     swap_class(tower, mixin, ctx, num_protected=int(_has_class_token(tower)))
-    _register_output_capture(tower)
+    register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
         swap_class(layer, _EncoderLayerMixin, ctx, layer=i)
         swap_class(layer.self_attn, _AttentionMixin, ctx, upstream=module_name)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None:
         swap_class(head, _PoolingHeadMixin, ctx)
-
-
-def _register_output_capture(model: nn.Module) -> None:
-    """transformers looks up what ``output_hidden_states`` / ``output_attentions`` record by the
-    model's class name; register the swapped class under the upstream entry."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # other transformers versions: nothing keyed on the class
-        return
-    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
 
 
 class _VisionTowerMixin(RootMixin):
@@ -422,7 +403,7 @@ def patch_hf_text_tower(tower: nn.Module, ctx: PatchContext) -> None:
     """Swap the classes of one CLIP / SigLIP text tower so it reduces tokens as ``ctx`` says."""
     module_name, _ = _text_upstream(tower)
     swap_class(tower, _TextTowerMixin, ctx)
-    _register_output_capture(tower)
+    register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
         swap_class(layer, _EncoderLayerMixin, ctx, layer=i)
         swap_class(layer.self_attn, _AttentionMixin, ctx, upstream=module_name)
@@ -603,7 +584,7 @@ class HFClipAdapter(Adapter):
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         image, text = ctx.children["image"], ctx.children["text"]
         swap_class(model, _TwoTowerMixin, ctx)
-        _register_output_capture(model)
+        register_output_capture(model)
         model.__dict__["_vlprune"] = ctx
         patch_hf_vision_tower(model.vision_model, image)
         patch_hf_text_tower(model.text_model, text)

@@ -4,7 +4,7 @@ language model, and fewer prompt tokens too.
 Families: ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration``
 (anyres: a base image, unpadded crops and row-end ``image_newline`` tokens),
 ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, ``anyres_max`` packing) and
-``LlavaNextVideoForConditionalGeneration`` (its image path; videos pass through unchanged).
+``LlavaNextVideoForConditionalGeneration`` (images, and videos with temporal merging).
 
 Reduction points, combinable:
 
@@ -19,6 +19,12 @@ Reduction points, combinable:
 * **prompt dropping** (``text_keep``): droppable prompt tokens of a row with images are ranked
   by their best cosine similarity to the row's kept visual tokens.
 * **inside the LLM** (``llm_layer``/``llm_keep``, FastV): see :mod:`vlprune.adapters.llava_llm`.
+* **videos** (``temporal_keep``/``temporal_threshold``, NeXT-Video and OneVision): each video's
+  frame tokens (``get_video_features``, reshaped to ``(1, frames, tokens, D)``; OneVision's
+  trailing ``image_newline`` token set aside and kept) go through
+  :func:`~vlprune.merging.temporal_merge`: tokens repeating the same place of the frame before
+  merge into it, and the video's placeholder span shrinks to the merged count. Without temporal
+  reduction, videos next to reduced images are encoded unchanged.
 
 How it is wired: the patched ``forward`` encodes the images itself (``get_image_features``,
 once), selects the kept tokens, removes the dropped positions from ``input_ids``,
@@ -46,6 +52,7 @@ from ..core.visual import (
     text_attention_scores,
     visual_diversity_scores,
 )
+from ..merging.temporal import temporal_merge
 from .base import (
     Adapter,
     LayerRecord,
@@ -78,6 +85,7 @@ _FAMILIES = {
     "LlavaNextVideoForConditionalGeneration": "llava_next_video",
 }
 _ATTN_SCORES = ("cls_attn", "dominant_contextual")
+_VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")
 _SEQ_FILLS = {"attention_mask": 0, "position_ids": 0, "labels": -100}
 
 
@@ -217,6 +225,10 @@ class _LlavaMixin(RootMixin):
             not (cfg.visual_is_identity and cfg.text_keep_is_identity)
             or (tower is not None and tower.reduces)
         )
+
+    def _vlprune_video_rewrites(self) -> bool:
+        """True when videos are merged over time (their placeholder spans shrink)."""
+        return self._vlprune.enabled and not self._vlprune_cfg().temporal_is_identity
 
     def _vlprune_llm_active(self) -> bool:
         return self._vlprune.enabled and not self._vlprune_cfg().llm_is_identity
@@ -362,13 +374,15 @@ class _LlavaMixin(RootMixin):
 
     # -- the prompt rewrite --------------------------------------------------------------
 
-    def _vlprune_image_rows(self, input_ids: Tensor, lens: list[int]) -> list[int]:
-        """The row of each image (images fill the placeholder spans row by row)."""
-        counts = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+    def _vlprune_span_rows(self, input_ids: Tensor, token_id: int, lens: list[int],
+                           what: str = "image") -> list[int]:
+        """The row of each image (or video): they fill the placeholder spans of ``token_id``
+        row by row, ``lens[j]`` places each."""
+        counts = (input_ids == token_id).sum(dim=1).tolist()
         if sum(counts) != sum(lens):
             raise ValueError(
-                f"input_ids hold {sum(counts)} image tokens for {len(lens)} images of "
-                f"{sum(lens)} tokens ({lens}); expand each image placeholder to its full span "
+                f"input_ids hold {sum(counts)} {what} tokens for {len(lens)} {what}s of "
+                f"{sum(lens)} tokens ({lens}); expand each {what} placeholder to its full span "
                 "(the processor does) before a patched forward"
             )
         rows, j = [], 0
@@ -379,9 +393,58 @@ class _LlavaMixin(RootMixin):
                 j += 1
             if c:
                 raise ValueError(
-                    f"row {b}'s image placeholders do not add up to whole images ({lens} tokens)"
+                    f"row {b}'s {what} placeholders do not add up to whole {what}s ({lens} tokens)"
                 )
         return rows
+
+    @staticmethod
+    def _vlprune_span_keep(input_ids: Tensor, token_id: int, lens: list[int],
+                           n_kept: list[int]) -> Tensor:
+        """(B, L) bool: ``False`` at the places of ``token_id`` spans that go. The j-th
+        placeholder of the flattened batch belongs to span j (``lens[j]`` places), which keeps
+        its first ``n_kept[j]`` places."""
+        is_span = input_ids == token_id
+        keep = torch.ones_like(is_span)
+        if not lens:
+            return keep
+        dev = input_ids.device
+        lens_t = torch.tensor(lens, device=dev)
+        ends = lens_t.cumsum(0)
+        flat = torch.arange(int(ends[-1]), device=dev)
+        span = torch.searchsorted(ends, flat, right=True)
+        keep[is_span.nonzero(as_tuple=True)] = (flat - (ends - lens_t)[span]) < torch.tensor(
+            n_kept, device=dev)[span]
+        return keep
+
+    def _vlprune_videos(self, videos: Tensor, video_kwargs: dict) -> tuple[list[Tensor], list[int]]:
+        """Encode ``videos`` (V, T, C, H, W) and merge each over time; returns each video's
+        kept tokens and the length of its placeholder span."""
+        cfg = self._vlprune_cfg()
+        out = self.model.get_video_features(pixel_values_videos=videos, **video_kwargs,
+                                            return_dict=True)
+        pooled = out.pooler_output  # (V, T * N [+ 1 image_newline], D)
+        V, T = videos.shape[:2]
+        newline = llava_family(self) == "llava_onevision"
+        frames = pooled[:, :-1] if newline else pooled
+        if frames.shape[1] % T:
+            raise RuntimeError(f"{frames.shape[1]} video tokens do not split into {T} frames")
+        n = frames.shape[1] // T
+        keep = cfg.temporal_keep
+        if isinstance(keep, int) and keep > n:
+            raise ValueError(
+                f"temporal_keep={keep} but each video frame gives only {n} tokens; give a count "
+                f"<= {n} or a ratio in (0, 1]"
+            )
+        res = temporal_merge(frames.reshape(V, T, n, frames.shape[-1]), keep=keep,
+                             threshold=cfg.temporal_threshold)
+        kept = res.rows()
+        if newline:
+            kept = [torch.cat([k, pooled[v, -1:]]) for v, k in enumerate(kept)]
+        lens = [pooled.shape[1]] * V
+        ctx: PatchContext = self._vlprune
+        if ctx.record is not None and kept:
+            ctx.record.append(LayerRecord(0, lens[0], kept[0].shape[0], 0, None, "video"))
+        return kept, lens
 
     def _vlprune_text_embeds(self, input_ids: Tensor, attention_mask: Tensor | None,
                              rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
@@ -453,8 +516,9 @@ class _LlavaMixin(RootMixin):
         return out
 
     def _vlprune_prepare(self, named: dict) -> None:
-        """Encode the images of a call, select, and rewrite its arguments ``named`` in place
-        (pixels and image arguments out, ``mm_encoder_outputs`` in)."""
+        """Encode the images (and, with temporal reduction, the videos) of a call, select, and
+        rewrite its arguments ``named`` in place (pixels and image arguments out,
+        ``mm_encoder_outputs`` in)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         cfg = self._vlprune_cfg()
@@ -464,42 +528,49 @@ class _LlavaMixin(RootMixin):
                 "vlprune on a LLaVA model needs input_ids (to find the image placeholders), not "
                 "inputs_embeds"
             )
-        pixel_values = named.pop("pixel_values")
-        image_kwargs = self._vlprune_image_kwargs(named)
-        need_attn = not cfg.visual_is_identity and cfg.visual_score in _ATTN_SCORES
-        enc = self._vlprune_encode(pixel_values, image_kwargs, need_attn)
-        tower = self._vlprune.children.get("image") if self._vlprune.children else None
-        if tower is not None and tower.reduces:
-            # merged in the tower: the prompt still holds each image's full span
-            strategy = image_kwargs.get("vision_feature_select_strategy")
-            enc.lens = [_vision_tokens(self, strategy)] * len(enc.feats)
-        rows = self._vlprune_image_rows(input_ids, enc.lens)
+        mm = dict(named.get("mm_encoder_outputs") or {})
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        videos = named.get("pixel_values_videos")
+        merge_videos = videos is not None and videos.shape[0] > 0 and self._vlprune_video_rewrites()
+        video_kwargs = {}
+        if merge_videos:  # the tower arguments images and videos share, before images take them
+            params = inspect.signature(self.model.get_video_features).parameters
+            video_kwargs = {n: named[n] for n in params if n not in ("pixel_values_videos", "kwargs")
+                            and named.get(n) is not None}
+        pixel_values = named.pop("pixel_values", None)
+        kept, rows, positions = [], [], None
         mask = named.get("attention_mask")
-        need_text = (cfg.visual_score == "text" and not cfg.visual_is_identity) or not cfg.text_keep_is_identity
-        positions, embs = (self._vlprune_text_embeds(input_ids, mask, rows) if need_text
-                           else (None, None))
-        kept = self._vlprune_select(enc, [embs[r] if embs else None for r in rows])
-        # the j-th image token of the flattened batch belongs to image j's span; keep the
-        # first (kept tokens) places of each span
-        is_image = input_ids == self.config.image_token_id
-        keep = torch.ones_like(is_image)
-        if kept:
-            lens = torch.tensor(enc.lens, device=input_ids.device)
-            starts = lens.cumsum(0) - lens
-            flat = torch.arange(int(lens.sum()), device=input_ids.device)
-            img = torch.searchsorted(lens.cumsum(0), flat, right=True)
-            n_kept = torch.tensor([k.shape[0] for k in kept], device=input_ids.device)
-            where = is_image.nonzero(as_tuple=True)
-            keep[where] = (flat - starts[img]) < n_kept[img]
-        if not cfg.text_keep_is_identity:
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_kwargs = self._vlprune_image_kwargs(named)
+            need_attn = not cfg.visual_is_identity and cfg.visual_score in _ATTN_SCORES
+            enc = self._vlprune_encode(pixel_values, image_kwargs, need_attn)
+            tower = self._vlprune.children.get("image") if self._vlprune.children else None
+            if tower is not None and tower.reduces:
+                # merged in the tower: the prompt still holds each image's full span
+                strategy = image_kwargs.get("vision_feature_select_strategy")
+                enc.lens = [_vision_tokens(self, strategy)] * len(enc.feats)
+            rows = self._vlprune_span_rows(input_ids, self.config.image_token_id, enc.lens)
+            need_text = ((cfg.visual_score == "text" and not cfg.visual_is_identity)
+                         or not cfg.text_keep_is_identity)
+            positions, embs = (self._vlprune_text_embeds(input_ids, mask, rows) if need_text
+                               else (None, None))
+            kept = self._vlprune_select(enc, [embs[r] if embs else None for r in rows])
+            keep &= self._vlprune_span_keep(input_ids, self.config.image_token_id, enc.lens,
+                                            [k.shape[0] for k in kept])
+            mm["image"] = BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept])
+        if merge_videos:
+            named.pop("pixel_values_videos")
+            vids, lens = self._vlprune_videos(videos, video_kwargs)
+            video_id = self.config.video_token_id
+            self._vlprune_span_rows(input_ids, video_id, lens, "video")
+            keep &= self._vlprune_span_keep(input_ids, video_id, lens, [v.shape[0] for v in vids])
+            # one (1, total, D) tensor: NeXT-Video iterates and flattens it, OneVision flattens it
+            mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(vids)[None])
+        if kept and not cfg.text_keep_is_identity:
             keep &= ~self._vlprune_text_drop(input_ids, mask, positions, kept, rows)
         seqs = {n: named.get(n) for n in ("attention_mask", "position_ids", "labels") if n in named}
-        new = self._vlprune_rewrite(input_ids, keep, seqs)
-        named.update(new)
-        named["mm_encoder_outputs"] = {
-            **(named.get("mm_encoder_outputs") or {}),
-            "image": BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept]),
-        }
+        named.update(self._vlprune_rewrite(input_ids, keep, seqs))
+        named["mm_encoder_outputs"] = mm
         if named.get("pixel_values_videos") is not None:
             # upstream refuses raw video pixels next to mm_encoder_outputs: encode the videos
             # (unchanged) the way generate does, so they ride along as features too
@@ -531,12 +602,17 @@ class _LlavaMixin(RootMixin):
             )
         pixels = named.get("pixel_values")
         has_pixels = pixels is not None and pixels.shape[0] > 0
-        if has_pixels and (self._vlprune_rewrites() or (llm and self._vlprune_llm_active())):
+        videos = named.get("pixel_values_videos")
+        has_videos = videos is not None and videos.shape[0] > 0
+        images_run = has_pixels and (self._vlprune_rewrites() or (llm and self._vlprune_llm_active()))
+        if images_run or (has_videos and self._vlprune_video_rewrites()):
             if named.get("inputs_embeds") is not None:
                 raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image "
-                                 "placeholders), not inputs_embeds")
-            if (named.get("mm_encoder_outputs") or {}).get("image") is not None:
-                raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+                                 "and video placeholders), not inputs_embeds")
+            mm = named.get("mm_encoder_outputs") or {}
+            if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
+                raise ValueError("pass either pixel_values (pixel_values_videos) or "
+                                 "mm_encoder_outputs, not both")
             self._vlprune_prepare(named)
         if llm:
             st: LLMState = self.__dict__["_vlprune_llm"]
@@ -565,13 +641,20 @@ class _LlavaMixin(RootMixin):
                     "search would reorder; use num_beams=1"
                 )
         pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or pixel_values.shape[0] == 0 or not self._vlprune_rewrites():
+        videos = kwargs.get("pixel_values_videos")
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        has_videos = videos is not None and videos.shape[0] > 0
+        if not ((has_pixels and self._vlprune_rewrites())
+                or (has_videos and self._vlprune_video_rewrites())):
             return super().generate(inputs, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
-            raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image placeholders)")
-        if (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
-            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+            raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image and "
+                             "video placeholders)")
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
+            raise ValueError("pass either pixel_values (pixel_values_videos) or mm_encoder_outputs, "
+                             "not both")
         named = dict(kwargs, input_ids=input_ids)
         with torch.no_grad():
             self._vlprune_prepare(named)
@@ -623,22 +706,30 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
     anyres = family != "llava"
     other = [
         n for n in ReductionConfig.field_names()
-        if not n.startswith(("visual_", "llm_"))
+        if not n.startswith(("visual_", "llm_", "temporal_"))
         and n not in ("family", "text_keep", "text_protect_last", *TOWER_OPTIONS)
         and getattr(config, n) != getattr(ReductionConfig(), n)
     ]
     if other:
         raise ValueError(
             f"{', '.join(other)} not supported on {type(model).__name__}; use visual_keep, "
-            "visual_score (reduction before the language model), text_keep (prompt dropping) "
-            "and llm_layer, llm_keep (pruning inside it)"
+            "visual_score (reduction before the language model), text_keep (prompt dropping), "
+            "llm_layer, llm_keep (pruning inside it) and temporal_keep / temporal_threshold "
+            "(videos)"
+        )
+    temporal = [n for n in ("temporal_keep", "temporal_threshold") if getattr(config, n) is not None]
+    if temporal and family not in _VIDEO_FAMILIES:
+        raise ValueError(
+            f"{', '.join(temporal)} merge video frames over time; {type(model).__name__} takes no "
+            "videos (LlavaNextVideoForConditionalGeneration and "
+            "LlavaOnevisionForConditionalGeneration do)"
         )
     check_llava_tower(model, config)  # merge_r / prune_*: refused on anyres families
     if not config.has_visual_settings and not tower_requested(config):
         raise ValueError(
             "give visual_keep (an int count or a float ratio in (0, 1]), text_keep, llm_layer "
-            f"and llm_keep, or merge_r / prune_keep (inside the vision tower) to patch "
-            f"{type(model).__name__}"
+            "and llm_keep, temporal_keep or temporal_threshold (videos), or merge_r / prune_keep "
+            f"(inside the vision tower) to patch {type(model).__name__}"
         )
     n = tower_tokens_per_image(model, config)
     n = _vision_tokens(model) if n is None else n
@@ -695,7 +786,8 @@ class LlavaAdapter(Adapter):
         "transformers>=5 LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
         "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration: "
         "visual tokens reduced before the language model (visual_keep) and inside it "
-        "(llm_layer/llm_keep), prompt tokens dropped (text_keep)"
+        "(llm_layer/llm_keep), prompt tokens dropped (text_keep), videos merged over time "
+        "(temporal_keep/temporal_threshold; NeXT-Video, OneVision)"
     )
 
     def matches(self, model: nn.Module) -> bool:

@@ -86,13 +86,34 @@ def start_text(
                 "a text row pools at its first token (no EOT after it?): token reduction needs the "
                 "pooled token after BOS; check the tokenizer output"
             )
+    x, _ = start_sequence(ctx, x, valid, protect, causal=layout.causal)
+    return x, P - 1
+
+
+def start_sequence(
+    ctx: PatchContext, x: Tensor, valid: Tensor, protect: Tensor, causal: bool = False,
+    track: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Start the token state of a padded sequence batch ``x`` (B, N, C) and move it to the
+    canonical order: ``valid`` (B, N) bool marks real tokens, ``protect`` (B, P) the positions
+    of the protected tokens (first, in that order). Causal towers attend by input position.
+    ``track``: follow every input position through the reductions (``TokenState.slot``) so
+    :meth:`TokenState.full_length` can give a full-length output. Returns the reordered tokens
+    and the permutation ``perm`` (B, L) of input positions."""
+    P = protect.shape[1]
     perm, _ = sequence_order(valid, protect)
     state = ctx.begin(P)
-    valid = valid.gather(1, perm)
-    valid[:, :P] = True
-    state.valid = valid
-    state.pos = perm if layout.causal else None
-    return take_tokens(x, perm), P - 1
+    real = valid.gather(1, perm)
+    real[:, :P] = True
+    state.valid = real
+    state.pos = perm if causal else None
+    if track:
+        B, N = valid.shape
+        slot = torch.full((B, N), -1, dtype=torch.long, device=valid.device)
+        order = torch.arange(perm.shape[1], device=valid.device).expand_as(perm)
+        slot.scatter_(1, perm, torch.where(real, order, torch.full_like(order, -1)))
+        state.slot = slot
+    return take_tokens(x, perm), perm
 
 
 def random_ids(batch: int, length: int, vocab: int, layout: TextLayout, device=None) -> Tensor:

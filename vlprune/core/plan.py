@@ -114,6 +114,21 @@ class Plan:
             src = src.masked_fill(~self.src_mask, torch.iinfo(t.dtype).min)
         return out.scatter_reduce(1, self.dst, src, reduce="amax")
 
+    def index_map(self) -> Tensor:
+        """``(B, N)`` int64: the output position each input token ends up in (kept, or merged
+        into a survivor), ``-1`` for dropped tokens."""
+        B, N = self.keep.shape[0], self.num_tokens
+        if N < 0:
+            raise ValueError("index_map needs the plan's num_tokens")
+        out = torch.full((B, N), -1, dtype=torch.long, device=self.keep.device)
+        out.scatter_(1, self.keep, torch.arange(self.num_kept, device=out.device).expand_as(self.keep))
+        if self.src is not None:
+            dst = self.dst
+            if self.src_mask is not None:  # unmasked fillers keep what they already map to
+                dst = torch.where(self.src_mask, dst, out.gather(1, self.src))
+            out.scatter_(1, self.src, dst)
+        return out
+
     def accumulate(self, t: Tensor) -> Tensor:
         """Compact ``t`` (B, N, C) by summing each merge group, no averaging: for a source map
         (row i marks the input tokens token i holds) or for counts."""

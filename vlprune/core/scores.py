@@ -70,9 +70,35 @@ def attn_entropy(a: AttnInputs, chunk: int = 64) -> Tensor:
     return -torch.cat(out, dim=1)
 
 
-def random_scores(a: AttnInputs, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform random scores: the honest baseline (seed the generator for repeatability)."""
+def received_attn(a: AttnInputs, valid: Tensor | None = None, chunk: int = 64) -> Tensor:
+    """Attention each token receives, summed over the query rows and averaged over heads
+    (PoWER-BERT's significance score, LTP's importance score).
+
+    ``valid`` (B, N) bool (padded sequences): only real tokens' rows count, so a row's scores
+    do not depend on how much padding its batch neighbours forced on it. Rows are computed
+    ``chunk`` queries at a time so memory stays ``O(chunk x N)``.
+    """
+    B, _, N, _ = a.q.shape
+    total = a.q.new_zeros(B, N, dtype=torch.float32)
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        p = _row_attention(a, slice(start, stop)).float().mean(dim=1)  # (B, R, N)
+        if valid is not None:
+            p = p * valid[:, start:stop].unsqueeze(-1).to(p.dtype)
+        total = total + p.sum(dim=1)
+    return total
+
+
+def random_scores(
+    a: AttnInputs, generator: torch.Generator | None = None, per_position: bool = False
+) -> Tensor:
+    """Uniform random scores: the honest baseline (seed the generator for repeatability).
+
+    ``per_position``: one draw per position, shared by every row (padded sequences: a row's
+    choices then do not depend on its batch neighbours or its place in the batch)."""
     B, _, N, _ = a.k.shape
+    if per_position:
+        return torch.rand(1, N, generator=generator, device="cpu").to(a.k.device).expand(B, N)
     return torch.rand(B, N, generator=generator, device="cpu").to(a.k.device)
 
 
@@ -122,7 +148,9 @@ def diversity_order(
     return scores
 
 
-SCORE_NAMES = ("cls_attn", "cls_attn_vnorm", "key_norm", "attn_entropy", "random", "diversity")
+SCORE_NAMES = (
+    "cls_attn", "cls_attn_vnorm", "key_norm", "attn_entropy", "received_attn", "random", "diversity",
+)
 NEEDS_CLASS_TOKEN = frozenset({"cls_attn", "cls_attn_vnorm"})
 
 
@@ -137,7 +165,9 @@ def compute_scores(
     valid: Tensor | None = None,
 ) -> Tensor:
     """Scores ``(B, N)`` of the score called ``name`` (one of :data:`SCORE_NAMES`); ``valid``
-    (padded sequences) only matters to ``diversity``, whose picks must skip padding."""
+    (padded sequences) matters to ``diversity``, whose picks must skip padding, to
+    ``received_attn``, which counts the attention of real query rows only, and to ``random``,
+    which then draws once per position for every row."""
     if name == "cls_attn":
         return cls_attn(a, cls_index)
     if name == "cls_attn_vnorm":
@@ -146,8 +176,10 @@ def compute_scores(
         return key_norm(a)
     if name == "attn_entropy":
         return attn_entropy(a)
+    if name == "received_attn":
+        return received_attn(a, valid)
     if name == "random":
-        return random_scores(a, generator)
+        return random_scores(a, generator, per_position=valid is not None)
     if name == "diversity":
         return diversity_order(a.metric(), num_protected, picks=n_keep, valid=valid)
     raise ValueError(f"unknown score {name!r}; known scores: {list(SCORE_NAMES)}")

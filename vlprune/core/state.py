@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .attention import size_bias
-from .plan import Plan, identity_source
+from .plan import Plan, identity_source, take_tokens
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TokenState:
     attn_size: Tensor | None = None
     pos: Tensor | None = None  # (B, N) int64 input position; causal attention when set
     valid: Tensor | None = None  # (B, N) bool, False for padding; ragged reduction when set
+    # Full-length output of padded sequences: for each input position, the current token that
+    # holds it (-1 once dropped) and, for dropped ones, their value when they left.
+    slot: Tensor | None = None  # (B, N0) int64
+    left: Tensor | None = None  # (B, N0, C), allocated at the first drop
+    just_left: Tensor | None = None  # (B, N0) bool: dropped since the adapter last looked
     _mask: Tensor | None = None  # cached sequence mask of the current tokens
 
     def check(self, x: Tensor) -> None:
@@ -77,6 +82,30 @@ class TokenState:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
+    def _follow(self, plan: Plan, x: Tensor) -> None:
+        """Move ``slot`` through ``plan``; input positions whose token is dropped keep that
+        token's value in ``left``."""
+        held = self.slot >= 0
+        new = plan.index_map().gather(1, self.slot.clamp(min=0))
+        gone = held & (new < 0)
+        if bool(gone.any()):
+            if self.left is None:
+                self.left = x.new_zeros(*self.slot.shape, x.shape[-1])
+            value = take_tokens(x, self.slot.clamp(min=0))
+            self.left = torch.where(gone.unsqueeze(-1), value.to(self.left.dtype), self.left)
+            self.just_left = gone if self.just_left is None else self.just_left | gone
+        self.slot = torch.where(held, new, self.slot)
+
+    def full_length(self, x: Tensor) -> Tensor:
+        """``(B, N0, C)``: for each input position tracked by ``slot``, the value of the token
+        that holds it in ``x``, or its value when it was dropped (zeros where never tracked)."""
+        if self.slot is None:
+            raise RuntimeError("full_length needs a token state started with slot tracking")
+        held = (self.slot >= 0).unsqueeze(-1)
+        value = take_tokens(x, self.slot.clamp(min=0))
+        rest = self.left if self.left is not None else torch.zeros_like(value)
+        return torch.where(held, value, rest.to(value.dtype))
+
     def compact(self, plan: Plan, x: Tensor) -> Tensor:
         """Apply ``plan`` to ``x`` and to this state's size and source; return the new ``x``."""
         if self.trace_source:
@@ -85,6 +114,8 @@ class TokenState:
             self.source = plan.accumulate(self.source)
         if self.attn_size is not None:
             self.attn_size = plan.accumulate(self.attn_size)
+        if self.slot is not None:
+            self._follow(plan, x)
         x, self.size = plan.apply(x, self.size)
         if self.pos is not None:
             self.pos = plan.take_max(self.pos)
