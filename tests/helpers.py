@@ -58,3 +58,29 @@ def module_calls(model, x) -> list[str]:
     for h in hooks:
         h.remove()
     return seen
+
+
+def model_fixtures(build, params=None):
+    """A module-scoped ``model`` fixture (``build()``, or ``build(param)`` for each of
+    ``params``), unpatched when the module is done, and an autouse fixture that unpatches it
+    before each test. Assign both in the test module: ``model, _unpatched = model_fixtures(...)``."""
+    import pytest
+
+    import vlprune
+
+    def _unpatch(m):
+        if vlprune.is_patched(m):
+            vlprune.unpatch(m)
+
+    @pytest.fixture(scope="module", params=params)
+    def model(request):
+        m = build(request.param) if params is not None else build()
+        yield m
+        _unpatch(m)
+
+    @pytest.fixture(autouse=True)
+    def _unpatched(model):
+        _unpatch(model)
+        yield
+
+    return model, _unpatched

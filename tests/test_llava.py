@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import model_fixtures
 
 import vlprune
 
@@ -43,19 +44,7 @@ def _build() -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = _build()
-    yield m
-    if vlprune.is_patched(m):
-        vlprune.unpatch(m)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(model):
-    if vlprune.is_patched(model):
-        vlprune.unpatch(model)
-    yield
+model, _unpatched = model_fixtures(_build)
 
 
 def _row(i: int) -> torch.Tensor:

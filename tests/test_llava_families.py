@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import model_fixtures
 
 import vlprune
 
@@ -26,19 +27,7 @@ ROWS = [
 SCORES = ("cls_attn", "dominant_contextual", "text", "diversity", "random")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def model(request):
-    m = build(request.param)
-    yield m
-    if vlprune.is_patched(m):
-        vlprune.unpatch(m)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(model):
-    if vlprune.is_patched(model):
-        vlprune.unpatch(model)
-    yield
+model, _unpatched = model_fixtures(build, FAMILIES)
 
 
 def _generate(model, inputs, n=4):

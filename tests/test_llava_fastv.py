@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import model_fixtures
 
 import vlprune
 
@@ -17,19 +18,7 @@ from transformers import LlavaForConditionalGeneration  # noqa: E402
 ROWS = (0, 1, 2, 3)
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = _build()
-    yield m
-    if vlprune.is_patched(m):
-        vlprune.unpatch(m)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(model):
-    if vlprune.is_patched(model):
-        vlprune.unpatch(model)
-    yield
+model, _unpatched = model_fixtures(_build)
 
 
 class _LayerInputs:

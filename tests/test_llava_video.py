@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import model_fixtures
 
 import vlprune
 
@@ -16,19 +17,7 @@ FRAMES = 4
 VIDEO_FAMILIES = ("llava_next_video", "llava_onevision")
 
 
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
-def model(request):
-    m = build(request.param)
-    yield m
-    if vlprune.is_patched(m):
-        vlprune.unpatch(m)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(model):
-    if vlprune.is_patched(model):
-        vlprune.unpatch(model)
-    yield
+model, _unpatched = model_fixtures(build, VIDEO_FAMILIES)
 
 
 def _video(seed: int, repeat: bool = False) -> torch.Tensor:
