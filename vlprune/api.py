@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,17 +132,27 @@ def get_source(model: nn.Module, tower: str | None = None) -> Tensor:
     return state.source
 
 
-def set_guide(model: nn.Module, embeddings: Tensor | None) -> nn.Module:
+def set_guide(
+    model: nn.Module, embeddings: Tensor | None, project: Callable[[Tensor], Tensor] | None = None
+) -> nn.Module:
     """Set the guiding embeddings of a model patched with ``guide=...`` for forwards that
-    carry one modality only (``None`` clears them).
+    carry one modality only (``None`` clears them, and ``project``).
 
     Zero-shot classification with ``guide="text"``: encode the class prompts once, call
     ``set_guide(model, text_features)`` and every ``encode_image`` keeps the patches that
     align best with any class prompt (max over prompts). A forward with both modalities uses
     its own embeddings instead, for that forward only.
+
+    An image-only model (timm ViT) patched with ``guide="text"`` scores each token by its
+    feature in the model's pooled-feature space (the final norm applied per token: what the
+    classifier head would read), mapped by ``project`` into the space of ``embeddings``:
+    for a ViT aligned to a text encoder by a linear map ``W`` (LiT-style), pass
+    ``project=lambda f: f @ W``. Without ``project`` the embeddings must live in the model's
+    own feature space (e.g. rows of its classifier head). On two-tower models ``project``
+    is applied after the tower's own projection.
     """
     ctx = _context(model)
-    guided = [c for c in ctx.children.values() if c.guided_by]
+    guided = [c for c in ctx.contexts() if c.guided_by]
     if not guided:
         raise ValueError("the model is not patched with guide='text' or guide='image'")
     if embeddings is not None:
@@ -151,7 +161,10 @@ def set_guide(model: nn.Module, embeddings: Tensor | None) -> nn.Module:
                 "guide embeddings must be a float tensor of shape (num_embeddings, embed_dim), got "
                 f"{getattr(embeddings, 'shape', type(embeddings).__name__)}"
             )
+    if project is not None and not callable(project):
+        raise TypeError(f"project must be a callable (features -> guide space), got {type(project).__name__}")
     guided[0].guide_embeds = None if embeddings is None else embeddings.detach()
+    guided[0].guide_project = None if embeddings is None else project
     return model
 
 

@@ -70,6 +70,9 @@ class PatchContext:
     guided_by: str | None = None
     guide_embeds: Tensor | None = None
     project: Callable[[Tensor], Tensor] | None = None
+    # set_guide(..., project=...): a map from the tower's feature space to the guide's space,
+    # applied after ``project`` (an image-only model aligned to a text encoder, LiT-style).
+    guide_project: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -259,20 +262,30 @@ class Adapter(ABC):
                 f"output of BERT-style encoders (hf_bert); {type(model).__name__} ({self.name}) "
                 "returns its reduced sequence as it is: leave text_output at 'full'"
             )
+        head = None
         if config.guide is not None and set(self.towers) != {"image", "text"}:
-            raise ValueError(
-                f"guide={config.guide!r} needs a model with an image and a text tower (CLIP, "
-                f"SigLIP); {type(model).__name__} has only the {self.towers[0]} tower"
-            )
+            if config.guide == "text" and self.towers == ("image",):
+                head = self.token_head(model)
+            if head is None:
+                raise ValueError(
+                    f"guide={config.guide!r} needs a model with an image and a text tower (CLIP, "
+                    f"SigLIP), or guide='text' on an image model whose tokens map to its pooled "
+                    f"features (timm ViT with class-token or average pooling, guided through "
+                    f"vlprune.set_guide); {type(model).__name__} ({self.name}) has only the "
+                    f"{self.towers[0]} tower"
+                )
         if self.towers == ("image",):
-            if config.has_text_settings:
-                set_text = [n for n in ReductionConfig.field_names() if n.startswith("text_") and n != "text_output"
-                            and getattr(config, n) is not None]
+            set_text = [n for n in ReductionConfig.field_names() if n.startswith("text_") and n != "text_output"
+                        and getattr(config, n) is not None]
+            if set_text:
                 raise ValueError(
                     f"{', '.join(set_text)} set but {type(model).__name__} has no text tower; "
                     "use the unprefixed options (merge_r, prune_keep, ...)"
                 )
-            return PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
+            ctx = PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
+            if head is not None:
+                ctx.guided_by, ctx.project = "text", head
+            return ctx
         two = len(self.towers) > 1
         children = {
             t: PatchContext(
@@ -286,6 +299,12 @@ class Adapter(ABC):
         elif config.guide == "image":
             children["text"].guided_by = "image"
         return PatchContext(config=config, family=self.name, num_layers=0, children=children)
+
+    def token_head(self, model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """For ``guide="text"`` on an image-only model: the map of the model's token features
+        ``(B, N, C)`` to the space of its pooled features (what the classifier head reads), or
+        ``None`` when the model has no such per-token map (then the guide is refused)."""
+        return None
 
     @abstractmethod
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:

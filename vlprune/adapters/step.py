@@ -39,19 +39,28 @@ def guided_scores(ctx: PatchContext, x: Tensor) -> Tensor:
     mapped through its tower's own head (``ctx.project``) and each guiding embedding of the
     other modality, maximised over those embeddings: ``(B, N)``."""
     guide = ctx.guide_embeds
+    tower = ctx.tower or "image"
     if guide is None:
         other = ctx.guided_by
+        how = (
+            "call the two-tower model with both inputs, or set one with "
+            f"vlprune.set_guide(model, {other}_embeddings)" if ctx.tower else
+            f"set one with vlprune.set_guide(model, {other}_embeddings, project=...)"
+        )
         raise RuntimeError(
-            f"the {ctx.tower} tower's pruning is guided by the {other} (guide={other!r}) but this "
-            f"forward has no {other} embedding: call the two-tower model with both inputs, or set "
-            f"one with vlprune.set_guide(model, {other}_embeddings)"
+            f"the {tower} tower's pruning is guided by the {other} (guide={other!r}) but this "
+            f"forward has no {other} embedding: {how}"
         )
     with torch.no_grad():
-        e = F.normalize(ctx.project(x).float(), dim=-1)
+        e = ctx.project(x)
+        if ctx.guide_project is not None:
+            e = ctx.guide_project(e)
+        e = F.normalize(e.float(), dim=-1)
         if guide.shape[-1] != e.shape[-1]:
             raise ValueError(
-                f"guide embeddings have size {guide.shape[-1]} but the {ctx.tower} tower's head "
-                f"gives {e.shape[-1]}: pass the other tower's (projected) features"
+                f"guide embeddings have size {guide.shape[-1]} but the {tower} tower's head "
+                f"gives {e.shape[-1]}: pass the other tower's (projected) features, or map the "
+                "tower's features to the guide's space with set_guide(..., project=...)"
             )
         g = F.normalize(guide.to(device=e.device, dtype=e.dtype), dim=-1)
         return (e @ g.transpose(0, 1)).amax(dim=-1)

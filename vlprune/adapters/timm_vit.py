@@ -15,6 +15,7 @@ timm is imported lazily: ``import vlprune`` does not need it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import Tensor, nn
@@ -81,6 +82,11 @@ class _ViTMixin(RootMixin):
         xs, s = x[:, start:], size[:, start:]
         avg = (xs * s).sum(dim=1) / s.sum(dim=1)
         return avg if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + avg)
+
+
+def _pre_logits(norm: nn.Module, fc_norm: nn.Module, x: Tensor) -> Tensor:
+    """Token features mapped as the pooled feature is before the classifier head."""
+    return fc_norm(norm(x))
 
 
 class _BlockMixin:
@@ -205,6 +211,14 @@ class TimmViTAdapter(Adapter):
         for i, blk in enumerate(model.blocks):
             swap_class(blk, _BlockMixin, ctx, layer=i)
             swap_class(blk.attn, _AttentionMixin, ctx)
+
+    def token_head(self, model: nn.Module):
+        """Class-token and average pooling read the final norm's output (then ``fc_norm``):
+        applied per token, it maps each token to the pooled-feature space. MAP pooling has no
+        per-token equivalent."""
+        if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
+            return None
+        return functools.partial(_pre_logits, model.norm, model.fc_norm)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
         h, w = model.patch_embed.img_size
