@@ -11,7 +11,7 @@ BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32 --ro
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[all,dev,test-weights]"
+	$(VENV)/bin/pip install -q -e ".[all,dev,test-weights,caption]"
 	touch $@
 
 install: $(VENV)/.installed

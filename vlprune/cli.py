@@ -1,4 +1,5 @@
-"""The ``vlprune`` command: ``bench`` and ``describe`` on models built without download.
+"""The ``vlprune`` command: ``bench`` and ``describe`` on models built without download,
+and ``eval imagenet`` on real weights and images.
 
     vlprune bench --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32
     vlprune bench --model open_clip:ViT-B-16 --merge-r 0,8 --prune-keep 0.7
@@ -8,6 +9,8 @@
     vlprune bench --model llava:1.5-7b --llm-layers 4 --batch-size 1,8 \
         --visual-keep 192,128,64 --setting "llm_layer=2 llm_keep=64" --plot llava.png
     vlprune describe --model llava:1.5-7b --llm-layers 4 --visual-keep 64
+    vlprune eval imagenet --model vit_tiny_patch16_224 --weights vit_ti.npz \
+        --data imagenet-sample --merge-r 0,8,16 --prune-keep 0.7 --output results/vit_ti
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 import torch
 
@@ -154,7 +158,10 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def _add_reduction_args(p: argparse.ArgumentParser, many: bool) -> None:
+def _add_reduction_args(p: argparse.ArgumentParser, many: bool, *, visual: bool = True,
+                        setting: bool = True) -> None:
+    """The reduction options; ``visual=False`` leaves out the llava-only ones and
+    ``setting=False`` the free-form ``--setting`` (a command adding its own)."""
     rows = " (one row each)" if many else ""
     p.add_argument("--merge-r", type=parse_merge_list, default=None,
                    help=f"ToMe r values{rows}, e.g. 0,8,16; R:INFLECTION for a ramp (16:0.5)")
@@ -168,12 +175,16 @@ def _add_reduction_args(p: argparse.ArgumentParser, many: bool) -> None:
     p.add_argument("--prune-recycle", action="store_true",
                    help="merge dropped tokens into their most similar kept token")
     p.add_argument("--prune-seed", type=int, default=0, help="seed of the random score")
-    p.add_argument("--visual-keep", type=parse_keep_list, default=None,
-                   help=f"llava: visual tokens kept per image{rows}, counts or ratios, e.g. "
-                   "192,128,64 (default on llava: 192,128,64 for bench, 64 for describe)")
-    p.add_argument("--visual-score", default="cls_attn",
-                   help="llava: how visual tokens are ranked: cls_attn, random, diversity, pool")
-    if many:
+    if visual:
+        p.add_argument("--visual-keep", type=parse_keep_list, default=None,
+                       help=f"llava: visual tokens kept per image{rows}, counts or ratios, e.g. "
+                       "192,128,64 (default on llava: 192,128,64 for bench, 64 for describe)")
+        p.add_argument("--visual-score", default="cls_attn",
+                       help="llava: how visual tokens are ranked: cls_attn, random, diversity, "
+                       "pool")
+    else:
+        p.set_defaults(visual_keep=None, visual_score="cls_attn")
+    if many and setting:
         p.add_argument("--setting", action="append", type=parse_setting, default=[],
                        metavar='"KEY=VALUE ..."',
                        help="one more row from ReductionConfig fields, e.g. "
@@ -211,6 +222,61 @@ def settings_from_args(args: argparse.Namespace, default_merge: list,
     if not rows and default_visual is not None:
         return [Setting.of(visual_keep=k, visual_score="cls_attn") for k in default_visual]
     return rows or [Setting.of(merge_r=r) for r in default_merge]
+
+
+def parse_named_setting(text: str) -> tuple[str | None, dict]:
+    """``"name=hybrid prune_keep=0.7 merge_r=8"`` -> ``("hybrid", {...})``.
+
+    ``name=`` is optional and names the row's method (its curve in the plot; settings sharing
+    a name form one curve); the other items are :func:`parse_setting`'s.
+    """
+    name, rest = None, []
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if key == "name" and sep:
+            if not value or name is not None:
+                raise argparse.ArgumentTypeError(
+                    f"bad setting {text!r}: give one non-empty name=LABEL (no spaces)"
+                )
+            name = value
+        else:
+            rest.append(item)
+    if not rest:
+        raise argparse.ArgumentTypeError(
+            f"setting {text!r} has no KEY=VALUE item besides name=; e.g. "
+            '"name=hybrid prune_keep=0.7 prune_layers=3 merge_r=8"'
+        )
+    try:
+        return name, parse_setting(" ".join(rest))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (and name=LABEL to name the row's method)") from None
+
+
+def eval_settings_from_args(args: argparse.Namespace,
+                            default_merge: list) -> tuple[list, dict[str, str]]:
+    """The rows of an ``eval`` command and the method (curve) of each named one.
+
+    Merge and prune rows as in :func:`settings_from_args`, then one row per ``--setting``
+    (labelled ``NAME: <config>`` when named). ``default_merge`` rows only when nothing at
+    all is asked for. Repeated rows are refused.
+    """
+    from .eval.bench import Setting
+
+    named = list(getattr(args, "setting", []) or [])
+    rest = argparse.Namespace(**{**vars(args), "setting": []})
+    rows = settings_from_args(rest, default_merge=[] if named else default_merge)
+    methods: dict[str, str] = {}
+    for name, kw in named:
+        row = Setting.of(**kw)
+        if name:
+            row = Setting(f"{name}: {row.label}", row.config)
+            methods[row.label] = name
+        rows.append(row)
+    labels = [r.label for r in rows]
+    dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if dupes:
+        raise SystemExit(f"setting(s) asked for twice: {dupes}; give each once")
+    return rows, methods
 
 
 # Hugging Face towers built from configs (no download): the public checkpoints' shapes.
@@ -500,6 +566,132 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_imagenet(args: argparse.Namespace) -> int:
+    from .eval.eval_imagenet import run_cli
+
+    if args.data is None and not args.dataset:
+        raise SystemExit("vlprune eval imagenet: give --data DIR (an ImageFolder tree or a "
+                         "folder with labels.csv) or --dataset NAME (a timm dataset)")
+    if args.pretrained and args.weights:
+        raise SystemExit("give --pretrained (hub weights) or --weights FILE, not both")
+    for name in ("batch_size", "limit", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise SystemExit(f"--workers must be >= 0, got {args.workers}")
+    settings, methods = eval_settings_from_args(args, default_merge=EVAL_DEFAULT_MERGE)
+    return run_cli(args, settings, methods)
+
+
+#: the merge rows of ``vlprune eval imagenet`` when no setting is given
+EVAL_DEFAULT_MERGE = [8, 16]
+
+
+def _add_eval_imagenet_parser(esub: argparse._SubParsersAction) -> None:
+    i = esub.add_parser(
+        "imagenet", help="top-1/top-5, agreement, img/s, GFLOPs and memory per setting",
+        description=textwrap.fill(
+            "ImageNet-style validation of a timm classifier, unpatched and with each "
+            "reduction setting: top-1, top-5, agreement with the unpatched model's "
+            "predictions, img/s, GFLOPs/img, peak memory and tokens at the last layer; CSV, "
+            "JSON and a speed-accuracy plot, rewritten after every setting. Runs under "
+            "`accelerate launch` (data split across processes, results identical to one "
+            "process).", 88),
+        epilog="examples:\n"
+        "  vlprune eval imagenet --model vit_tiny_patch16_224 --weights vit_ti.npz "
+        "--data imagenet-sample --merge-r 0,8,16\n"
+        "  vlprune eval imagenet --model deit_small_patch16_224 --pretrained --data "
+        "/data/imagenet/val --merge-r 8,16 --prune-keep 0.7,0.5 --prune-layers 3,6,9 "
+        '--setting "name=hybrid prune_keep=0.7 prune_layers=3 merge_r=8"\n'
+        "  accelerate launch --num_processes 4 -m vlprune.cli eval imagenet ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = i.add_argument_group("data")
+    g.add_argument("--data", "--data-dir", metavar="DIR", default=None,
+                   help="path to the images: an ImageFolder tree (class folders, in sorted order "
+                   "= class index) or a folder with labels.csv (filename,class_index; images "
+                   "next to it or in images/); the root of --dataset when given")
+    g.add_argument("--dataset", "-d", metavar="NAME", default=None,
+                   help='timm dataset type + name ("<type>/<name>", e.g. hfds/imagenet-1k, '
+                   "torch/imagenet) (default: the --data folder)")
+    g.add_argument("--split", metavar="NAME", default="validation",
+                   help="dataset split of --dataset (default: validation)")
+    g.add_argument("--dataset-download", action="store_true",
+                   help="allow --dataset to download (torch/ datasets)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate the first N images only (a tree: round-robin over classes)")
+    g.add_argument("--strict", action="store_true",
+                   help="fail on a missing or unreadable image (default: skip it and count it "
+                   "in the 'skipped' column)")
+    g.add_argument("--preload", choices=("auto", "yes", "no"), default="auto",
+                   help="decode the images once into memory and reuse them for every setting; "
+                   "auto: when a process's images take at most 4 GiB (default: auto)")
+    g.add_argument("--workers", "-j", type=int, default=4, metavar="N",
+                   help="number of data loading workers (default: 4)")
+    g.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="input image dimension, uses model default if empty")
+    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
+                   help="input image center crop pct (default: the model's)")
+    g.add_argument("--interpolation", default=None, metavar="NAME",
+                   help="image resize interpolation type (overrides model)")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar="MEAN",
+                   help="override mean pixel value of dataset")
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar="STD",
+                   help="override std deviation of dataset")
+
+    m = i.add_argument_group("model")
+    m.add_argument("--model", "-m", required=True, metavar="NAME",
+                   help="timm model name, optionally with its pretrained tag (e.g. "
+                   "vit_tiny_patch16_224.augreg_in21k_ft_in1k), which also sets the "
+                   "preprocessing")
+    m.add_argument("--pretrained", action="store_true",
+                   help="use pre-trained model (downloads from the hub)")
+    m.add_argument("--weights", "--checkpoint", metavar="PATH", default=None,
+                   help="local weights file (.npz timm or big_vision, .safetensors, "
+                   ".pth/.pt/.bin read with weights_only=True)")
+    m.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="number classes in dataset (default: the model's)")
+    m.add_argument("--batch-size", "-b", type=int, default=50, metavar="N",
+                   help="mini-batch size (default: 50)")
+    m.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available; under a "
+                   "launcher each process takes its own GPU)")
+    m.add_argument("--dtype", type=_dtype, default=torch.float32,
+                   help="float32, float16, bfloat16 (default: float32)")
+    m.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process (default: torch's)")
+
+    r = i.add_argument_group("settings (the unpatched model is always evaluated first)")
+    _add_reduction_args(r, many=True, visual=False, setting=False)
+    r.add_argument("--setting", action="append", type=parse_named_setting, default=[],
+                   metavar='"[name=NAME] KEY=VALUE ..."',
+                   help="one more row from ReductionConfig fields, e.g. "
+                   '"name=hybrid prune_keep=0.7 prune_layers=3 merge_r=8"; rows with the '
+                   "same name form one curve in the plot; repeatable (default when no "
+                   f"setting is given: --merge-r {','.join(map(str, EVAL_DEFAULT_MERGE))})")
+
+    o = i.add_argument_group("output")
+    o.add_argument("--output", "-o", metavar="PREFIX", default=None,
+                   help="write PREFIX.csv, PREFIX.json and PREFIX.png (default: "
+                   "results/eval_imagenet_<model>)")
+    o.add_argument("--csv", metavar="PATH", default=None, help="CSV path (overrides --output)")
+    o.add_argument("--json", metavar="PATH", default=None, help="JSON path (overrides --output)")
+    o.add_argument("--plot", metavar="PATH", default=None, help="PNG path (overrides --output)")
+    o.add_argument("--no-plot", action="store_true", help="no PNG")
+    o.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    i.set_defaults(func=cmd_eval_imagenet)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="speed-accuracy sweeps on real data (imagenet)",
+                       description="Evaluate a model with real weights on real data, unpatched "
+                       "and with each reduction setting, and plot accuracy against cost.")
+    esub = e.add_subparsers(dest="task", required=True, metavar="TASK")
+    _add_eval_imagenet_parser(esub)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -542,6 +734,17 @@ def make_parser() -> argparse.ArgumentParser:
     _add_reduction_args(d, many=False)
     d.add_argument("--json", metavar="PATH", help="write the description as JSON")
     d.set_defaults(func=cmd_describe)
+
+    _add_eval_parser(sub)
+
+    from .viz import add_viz_arguments, run_viz
+
+    v = sub.add_parser("viz", help="picture of merged and dropped patches per layer",
+                       description="Run one image through a patched model and draw, for a few "
+                       "layers, which patches were merged together (a colour per group) and "
+                       "which were dropped.")
+    add_viz_arguments(v)
+    v.set_defaults(func=run_viz)
     return parser
 
 

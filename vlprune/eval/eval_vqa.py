@@ -1,0 +1,1160 @@
+"""``vlprune eval vqa``: a speed-accuracy sweep of visual-token reduction on a LLaVA-style model.
+
+One model, one VQA set, many settings. The unpatched model answers every question first,
+then each setting (``visual_keep`` / ``visual_score``, FastV's ``llm_layer`` / ``llm_keep``,
+``text_keep``, tower merging, ...) answers the same questions with the same prompts. Per
+setting the sweep records (columns of the CSV / JSON, see :data:`COLUMNS`):
+
+``vqa_accuracy``, ``delta_accuracy``
+    VQA accuracy in % (:func:`vlprune.eval.vqa_metric.score_predictions`: the official
+    leave-one-out definition for 10 answers, exact match for one answer), and its difference
+    to the unpatched row, in points.
+``exact_match``
+    % of questions whose normalised answer equals the most common normalised ground truth.
+``agreement``
+    % of questions answered the same as by the unpatched model (after the VQA answer
+    normalisation; 100 for the unpatched row).
+``visual_tokens``, ``visual_tokens_last``, ``llm_tokens``
+    measured during a batch-1 prefill of the first readable question: the image placeholders
+    of the prompt the model core receives (after any rewrite, not read from the config), the
+    visual tokens left at the language model's last layer (fewer with ``llm_keep``), and the
+    prompt length the language model receives.
+``gflops_prefill``, ``flops_ratio``
+    FLOPs of that batch-1 prefill (vision tower, token selection, projector, language model
+    over the prompt), in GFLOPs per sample, and unpatched / this setting.
+``prefill_ms``, ``speedup``
+    median time per batch from the ``generate`` call to the end of its first forward (the time
+    to the first token), and unpatched / this setting.
+``decode_tok_s``
+    generated tokens after each row's first (up to its end-of-sequence token) per second of
+    decode time (the rest of the ``generate`` call), over all rows and processes.
+``samples_per_s``
+    questions per second of ``generate`` time (prefill + decode; image loading and
+    preprocessing excluded).
+``n``, ``skipped``
+    questions evaluated, and questions skipped because their image is missing or unreadable.
+``seconds``
+    wall time of the setting's pass, image loading included (slowest process).
+``predictions``
+    the JSONL file holding this setting's answer to every question.
+
+Prompts: a template with the question (and the LLaVA evaluation suffix
+:data:`ANSWER_SUFFIX`), written by the processor's chat template when it has one, else by the
+family's template (:data:`PROMPT_TEMPLATES`; LLaVA-1.5:
+``"USER: <image>\\n{question} Answer the question using a single word or phrase.
+ASSISTANT:"``), or given explicitly. Batches are left padded and answered by greedy
+``generate(max_new_tokens=...)``; only the new tokens are decoded, then stripped.
+
+Models: a Hugging Face hub name or a local folder (``AutoProcessor`` + the LLaVA class of its
+config), or ``llava:<shape>`` (:data:`vlprune.cli.LLAVA_SHAPES`, random weights, no
+download) with an offline processor built in code (:func:`offline_processor`): a word-level
+tokenizer whose vocabulary comes from the questions and answers, and a CLIP image processor.
+
+Under ``accelerate launch`` (or ``torchrun``) every process answers a strided shard of the
+questions; the answers are gathered in the data's order (:mod:`vlprune.eval.distributed`), so
+every number but the timings equals a single process's. Only the main process writes.
+
+Questions whose image is missing or unreadable are skipped and counted (``skipped``), with a
+warning naming a few (``skipped.jsonl`` in the predictions folder lists them all);
+``strict=True`` refuses them instead, before the model is run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import patch, unpatch
+from .bench import BASELINE, Setting
+from .distributed import DistContext, init_distributed
+from .flops import count_flops
+from .runner import OutputPaths, PlotSpec, Sweep, output_paths, progress_bar
+from .vlm_bench import _GenerateClock, _llm_lengths
+from .vqa_data import VQA_FORMATS, VQARecord, detect_format, load_vqa
+from .vqa_metric import (
+    ANSWER_PROCESSING,
+    exact_match,
+    normalize_answer,
+    score_predictions,
+    vqa_accuracy,
+)
+
+__all__ = [
+    "ANSWER_SUFFIX",
+    "COLUMNS",
+    "DEFAULT_VISUAL_KEEP",
+    "PROMPT_TEMPLATES",
+    "TIMING",
+    "VLM",
+    "Prompter",
+    "UnreadableImagesError",
+    "VQAEval",
+    "add_vqa_arguments",
+    "add_vqa_parser",
+    "eval_vqa",
+    "load_vlm",
+    "main",
+    "offline_processor",
+    "run_vqa",
+    "unreadable_images",
+]
+
+#: the instruction LLaVA's VQAv2 / GQA evaluation appends to every question
+ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+
+#: per-family prompts, used when the processor has no chat template (``{question}`` holds the
+#: question and :data:`ANSWER_SUFFIX`; ``<image>`` is replaced by the processor's image token)
+PROMPT_TEMPLATES = {
+    "llava": "USER: <image>\n{question} ASSISTANT:",
+    "llava_next": "USER: <image>\n{question} ASSISTANT:",
+    "llava_next_video": "USER: <image>\n{question} ASSISTANT:",
+    "llava_onevision": "<|im_start|>user <image>\n{question}<|im_end|><|im_start|>assistant\n",
+}
+
+#: the LLaVA classes a hub / local model may have (config architecture -> family)
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+}
+
+#: the visual-token rows of ``vlprune eval vqa`` when no setting is given
+DEFAULT_VISUAL_KEEP = [192, 128, 64]
+
+#: how the timing columns are measured (stored with the results)
+TIMING = ("generate calls only (image loading and preprocessing excluded), synchronized; "
+          "prefill: from the generate call to the end of its first forward, decode: the rest "
+          "of the call; the first batch of each process is untimed (warm-up) when the process "
+          "has more than one batch; prefill_ms: median over the timed batches of all "
+          "processes; decode_tok_s: generated tokens after each row's first (up to its "
+          "end-of-sequence token), all processes / slowest process's decode seconds; "
+          "samples_per_s: questions timed / slowest process's generate seconds")
+
+#: the leading columns of the CSV, in order
+COLUMNS = ("setting", "method", "vqa_accuracy", "delta_accuracy", "exact_match", "agreement",
+           "visual_tokens", "visual_tokens_last", "llm_tokens", "gflops_prefill", "flops_ratio",
+           "prefill_ms", "speedup", "decode_tok_s", "samples_per_s", "n", "skipped", "seconds",
+           "predictions")
+
+COMPARE = {
+    "delta_accuracy": ("vqa_accuracy", "diff"),
+    "speedup": ("prefill_ms", "inverse"),
+    "flops_ratio": ("gflops_prefill", "inverse"),
+}
+
+#: the special tokens of :func:`offline_processor` (pad, bos, eos, unk)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+_SHOWN_SKIPPED = 5
+# what the offline tokenizer's pre-tokenizer (tokenizers' Whitespace) splits text into
+_WORD = re.compile(r"\w+|[^\w\s]+")
+# CLIP's normalisation (the LLaVA-1.5 image processor)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class UnreadableImagesError(ValueError):
+    """Questions whose image is missing or unreadable, with ``strict=True`` (or all of them)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and processors
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VLM:
+    """A LLaVA-style model with its processor.
+
+    ``family`` is ``llava``, ``llava_next``, ``llava_onevision`` or ``llava_next_video``;
+    ``weights`` says where the weights come from (``random`` for ``llava:<shape>``).
+    """
+
+    model: nn.Module
+    processor: Any
+    family: str
+    name: str
+    weights: str
+
+
+def _words(texts: Iterable[str]) -> list[str]:
+    """Distinct lower-cased words and punctuation runs, most frequent first (ties: first seen)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(_WORD.findall(text.lower()))
+    return [w for w, _ in counts.most_common()]  # most_common keeps insertion order on ties
+
+
+def offline_processor(config: Any, words: Iterable[str] = (), *, image_token: str = "<image>"
+                      ) -> Any:
+    """A ``LlavaProcessor`` for a LLaVA-1.5 model built from ``config``, with nothing downloaded.
+
+    The tokenizer is word-level (``tokenizers``' ``WordLevel`` in a
+    ``PreTrainedTokenizerFast``): text is lower-cased and split into words and punctuation
+    runs; ``<pad>``, ``<s>`` and ``</s>`` take the text config's ``pad_token_id``,
+    ``bos_token_id`` and ``eos_token_id``, ``image_token`` takes ``config.image_token_id``,
+    ``<unk>`` the first free id, and ``words`` (most important first, e.g. from
+    :func:`_words`) the next free ids, as many as fit in ``vocab_size``; further words read as
+    ``<unk>``. Ids left over are ``<unusedN>`` tokens, so every id the model can generate
+    decodes to something. ``<s>`` starts every prompt; padding is on the left.
+
+    The image processor is a ``CLIPImageProcessor`` built from arguments (resize the shorter
+    side to the tower's ``image_size``, centre crop, CLIP mean / std); with the patch size,
+    the feature select strategy and the class token counted, one image placeholder expands to
+    the model's number of visual tokens (576 for ``llava:tiny`` and ``llava:1.5-7b``).
+    """
+    try:
+        from tokenizers import (
+            AddedToken,
+            Tokenizer,
+            decoders,
+            models,
+            normalizers,
+            pre_tokenizers,
+            processors,
+        )
+        from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    except ImportError as e:
+        raise RuntimeError("the offline processor needs transformers and tokenizers: "
+                           "pip install 'vlprune[hf]'") from e
+    from ..adapters.base import hf_image_input_size
+    from ..adapters.llava import _vision_tokens
+
+    tcfg, vcfg = config.text_config, config.vision_config
+    size = int(tcfg.vocab_size)
+    ids = {"<pad>": tcfg.pad_token_id, "<s>": tcfg.bos_token_id, "</s>": tcfg.eos_token_id,
+           image_token: config.image_token_id}
+    if any(v is None for v in ids.values()):
+        raise ValueError(f"the offline tokenizer needs the config's pad, bos, eos and image "
+                         f"token ids; got {ids}")
+    if len(set(ids.values())) != len(ids) or max(ids.values()) >= size:
+        raise ValueError(f"the config's special token ids {ids} must be distinct and below "
+                         f"vocab_size={size}")
+    taken = set(ids.values())
+    free = (i for i in range(size) if i not in taken)
+    vocab = dict(ids)
+    vocab["<unk>"] = next(free)
+    for word in words:
+        if word in vocab:
+            continue
+        i = next(free, None)
+        if i is None:
+            break
+        vocab[word] = i
+    for i in free:
+        vocab[f"<unused{i}>"] = i
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces
+    bos = ids["<s>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (*SPECIAL_TOKENS, image_token)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="left", model_max_length=tcfg.max_position_embeddings,
+    )
+    _, h, w = hf_image_input_size(vcfg)
+    image_processor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": min(h, w)}, resample=3, do_center_crop=True,
+        crop_size={"height": h, "width": w}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(_CLIP_MEAN), image_std=list(_CLIP_STD),
+        do_convert_rgb=True,
+    )
+    strategy = config.vision_feature_select_strategy
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vcfg.patch_size,
+        vision_feature_select_strategy=strategy, image_token=image_token,
+        num_additional_image_tokens=1,  # CLIP's class token
+    )
+    expanded = (h // vcfg.patch_size) * (w // vcfg.patch_size) + 1 - (strategy == "default")
+    expected = _vision_tokens(_ConfigView(config))
+    if expanded != expected or processor.image_token_id != config.image_token_id:
+        raise ValueError(
+            f"the offline processor would expand an image to {expanded} tokens of id "
+            f"{processor.image_token_id}, the model expects {expected} of id "
+            f"{config.image_token_id}"
+        )
+    return processor
+
+
+class _ConfigView:
+    """Just enough of a model (``.config``) for the adapter's token count."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def _family_of_config(config: Any) -> str | None:
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    model_type = getattr(config, "model_type", None)
+    return model_type if model_type in ARCHITECTURES.values() else None
+
+
+_CLASS_OF = {family: arch for arch, family in ARCHITECTURES.items()}
+
+
+def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
+    except ImportError as e:
+        raise RuntimeError("LLaVA models need transformers: pip install 'vlprune[hf]'") from e
+    where = "local folder" if Path(name).is_dir() else "Hugging Face hub model"
+    hint = ("give a Hugging Face model name (e.g. llava-hf/llava-1.5-7b-hf; needs the hub or "
+            "its local cache), a local folder holding config.json, the weights and the "
+            "processor files (save_pretrained of the model and of its processor), or "
+            "llava:tiny (random weights, offline)")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise RuntimeError(f"could not read the config of the {where} {name!r} "
+                           f"({type(e).__name__}: {e}); {hint}") from e
+    family = _family_of_config(config)
+    if family is None:
+        raise ValueError(
+            f"{name!r} is a {getattr(config, 'model_type', '?')!r} model "
+            f"(architectures {getattr(config, 'architectures', None)}); vlprune eval vqa runs "
+            f"LLaVA-style models: {sorted(ARCHITECTURES)}"
+        )
+    cls = getattr(transformers, _CLASS_OF[family], None) or transformers.AutoModelForImageTextToText
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+        processor = AutoProcessor.from_pretrained(name)
+    except Exception as e:
+        raise RuntimeError(f"could not load the weights or the processor of the {where} "
+                           f"{name!r} ({type(e).__name__}: {e}); {hint}") from e
+    return model.to(device).eval(), processor
+
+
+def load_vlm(name: str, *, records: Sequence[VQARecord] = (), device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, seed: int = 0) -> VLM:
+    """The model and processor to evaluate, in eval mode on ``device`` / ``dtype``.
+
+    - ``llava:<shape>`` (a :data:`vlprune.cli.LLAVA_SHAPES` key, e.g. ``llava:tiny``): built
+      from the config with random weights (seeded by ``seed``, the same in every process),
+      and :func:`offline_processor` with a vocabulary from the prompt template and the
+      questions and answers of ``records``.
+    - anything else: a Hugging Face hub name or a local folder; the class comes from the
+      config's architecture (LLaVA, LLaVA-NeXT, OneVision, NeXT-Video), the processor from
+      ``AutoProcessor``.
+
+    Raises RuntimeError (cannot load, with what to give instead) or ValueError (not a
+    LLaVA-style model, unknown shape).
+    """
+    device = torch.device(device)
+    if name.startswith("llava:"):
+        from ..cli import LLAVA_SHAPES, build_llava
+
+        shape = name.partition(":")[2]
+        if shape not in LLAVA_SHAPES:
+            raise ValueError(f"unknown llava shape {shape!r} in {name!r}; known: "
+                             f"{', '.join('llava:' + s for s in sorted(LLAVA_SHAPES))}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_llava(shape)
+        texts = [PROMPT_TEMPLATES["llava"].replace("<image>", " "), ANSWER_SUFFIX]
+        texts += [r.question for r in records] + [a for r in records for a in r.answers]
+        processor = offline_processor(model.config, _words(texts))
+        model = model.to(device=device, dtype=dtype).eval()
+        return VLM(model, processor, "llava", name, "random")
+    model, processor = _load_pretrained(name, device, dtype)
+    from ..adapters.llava import llava_family
+
+    family = llava_family(model)
+    if family is None:
+        raise ValueError(f"{name!r} loaded as {type(model).__name__}, which vlprune does not "
+                         f"reduce; LLaVA-style models: {sorted(ARCHITECTURES)}")
+    return VLM(model, processor, family, name, "pretrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+class Prompter:
+    """Question -> prompt text (one image placeholder, the question, the answer suffix).
+
+    ``template`` (a ``str.format`` pattern with a ``{question}`` field and an ``<image>``
+    placeholder) wins; else the processor's chat template when it has one (one user turn
+    holding the image and the text, then the generation prompt); else
+    :data:`PROMPT_TEMPLATES` of ``family``. ``suffix`` is appended to the question after a
+    space (``""``: none).
+    """
+
+    def __init__(self, processor: Any, family: str = "llava", template: str | None = None,
+                 suffix: str = ANSWER_SUFFIX) -> None:
+        self.processor = processor
+        self.suffix = suffix
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        if template is not None:
+            if "{question}" not in template or "<image>" not in template:
+                raise ValueError(f"a prompt template needs {{question}} and <image>, got "
+                                 f"{template!r}")
+            self.kind, self.template = "given", template
+        elif getattr(processor, "chat_template", None):
+            self.kind, self.template = "chat template", None
+        else:
+            if family not in PROMPT_TEMPLATES:
+                raise ValueError(f"no prompt template for family {family!r}; known: "
+                                 f"{sorted(PROMPT_TEMPLATES)} (or give a template)")
+            self.kind, self.template = f"{family} template", PROMPT_TEMPLATES[family]
+
+    def text(self, question: str) -> str:
+        """The question with the suffix."""
+        return f"{question.strip()} {self.suffix}" if self.suffix else question.strip()
+
+    def __call__(self, question: str) -> str:
+        text = self.text(question)
+        if self.template is None:
+            conversation = [{"role": "user", "content": [{"type": "image"},
+                                                         {"type": "text", "text": text}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                                      tokenize=False)
+        prompt = self.template.replace("<image>", self.image_token)
+        return prompt.replace("{question}", text)
+
+    def describe(self) -> str:
+        """The prompt of a question written ``{question}`` (stored with the results)."""
+        saved, self.suffix = self.suffix, ""
+        try:
+            return self("{question}" + (f" {saved}" if saved else ""))
+        finally:
+            self.suffix = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _check_header(path: Path) -> str | None:
+    """Why ``path`` cannot be an image (missing, empty, not an image), or None."""
+    from PIL import Image
+
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path):
+            pass
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def unreadable_images(records: Sequence[VQARecord], ctx: DistContext | None = None, *,
+                      progress: bool = False) -> dict[int, str]:
+    """``{question index: reason}`` of the questions whose image is missing, empty or not an
+    image (the header is read, the pixels are not: truncated files show up when decoded).
+
+    Every process checks its shard (each distinct file once) and the results are gathered,
+    so every process gets the same dict.
+    """
+    ctx = ctx or DistContext()
+    mine = ctx.shard(len(records))
+    seen: dict[Path, str | None] = {}
+    bad: dict[int, str] = {}
+    with progress_bar(len(mine), progress and ctx.is_main, "check images", "image") as bar:
+        for i in mine:
+            path = Path(records[i].image)
+            if path not in seen:
+                seen[path] = _check_header(path)
+            if seen[path] is not None:
+                bad[i] = seen[path]
+            bar.update(1)
+    out: dict[int, str] = {}
+    for part in ctx.gather_object(bad):
+        out.update(part)
+    return dict(sorted(out.items()))
+
+
+def _skipped_text(bad: Mapping[int, str], records: Sequence[VQARecord]) -> str:
+    items = list(bad.items())
+    shown = "; ".join(f"{Path(records[i].image).name} ({why})" for i, why in items[:_SHOWN_SKIPPED])
+    more = f"; ... (+{len(items) - _SHOWN_SKIPPED} more)" if len(items) > _SHOWN_SKIPPED else ""
+    return (f"{len(items)} of {len(records)} questions have an unreadable image: "
+            f"{shown}{more}")
+
+
+def _report_unreadable(new: Mapping[int, str], bad: Mapping[int, str],
+                       records: Sequence[VQARecord], *, strict: bool, ctx: DistContext) -> None:
+    """Raise (``strict``, or nothing left) or warn about the ``new`` unreadable images."""
+    if not new:
+        return
+    text = _skipped_text(new, records)
+    if strict:
+        raise UnreadableImagesError(f"{text} (without --strict these questions are skipped "
+                                    "and counted)")
+    if len(bad) >= len(records):
+        raise UnreadableImagesError(f"no question has a readable image: {text}")
+    if ctx.is_main:
+        warnings.warn(f"{text}; they are skipped and counted in the 'skipped' column",
+                      stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _apply(model: nn.Module, setting: Setting) -> None:
+    if setting.config is None:
+        if getattr(model, "_vlprune", None) is not None:
+            unpatch(model)
+    else:
+        patch(model, setting.config)
+
+
+@dataclass
+class BatchOutput:
+    """What one batch gives: the answers, in the batch's order, and its timing (ms).
+
+    ``decode_ms`` is None when generation stopped at the first token for every row;
+    ``decode_tokens`` counts the tokens each row generated after its first, up to its
+    end-of-sequence token.
+    """
+
+    answers: list[str]
+    prefill_ms: float
+    decode_ms: float | None
+    decode_tokens: int
+
+
+@dataclass
+class _Costs:
+    gflops: float
+    visual: int
+    llm_in: int
+    llm_out: int
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+class VQAEval:
+    """The per-setting evaluation of one LLaVA-style model on one VQA set, in this process.
+
+    Call :meth:`prepare` (finds the unreadable images, unless ``unreadable`` is given) and
+    :meth:`costs` once with all settings (validates them; FLOPs and visual tokens), then call
+    the object with a :class:`~vlprune.eval.bench.Setting` for its metrics, the unpatched
+    setting first (the reference of ``agreement``). With ``predictions`` (a folder) the main
+    process writes every setting's answers there as JSONL (``NN_<setting>.jsonl``, one line
+    per evaluated question in data order: ``index``, ``question_id``, ``image``,
+    ``question``, ``prediction``, ``answers``, ``accuracy`` (0-1), ``exact_match`` (0/1),
+    ``agrees`` (same normalised answer as unpatched)) and ``skipped.jsonl``.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, records: Sequence[VQARecord], *,
+                 ctx: DistContext | None = None, batch_size: int = 8, max_new_tokens: int = 16,
+                 answer_processing: str = "official", prompter: Prompter | None = None,
+                 strict: bool = False, progress: bool = True,
+                 predictions: str | os.PathLike | None = None,
+                 unreadable: Mapping[int, str] | None = None) -> None:
+        from ..adapters.llava import llava_family
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if answer_processing not in ANSWER_PROCESSING:
+            raise ValueError(f"answer_processing must be one of {list(ANSWER_PROCESSING)}, "
+                             f"got {answer_processing!r}")
+        if not records:
+            raise ValueError("no questions to evaluate")
+        family = llava_family(model)
+        if family is None:
+            raise ValueError(f"{type(model).__name__} is not a LLaVA-style model; supported: "
+                             f"{sorted(ARCHITECTURES)}")
+        self.model = model.eval()
+        self.processor = processor
+        self.records = list(records)
+        self.ctx = ctx or DistContext()
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.answer_processing = answer_processing
+        self.prompter = prompter or Prompter(processor, family)
+        self.strict = strict
+        self.progress = progress and self.ctx.is_main
+        self.predictions = None if predictions is None else Path(predictions)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.indices = self.ctx.shard(len(self.records))
+        self.bad: dict[int, str] | None = None if unreadable is None else dict(unreadable)
+        self.reference: dict[int, str] | None = None
+        self._costs: dict[str, _Costs] = {}
+        self._row = 0
+
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"  # generation continues every row at the same column
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = model.config.get_text_config().pad_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(eos))
+        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=self.pad_id)
+
+    # -- setup --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Find the questions whose image is missing or unreadable (all processes) and
+        report them: an error with ``strict`` (or when no question is left), else a warning."""
+        if self.bad is None:
+            self.bad = unreadable_images(self.records, self.ctx, progress=self.progress)
+            _report_unreadable(self.bad, self.bad, self.records, strict=self.strict, ctx=self.ctx)
+        self._write_skipped()
+
+    def inputs(self, records: Sequence[VQARecord], images: Sequence[Any]) -> dict[str, Any]:
+        """Processor outputs of a batch (left padded), on the model's device and dtype."""
+        prompts = [self.prompter(r.question) for r in records]
+        enc = self.processor(images=list(images), text=prompts, return_tensors="pt",
+                             padding=True)
+        out = {}
+        for k, v in enc.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, self.dtype if v.is_floating_point() else None)
+            out[k] = v
+        return out
+
+    def _example(self) -> dict[str, Any]:
+        """Batch-1 inputs of the first question with a readable image (same in every process)."""
+        for i, r in enumerate(self.records):
+            if self.bad and i in self.bad:
+                continue
+            try:
+                image = _open_image(Path(r.image))
+            except Exception:
+                continue
+            return self.inputs([r], [image])
+        raise UnreadableImagesError("no question has a readable image")
+
+    def costs(self, settings: Sequence[Setting]) -> dict[str, _Costs]:
+        """Prefill FLOPs, visual tokens reaching the LLM (and its last layer) and the LLM's
+        prompt length of the unpatched model and of every setting, from one batch-1 prefill
+        each (a ``generate`` of one token). Patching every setting here also validates them
+        before the long evaluation starts. Leaves the model unpatched."""
+        x1 = self._example()
+        kw = dict(self.gen_kwargs, max_new_tokens=1)
+        out: dict[str, _Costs] = {}
+        try:
+            with torch.inference_mode():
+                for s in [Setting(BASELINE, None), *settings]:
+                    if s.label in out:
+                        continue
+                    try:
+                        _apply(self.model, s)
+                    except (ValueError, TypeError) as e:
+                        raise type(e)(f"setting {s.label!r}: {e}") from e
+                    visual, llm_in, llm_out, flops = _llm_lengths(
+                        self.model,
+                        lambda: count_flops(lambda: self.model.generate(**x1, **kw)),
+                    )
+                    out[s.label] = _Costs(flops / 1e9, visual, llm_in, llm_out)
+        finally:
+            _apply(self.model, Setting(BASELINE, None))
+        self._costs.update(out)
+        return out
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _run_batch(self, records: Sequence[VQARecord], images: Sequence[Any],
+                   clock: _GenerateClock) -> BatchOutput:
+        """Answer one batch with greedy ``generate``, timed by ``clock``."""
+        x = self.inputs(records, images)
+        got: list[torch.Tensor] = []
+        pre, rest, calls = clock.time(lambda: got.append(self.model.generate(**x, **self.gen_kwargs)))
+        out = got[0]
+        seq = out if isinstance(out, torch.Tensor) else out.sequences
+        new = seq[:, x["input_ids"].shape[1]:].cpu()
+        answers = [a.strip() for a in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        tokens = 0
+        for row in new.tolist():
+            ends = [j for j, t in enumerate(row) if t in self.eos_ids]
+            tokens += max((ends[0] + 1 if ends else len(row)) - 1, 0)
+        return BatchOutput(answers, pre, rest if calls > 1 else None, tokens)
+
+    # -- one setting ----------------------------------------------------------------------
+
+    def __call__(self, setting: Setting) -> dict[str, Any]:
+        """Metrics of ``setting`` over all the questions (all processes)."""
+        if self.bad is None:
+            self.prepare()
+        if setting.label not in self._costs:
+            self.costs([setting])
+        bad = self.bad or {}
+        todo = [i for i in self.indices if i not in bad]
+        chunks = [todo[j:j + self.batch_size] for j in range(0, len(todo), self.batch_size)]
+        answers: list[tuple[int, str]] = []
+        failed: dict[int, str] = {}
+        prefill: list[float] = []
+        decode_ms = gen_ms = 0.0
+        decode_tokens = timed_n = 0
+        start = time.perf_counter()
+        _apply(self.model, setting)
+        try:
+            with torch.inference_mode(), _GenerateClock(self.model, self.device) as clock, \
+                    progress_bar(len(chunks), self.progress, f"vqa {setting.label}") as bar:
+                for b, chunk in enumerate(chunks):
+                    recs, images, idx = [], [], []
+                    for i in chunk:
+                        try:
+                            images.append(_open_image(Path(self.records[i].image)))
+                        except Exception as e:
+                            failed[i] = f"{type(e).__name__}: {e}"
+                            continue
+                        recs.append(self.records[i])
+                        idx.append(i)
+                    if recs:
+                        res = self._run_batch(recs, images, clock)
+                        if len(res.answers) != len(recs):
+                            raise RuntimeError(f"{len(res.answers)} answers for a batch of "
+                                               f"{len(recs)} questions")
+                        answers += zip(idx, res.answers)
+                        if b > 0 or len(chunks) == 1:
+                            prefill.append(res.prefill_ms)
+                            gen_ms += res.prefill_ms + (res.decode_ms or 0.0)
+                            timed_n += len(recs)
+                            if res.decode_ms is not None:
+                                decode_ms += res.decode_ms
+                                decode_tokens += res.decode_tokens
+                    bar.update(1)
+        finally:
+            _apply(self.model, Setting(BASELINE, None))
+        seconds = time.perf_counter() - start
+
+        parts = self.ctx.gather_object({
+            "answers": answers, "failed": failed, "prefill": prefill, "decode_ms": decode_ms,
+            "decode_tokens": decode_tokens, "gen_ms": gen_ms, "timed_n": timed_n,
+            "seconds": seconds,
+        })
+        new_bad = {i: why for p in parts for i, why in p["failed"].items() if i not in bad}
+        if new_bad:
+            bad.update(new_bad)
+            self.bad = dict(sorted(bad.items()))
+            self._write_skipped()
+            _report_unreadable(dict(sorted(new_bad.items())), self.bad, self.records,
+                               strict=self.strict, ctx=self.ctx)
+        got = sorted(a for p in parts for a in p["answers"])
+        if not got:
+            raise UnreadableImagesError("no question was evaluated")
+        index = [i for i, _ in got]
+        preds = [a for _, a in got]
+        truth = [self.records[i].answers for i in index]
+        scores = score_predictions(preds, truth, answer_processing=self.answer_processing)
+        norm = [normalize_answer(p) for p in preds]
+        if setting.config is None:
+            self.reference = dict(zip(index, norm))
+        agrees: list[bool | None] = [None] * len(index)
+        agreement = None
+        if self.reference is not None:
+            agrees = [self.reference.get(i) == a if i in self.reference else None
+                      for i, a in zip(index, norm)]
+            common = [a for a in agrees if a is not None]
+            agreement = 100.0 * sum(common) / len(common) if common else None
+        path = self._write_predictions(setting, index, preds, agrees)
+
+        prefill_all = [t for p in parts for t in p["prefill"]]
+        slow_decode = max(p["decode_ms"] for p in parts)
+        slow_gen = max(p["gen_ms"] for p in parts)
+        tokens = sum(p["decode_tokens"] for p in parts)
+        costs = self._costs[setting.label]
+        return {
+            "vqa_accuracy": scores["vqa_accuracy"],
+            "exact_match": scores["exact_match"],
+            "agreement": agreement,
+            "visual_tokens": costs.visual,
+            # llm_keep drops visual tokens only
+            "visual_tokens_last": costs.visual - (costs.llm_in - costs.llm_out),
+            "llm_tokens": costs.llm_in,
+            "gflops_prefill": costs.gflops,
+            "prefill_ms": statistics.median(prefill_all) if prefill_all else None,
+            "decode_tok_s": tokens / slow_decode * 1e3 if slow_decode > 0 and tokens else None,
+            "samples_per_s": (sum(p["timed_n"] for p in parts) / slow_gen * 1e3
+                              if slow_gen > 0 else None),
+            "n": scores["n"],
+            "skipped": len(self.records) - scores["n"],
+            "seconds": max(p["seconds"] for p in parts),
+            "predictions": None if path is None else str(path),
+        }
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _write_predictions(self, setting: Setting, index: list[int], preds: list[str],
+                           agrees: list[bool | None]) -> Path | None:
+        row, self._row = self._row, self._row + 1
+        if self.predictions is None:
+            return None
+        path = self.predictions / f"{row:02d}_{_slug(setting.label)}.jsonl"
+        if not self.ctx.is_main:
+            return path
+        lines = []
+        for i, pred, agree in zip(index, preds, agrees):
+            r = self.records[i]
+            lines.append(json.dumps({
+                "index": i, "question_id": r.question_id, "image": str(r.image),
+                "question": r.question, "prediction": pred, "answers": r.answers,
+                "accuracy": vqa_accuracy(pred, r.answers,
+                                         answer_processing=self.answer_processing),
+                "exact_match": exact_match(pred, r.answers), "agrees": agree,
+            }))
+        _write_lines(path, lines)
+        return path
+
+    def _write_skipped(self) -> None:
+        if self.predictions is None or not self.ctx.is_main:
+            return
+        lines = [json.dumps({"index": i, "question_id": self.records[i].question_id,
+                             "image": str(self.records[i].image), "error": why})
+                 for i, why in (self.bad or {}).items()]
+        _write_lines(self.predictions / "skipped.jsonl", lines)
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _row_line(row: Mapping[str, Any]) -> str:
+    def f(key: str, fmt: str, unit: str = "") -> str:
+        v = row.get(key)
+        return "-" if v is None else f"{format(v, fmt)}{unit}"
+
+    return (f"{row['setting']}: VQA acc. {f('vqa_accuracy', '.2f')} "
+            f"({f('delta_accuracy', '+.2f')})  EM {f('exact_match', '.2f')}  agreement "
+            f"{f('agreement', '.1f', '%')}  visual tokens {f('visual_tokens', 'd')}  "
+            f"{f('gflops_prefill', '.2f')} GFLOPs  prefill {f('prefill_ms', '.1f')} ms  "
+            f"decode {f('decode_tok_s', '.1f')} tok/s  n {row.get('n')}  "
+            f"skipped {row.get('skipped', 0)}")
+
+
+TABLE = (("setting", "setting", ""), ("vqa_accuracy", "VQA acc.", ".2f"),
+         ("delta_accuracy", "delta", "+.2f"), ("exact_match", "EM", ".2f"),
+         ("agreement", "agree %", ".1f"), ("visual_tokens", "visual", "d"),
+         ("visual_tokens_last", "last", "d"), ("gflops_prefill", "GFLOPs", ".2f"),
+         ("flops_ratio", "FLOPs x", ".2f"), ("prefill_ms", "prefill ms", ".1f"),
+         ("speedup", "speedup", ".2f"), ("decode_tok_s", "decode tok/s", ".1f"),
+         ("n", "n", "d"), ("skipped", "skipped", "d"))
+
+
+def eval_vqa(model: nn.Module, processor: Any, records: Sequence[VQARecord],
+             settings: Sequence[Setting], *, ctx: DistContext | None = None,
+             paths: OutputPaths | None = None, meta: Mapping[str, Any] | None = None,
+             methods: Mapping[str, str] | None = None, batch_size: int = 8,
+             max_new_tokens: int = 16, answer_processing: str = "official",
+             prompter: Prompter | None = None, strict: bool = False, progress: bool = True,
+             predictions: str | os.PathLike | None = None,
+             unreadable: Mapping[int, str] | None = None, title: str = "",
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> Sweep:
+    """Answer ``records`` with the unpatched ``model`` and with every setting; returns the
+    finished :class:`~vlprune.eval.runner.Sweep` (``.rows``), written to ``paths`` (and the
+    answers to the ``predictions`` folder) after every row by the main process.
+
+    ``model`` is a LLaVA-style model on its device and dtype (unpatched) and ``processor``
+    its processor. Every setting is patched once before the run (configuration errors
+    surface before any question is answered). The model is left unpatched.
+    """
+    ctx = ctx or DistContext()
+    runner = VQAEval(model, processor, records, ctx=ctx, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, answer_processing=answer_processing,
+                     prompter=prompter, strict=strict, progress=progress,
+                     predictions=predictions, unreadable=unreadable)
+    runner.prepare()
+    runner.costs(settings)
+    full_meta = {**(meta or {}), "questions": len(runner.records), "batch_size": batch_size,
+                 "max_new_tokens": max_new_tokens, "answer_processing": answer_processing,
+                 "prompt": runner.prompter.describe(), "prompt_source": runner.prompter.kind,
+                 "world_size": ctx.world_size, "device": str(runner.device),
+                 "dtype": str(runner.dtype).replace("torch.", ""),
+                 "threads": torch.get_num_threads(), "timing": TIMING}
+    if predictions is not None:
+        full_meta["predictions_dir"] = str(predictions)
+    spec = PlotSpec(y="vqa_accuracy", ylabel="VQA accuracy (%)",
+                    panels=(("gflops_prefill", "prefill GFLOPs / sample"),
+                            ("prefill_ms", "prefill ms / batch")),
+                    title=title or str(full_meta.get("model", "")))
+    sweep = Sweep(paths or OutputPaths(), meta=full_meta, plot=spec, compare=COMPARE,
+                  columns=COLUMNS, write=ctx.is_main, kind="eval_vqa")
+    sweep.run(settings, runner, methods=methods, on_row=on_row)
+    return sweep
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Visual question answering with a LLaVA-style model, unpatched and with each reduction "
+    "setting: VQA accuracy, exact match, agreement with the unpatched answers, the visual "
+    "tokens reaching the language model, prefill GFLOPs, prefill ms per batch and decode "
+    "tokens/s; CSV, JSON, a speed-accuracy plot and every answer as JSONL, rewritten after "
+    "every setting. Runs under `accelerate launch` (questions split across processes, "
+    "results identical to one process)."
+)
+
+EPILOG = (
+    "examples:\n"
+    "  vlprune eval vqa --model llava:tiny --data questions.jsonl --visual-keep 64 "
+    "--max-new-tokens 4\n"
+    "  vlprune eval vqa --model llava-hf/llava-1.5-7b-hf --data "
+    "v2_OpenEnded_mscoco_val2014_questions.json --annotations "
+    "v2_mscoco_val2014_annotations.json --images val2014 --limit 1000 --visual-keep "
+    "192,128,64 --setting \"name=fastv llm_layer=2 llm_keep=64\"\n"
+    "  accelerate launch --num_processes 4 -m vlprune.cli eval vqa ..."
+)
+
+
+def add_vqa_arguments(parser: Any) -> None:
+    """The options of ``vlprune eval vqa`` (data, model, settings, output groups)."""
+    from ..cli import _add_reduction_args, _dtype, parse_keep_list, parse_named_setting
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="PATH",
+                   help="the questions: a JSONL file (one {\"image\", \"question\", \"answers\" "
+                   "or \"answer\"} object a line), a VQAv2 questions JSON (with "
+                   "--annotations) or a GQA-style JSON {id: {imageId, question, answer}}")
+    g.add_argument("--annotations", metavar="PATH", default=None,
+                   help="VQAv2 annotations JSON (default: the one next to the questions file)")
+    g.add_argument("--images", metavar="DIR", default=None,
+                   help="image folder (VQAv2, GQA) or base of relative image paths (JSONL); "
+                   "default: next to the data file")
+    g.add_argument("--format", choices=VQA_FORMATS, default=None,
+                   help="the data format (default: detected from the file)")
+    g.add_argument("--image-pattern", metavar="PATTERN", default=None,
+                   help="VQAv2 / GQA image file name, e.g. 'COCO_val2014_{image_id:012d}.jpg' "
+                   "(default: read from the image folder)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate the first N questions only")
+    g.add_argument("--answer-processing", choices=("auto", *ANSWER_PROCESSING), default="auto",
+                   help="how ground-truth answers are normalised: official (VQAv2's script: "
+                   "punctuation only, and only when annotators disagree) or full (the "
+                   "prediction's normalisation: lower case, number words, articles); auto: "
+                   "official for VQAv2 files, full for JSONL and GQA (default: auto)")
+    g.add_argument("--strict", action="store_true",
+                   help="fail on a missing or unreadable image (default: skip its questions "
+                   "and count them in the 'skipped' column)")
+
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", "-m", default="llava:tiny", metavar="NAME",
+                   help="a Hugging Face LLaVA model (e.g. llava-hf/llava-1.5-7b-hf, "
+                   "llava-hf/llava-v1.6-mistral-7b-hf) or a local folder with its weights and "
+                   "processor; llava:<shape> (tiny, 1.5-7b) builds one with random weights and "
+                   "an offline processor (default: llava:tiny)")
+    m.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights of llava:<shape> (default: 0)")
+    m.add_argument("--prompt", metavar="TEMPLATE", default=None,
+                   help="prompt template with {question} and <image>, e.g. "
+                   "'USER: <image>\\n{question} ASSISTANT:' (default: the processor's chat "
+                   "template, else the family's LLaVA template)")
+    m.add_argument("--no-suffix", action="store_true",
+                   help=f"do not append {ANSWER_SUFFIX!r} to the questions")
+    m.add_argument("--batch-size", "-b", type=int, default=8, metavar="N",
+                   help="questions per generate call (default: 8)")
+    m.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="tokens generated per answer at most (default: 16)")
+    m.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available; under a "
+                   "launcher each process takes its own GPU)")
+    m.add_argument("--dtype", type=_dtype, default=None,
+                   help="float32, float16, bfloat16 (default: float16 on CUDA, else float32)")
+    m.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process (default: torch's)")
+
+    r = parser.add_argument_group("settings (the unpatched model is always evaluated first)")
+    r.add_argument("--visual-keep", type=parse_keep_list, default=None,
+                   help="visual tokens kept per image (one row each), counts or ratios, e.g. "
+                   f"576,192,64 (default when no setting is given: "
+                   f"{','.join(map(str, DEFAULT_VISUAL_KEEP))})")
+    r.add_argument("--visual-score", default="cls_attn",
+                   help="how visual tokens are ranked: cls_attn, dominant_contextual, text, "
+                   "diversity, random, pool (default: cls_attn)")
+    _add_reduction_args(r, many=True, visual=False, setting=False)
+    r.add_argument("--setting", action="append", type=parse_named_setting, default=[],
+                   metavar='"[name=NAME] KEY=VALUE ..."',
+                   help="one more row from ReductionConfig fields, e.g. "
+                   '"name=fastv llm_layer=2 llm_keep=64" or "visual_keep=64 text_keep=0.7"; '
+                   "rows with the same name form one curve in the plot; repeatable")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", "--out", "-o", metavar="PREFIX", default=None,
+                   help="write PREFIX.csv, PREFIX.json, PREFIX.png and the answers in "
+                   "PREFIX.predictions/ (default: results/eval_vqa_<model>)")
+    o.add_argument("--csv", metavar="PATH", default=None, help="CSV path (overrides --output)")
+    o.add_argument("--json", metavar="PATH", default=None, help="JSON path (overrides --output)")
+    o.add_argument("--plot", metavar="PATH", default=None, help="PNG path (overrides --output)")
+    o.add_argument("--predictions", metavar="DIR", default=None,
+                   help="folder of the per-question answers, one JSONL per setting "
+                   "(overrides --output)")
+    o.add_argument("--no-plot", action="store_true", help="no PNG")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_vqa_parser(subparsers: Any) -> Any:
+    """Add the ``vqa`` command to an ``eval`` subparsers object; returns its parser."""
+    import argparse
+    import textwrap
+
+    v = subparsers.add_parser(
+        "vqa", help="VQA accuracy, agreement, visual tokens, prefill GFLOPs / ms and decode "
+        "tok/s per setting of a LLaVA-style model",
+        description=textwrap.fill(DESCRIPTION, 88), epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_vqa_arguments(v)
+    v.set_defaults(func=run_vqa)
+    return v
+
+
+def _settings(args: Any) -> tuple[list[Setting], dict[str, str]]:
+    from ..cli import eval_settings_from_args
+
+    settings, methods = eval_settings_from_args(args, default_merge=[])
+    if not settings:
+        settings = [Setting.of(visual_keep=k, visual_score="cls_attn")
+                    for k in DEFAULT_VISUAL_KEEP]
+    return settings, methods
+
+
+def _model_slug(name: str) -> str:
+    return _slug(Path(name).name if Path(name).is_dir() else name)
+
+
+def run_vqa(args: Any) -> int:
+    """``vlprune eval vqa`` after argument parsing (see :func:`add_vqa_arguments`)."""
+    for name in ("batch_size", "limit", "max_new_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    settings, methods = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.device)
+    try:
+        fmt = args.format or detect_format(args.data)
+        records = load_vqa(args.data, args.images, annotations=args.annotations, format=fmt,
+                           image_pattern=args.image_pattern, limit=args.limit)
+    except FileNotFoundError as e:
+        raise SystemExit(f"vlprune: error: {e}") from e
+    if not records:
+        raise SystemExit(f"vlprune: error: no questions in {args.data}")
+    processing = args.answer_processing
+    if processing == "auto":
+        processing = "official" if fmt == "vqav2" else "full"
+    progress = not args.no_progress
+    # before the model is loaded: a --strict run with a missing image stops here
+    bad = unreadable_images(records, ctx, progress=progress)
+    _report_unreadable(bad, bad, records, strict=args.strict, ctx=ctx)
+
+    dtype = args.dtype or (torch.float16 if ctx.device.type == "cuda" else torch.float32)
+    try:
+        vlm = load_vlm(args.model, records=records, device=ctx.device, dtype=dtype,
+                       seed=args.seed)
+    except RuntimeError as e:
+        raise SystemExit(f"vlprune: error: {e}") from e
+    if vlm.weights == "random" and ctx.is_main:
+        warnings.warn(f"{args.model} has random weights: its answers are noise (use it to "
+                      "check the pipeline and the speed, not the accuracy)", stacklevel=1)
+    prompter = Prompter(vlm.processor, vlm.family, args.prompt,
+                        suffix="" if args.no_suffix else ANSWER_SUFFIX)
+
+    prefix = args.output or f"results/eval_vqa_{_model_slug(args.model)}"
+    paths = output_paths(prefix, csv=args.csv, json=args.json, plot=args.plot)
+    if args.no_plot:
+        paths.plot = None
+    predictions = Path(args.predictions or f"{prefix}.predictions")
+    meta = {
+        "model": args.model, "family": vlm.family, "weights": vlm.weights,
+        "seed": args.seed if vlm.weights == "random" else None,
+        "data": str(args.data), "format": fmt,
+        "annotations": None if args.annotations is None else str(args.annotations),
+        "image_folder": None if args.images is None else str(args.images),
+        "limit": args.limit,
+    }
+    where = f"{ctx.world_size} processes" if ctx.distributed else "1 process"
+    title = (f"{args.model} on {Path(str(args.data)).name}: {len(records)} questions; "
+             f"{ctx.device.type} {str(dtype).replace('torch.', '')}, {where}")
+
+    def show(row: dict[str, Any]) -> None:
+        if ctx.is_main:
+            print(_row_line(row), flush=True)
+
+    sweep = eval_vqa(
+        vlm.model, vlm.processor, records, settings, ctx=ctx, paths=paths, meta=meta,
+        methods=methods, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        answer_processing=processing, prompter=prompter, strict=args.strict,
+        progress=progress, predictions=predictions, unreadable=bad, title=title, on_row=show,
+    )
+    if ctx.is_main:
+        print(sweep.table(TABLE))
+        written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
+        print(f"wrote {', '.join(written)} and {predictions}/", file=sys.stderr)
+        print("--result")
+        print(json.dumps({
+            "model": args.model,
+            "questions": len(records),
+            "rows": {
+                r["setting"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
+                               for k in ("vqa_accuracy", "exact_match", "agreement",
+                                         "visual_tokens", "gflops_prefill", "prefill_ms",
+                                         "decode_tok_s", "n", "skipped")}
+                for r in sweep.rows
+            },
+        }))
+    ctx.barrier()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlprune.eval.eval_vqa ARGS``: the same as ``vlprune eval vqa ARGS``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vlprune eval vqa", description=DESCRIPTION,
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_vqa_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_vqa(args)
+    except ValueError as e:  # configuration errors: one line, no traceback
+        print(f"vlprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
