@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..api import describe, patch, unpatch
+from ..api import describe, patch
 from ..config import ReductionConfig
-from .bench import BASELINE, Setting
+from .bench import BASELINE, Setting, _apply, _sync
 from .distributed import DistContext, init_distributed
 from .flops import count_model_flops
 from .imagenet import (
@@ -197,19 +197,6 @@ def _timm_dataset(name: str, root: str | os.PathLike | None, split: str,
     if limit is not None and limit < len(ds):
         ds = torch.utils.data.Subset(ds, range(limit))
     return ds
-
-
-def _apply(model: nn.Module, setting: Setting) -> None:
-    if setting.config is None:
-        if getattr(model, "_vlprune", None) is not None:
-            unpatch(model)
-    else:
-        patch(model, setting.config)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ImageNetEval:
