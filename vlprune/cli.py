@@ -685,11 +685,14 @@ def _add_eval_imagenet_parser(esub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="speed-accuracy sweeps on real data (imagenet)",
+    e = sub.add_parser("eval", help="speed-accuracy sweeps on real data (imagenet, vqa)",
                        description="Evaluate a model with real weights on real data, unpatched "
                        "and with each reduction setting, and plot accuracy against cost.")
     esub = e.add_subparsers(dest="task", required=True, metavar="TASK")
     _add_eval_imagenet_parser(esub)
+    from .eval.eval_vqa import add_vqa_parser
+
+    add_vqa_parser(esub)
 
 
 def make_parser() -> argparse.ArgumentParser:

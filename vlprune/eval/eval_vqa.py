@@ -61,6 +61,7 @@ warning naming a few (``skipped.jsonl`` in the predictions folder lists them all
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -77,8 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import patch, unpatch
-from .bench import BASELINE, Setting
+from .bench import BASELINE, Setting, _apply
 from .distributed import DistContext, init_distributed
 from .flops import count_flops
 from .runner import OutputPaths, PlotSpec, Sweep, output_paths, progress_bar
@@ -94,6 +94,8 @@ from .vqa_metric import (
 
 __all__ = [
     "ANSWER_SUFFIX",
+    "ARCHITECTURES",
+    "BatchOutput",
     "COLUMNS",
     "DEFAULT_VISUAL_KEEP",
     "PROMPT_TEMPLATES",
@@ -206,8 +208,7 @@ def offline_processor(config: Any, words: Iterable[str] = (), *, image_token: st
     ``PreTrainedTokenizerFast``): text is lower-cased and split into words and punctuation
     runs; ``<pad>``, ``<s>`` and ``</s>`` take the text config's ``pad_token_id``,
     ``bos_token_id`` and ``eos_token_id``, ``image_token`` takes ``config.image_token_id``,
-    ``<unk>`` the first free id, and ``words`` (most important first, e.g. from
-    :func:`_words`) the next free ids, as many as fit in ``vocab_size``; further words read as
+    ``<unk>`` the first free id, and ``words`` (most important first) the next free ids, as many as fit in ``vocab_size``; further words read as
     ``<unk>``. Ids left over are ``<unusedN>`` tokens, so every id the model can generate
     decodes to something. ``<s>`` starts every prompt; padding is on the left.
 
@@ -337,7 +338,7 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tup
         )
     cls = getattr(transformers, _CLASS_OF[family], None) or transformers.AutoModelForImageTextToText
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type == "cuda":
+    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
     try:
         model = cls.from_pretrained(name, **kwargs)
@@ -374,7 +375,8 @@ def load_vlm(name: str, *, records: Sequence[VQARecord] = (), device: str | torc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_llava(shape)
-        texts = [PROMPT_TEMPLATES["llava"].replace("<image>", " "), ANSWER_SUFFIX]
+        template = PROMPT_TEMPLATES["llava"].replace("<image>", " ").replace("{question}", " ")
+        texts = [template, ANSWER_SUFFIX]
         texts += [r.question for r in records] + [a for r in records for a in r.answers]
         processor = offline_processor(model.config, _words(texts))
         model = model.to(device=device, dtype=dtype).eval()
@@ -523,14 +525,6 @@ def _report_unreadable(new: Mapping[int, str], bad: Mapping[int, str],
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------
-
-def _apply(model: nn.Module, setting: Setting) -> None:
-    if setting.config is None:
-        if getattr(model, "_vlprune", None) is not None:
-            unpatch(model)
-    else:
-        patch(model, setting.config)
-
 
 @dataclass
 class BatchOutput:
