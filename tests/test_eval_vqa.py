@@ -1,12 +1,17 @@
 """`vlprune eval vqa` (vlprune.eval.eval_vqa) on llava:tiny with its offline processor and a
 generated JSONL set: rows, files, visual tokens, skipped images, metric consistency, padding,
-a hand-worked VQA accuracy, and two processes against one."""
+a hand-worked VQA accuracy, and two processes against one; then the same for captioning
+(`--task caption`): CIDEr / BLEU rows recomputed from the written captions, hand-worked BLEU,
+the COCO captions JSON, and the errors of each task."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
+import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,8 +31,13 @@ except ImportError:  # pragma: no cover - without it the two-process test is ski
 import vlprune  # noqa: E402
 from vlprune.eval import eval_vqa as ev  # noqa: E402
 from vlprune.eval.bench import BASELINE  # noqa: E402
-from vlprune.eval.vqa_data import load_vqa  # noqa: E402
-from vlprune.eval.vqa_metric import normalize_answer, score_predictions  # noqa: E402
+from vlprune.eval.vqa_data import load_captions, load_vqa  # noqa: E402
+from vlprune.eval.vqa_metric import (  # noqa: E402
+    caption_scores,
+    caption_tokenize,
+    normalize_answer,
+    score_predictions,
+)
 
 torch.set_num_threads(1)  # tiny ops: a second thread only waits on a busy machine
 
@@ -360,3 +370,325 @@ def test_two_processes_equal_one(data, batch4, tmp_path, request):
         assert _jsonl(a["predictions"]) == _jsonl(b["predictions"])
     assert _jsonl(Path(f"{out}.predictions") / "skipped.jsonl") == \
         _jsonl(Path(f"{batch4['out']}.predictions") / "skipped.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Captioning (--task caption)
+# --------------------------------------------------------------------------------------------
+
+needs_coco = pytest.mark.skipif(
+    importlib.util.find_spec("pycocoevalcap") is None,
+    reason="caption metrics need pycocoevalcap (pip install pycocoevalcap, extra 'caption')",
+)
+
+# reference captions of the generated images: 2 or 3 each
+CAPTIONS = [
+    ["a brown dog runs on the grass", "a dog running across a green lawn", "a puppy outside"],
+    ["two cats sleep on a red sofa", "a pair of cats asleep on a couch"],
+    ["a man rides a bicycle down the street", "a person cycling on a city road",
+     "a cyclist in traffic"],
+    ["a plate of food with rice and vegetables", "a dinner plate with rice"],
+    ["a red bus parked near a building", "a large bus on the side of the road"],
+    ["a group of people standing on a beach", "people on the sand near the ocean",
+     "a crowd at the sea"],
+]
+CAPTION_COLUMNS = {"cider", "delta_cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "agreement",
+                   "visual_tokens", "visual_tokens_last", "llm_tokens", "gflops_prefill",
+                   "flops_ratio", "prefill_ms", "speedup", "decode_tok_s", "samples_per_s", "n",
+                   "skipped", "seconds", "predictions", "task", "images", "caption_metric"}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """6 random images with their reference captions in a JSONL file (ids "img0" ...)."""
+    root = tmp_path_factory.mktemp("captions")
+    gen = torch.Generator().manual_seed(1)
+    lines = []
+    for i, refs in enumerate(CAPTIONS):
+        h, w = (int(v) for v in torch.randint(30, 90, (2,), generator=gen))
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(root / f"img_{i}.png")
+        lines.append(json.dumps({"image": f"img_{i}.png", "captions": refs, "id": f"img{i}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "captions.jsonl"
+
+
+def _caption_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--task", "caption", "--data", str(data), "--visual-keep", str(KEEP), "--device",
+            "cpu", "--threads", "1", "--no-progress", "--output", str(out), *extra]
+
+
+def _run_captions(data: Path, out: Path, *extra: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        assert ev.run_vqa(_parse(*_caption_argv(data, out, *extra))) == 0
+    return json.loads(Path(f"{out}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def caption_sweep(captions, tmp_path_factory) -> dict:
+    """unpatched + visual_keep=64 on llava:tiny, 6 new tokens at most, batch 4."""
+    out = tmp_path_factory.mktemp("cap") / "res" / "captions"
+    return {"out": out, "result": _run_captions(captions, out, "-b", "4", "--max-new-tokens", "6")}
+
+
+@needs_coco
+def test_caption_sweep_rows_and_files(caption_sweep):
+    out, result = caption_sweep["out"], caption_sweep["result"]
+    assert result["kind"] == "eval_caption" and result["complete"] is True
+    rows = result["rows"]
+    assert [r["setting"] for r in rows] == [BASELINE, f"visual {KEEP} cls_attn"]
+    base, red = rows
+    assert base["visual_tokens"] == N_IMG and red["visual_tokens"] == KEEP
+    assert red["flops_ratio"] > 1.5 and base["agreement"] == 100.0 and base["delta_cider"] == 0.0
+    for r in rows:
+        assert r["n"] == len(CAPTIONS) and r["skipped"] == 0
+        assert r["cider"] >= 0 and 0 <= r["bleu_4"] <= 100 and r["prefill_ms"] > 0
+        assert "vqa_accuracy" not in r
+    meta = result["meta"]
+    assert meta["task"] == "caption" and meta["images"] == len(CAPTIONS)
+    assert meta["max_new_tokens"] == 6 and meta["format"] == "jsonl"
+    assert meta["prompt"] == ("USER: <image>\nProvide a one-sentence caption for the provided "
+                              "image. ASSISTANT:")
+    assert meta["caption_metric"].startswith("pycocoevalcap ")
+    assert result["plot"]["y"] == "cider"
+
+    with open(f"{out}.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert CAPTION_COLUMNS <= set(csv_rows[0]) and len(csv_rows) == 2
+    assert list(csv_rows[0])[:len(ev.CAPTION_COLUMNS)] == list(ev.CAPTION_COLUMNS)
+    assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+    folder = Path(f"{out}.predictions")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "00_unpatched.jsonl", f"01_visual_{KEEP}_cls_attn.jsonl", "skipped.jsonl"]
+    first = _jsonl(base["predictions"])[0]
+    assert set(first) == {"index", "image_id", "image", "prediction", "captions", "agrees"}
+    assert first["image_id"] == "img0" and first["captions"] == CAPTIONS[0]
+
+
+@needs_coco
+def test_caption_scores_are_recomputed_from_the_written_predictions(caption_sweep):
+    rows = caption_sweep["result"]["rows"]
+    tokens = {p["index"]: caption_tokenize(p["prediction"])
+              for p in _jsonl(rows[0]["predictions"])}
+    for r in rows:
+        preds = _jsonl(r["predictions"])
+        assert [p["index"] for p in preds] == list(range(len(CAPTIONS)))
+        again = caption_scores([p["prediction"] for p in preds], [p["captions"] for p in preds])
+        for key in ("cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4"):
+            assert r[key] == pytest.approx(again[key], abs=1e-9), key
+        agree = [caption_tokenize(p["prediction"]) == tokens[p["index"]] for p in preds]
+        assert [p["agrees"] for p in preds] == agree
+        assert r["agreement"] == pytest.approx(100 * sum(agree) / len(agree))
+        assert r["delta_cider"] == pytest.approx(r["cider"] - rows[0]["cider"])
+    captions = [p["prediction"] for p in _jsonl(rows[0]["predictions"])]
+    assert len(set(captions)) > 1  # the captions depend on the image
+
+
+def _fixed_captions(captions: dict[str, tuple[str, str]]):
+    """A stand-in for CaptionEval._run_batch: unpatched / patched caption per image id."""
+    def run_batch(self, records, images, clock):
+        patched = vlprune.is_patched(self.model)
+        return ev.BatchOutput([captions[r.image_id][patched] for r in records], 1.0, None, 0)
+    return run_batch
+
+
+@needs_coco
+def test_hand_worked_caption_scores(captions, tmp_path, monkeypatch):
+    """Three images with two references each, captioned with fixed text.
+
+    Unpatched: every caption is one of its image's references (up to case and punctuation,
+    which the tokenizer drops), so every n-gram of it is in that reference: BLEU-1..4
+    precisions are 1, and the closest reference length is its own length (brevity penalty
+    1): BLEU-1..4 = 100.
+    Patched: image a unchanged (7 tokens), image b "two cats sleep" (3 tokens: 3 unigrams,
+    2 bigrams, 1 trigram, all in the reference "two cats sleep on a red sofa", closest
+    reference length 7), image c unchanged (8 tokens). Corpus BLEU sums the counts: every
+    precision is still 1 (18/18, 15/15, 12/12, 9/9), candidate length 18, reference length
+    7 + 7 + 8 = 22, brevity penalty exp(1 - 22/18): BLEU-1..4 = 100 exp(-2/9) = 80.074.
+    Agreement: a (same tokens) and c agree, b does not: 2/3.
+    """
+    image = str(captions.parent / "img_0.png")
+    refs = {"a": ["a black dog runs on the grass", "a dog running across a lawn"],
+            "b": ["two cats sleep on a red sofa", "a pair of cats asleep on a couch"],
+            "c": ["a man rides a bicycle down the street", "a person cycling on a city road"]}
+    path = tmp_path / "hand.jsonl"
+    path.write_text("".join(json.dumps({"image": image, "captions": c, "id": k}) + "\n"
+                            for k, c in refs.items()))
+    monkeypatch.setattr(ev.CaptionEval, "_run_batch", _fixed_captions({
+        "a": ("A black dog runs on the grass.", "a black dog runs on the grass"),
+        "b": ("Two cats sleep on a red sofa", "two cats sleep"),
+        "c": ("a man rides a bicycle down the street", "a man rides a bicycle down the street"),
+    }))
+    result = _run_captions(path, tmp_path / "hand", "--no-plot")
+    base, red = result["rows"]
+    assert result["meta"]["max_new_tokens"] == 30  # the caption default
+    for k in range(1, 5):
+        assert base[f"bleu_{k}"] == pytest.approx(100.0, abs=1e-6)
+        assert red[f"bleu_{k}"] == pytest.approx(100 * math.exp(-2 / 9), abs=1e-6)
+    assert red["agreement"] == pytest.approx(200 / 3) and base["n"] == red["n"] == 3
+    assert [p["agrees"] for p in _jsonl(red["predictions"])] == [True, False, True]
+    # CIDEr-D against the scorer itself on the same captions
+    preds = ["a black dog runs on the grass", "two cats sleep",
+             "a man rides a bicycle down the street"]
+    assert red["cider"] == pytest.approx(caption_scores(preds, list(refs.values()))["cider"])
+    assert red["delta_cider"] == pytest.approx(red["cider"] - base["cider"])
+    assert base["decode_tok_s"] is None and base["prefill_ms"] == 1.0
+
+
+@needs_coco
+def test_captions_identical_to_every_reference_score_the_maximum(captions, tmp_path,
+                                                                 monkeypatch):
+    """Every reference of an image is its caption (up to case and punctuation): BLEU-1..4 =
+    100; CIDEr-D: candidate and reference n-gram vectors are equal, and each n = 1..4 has an
+    n-gram found in one image only (idf log 3 > 0), so every cosine is 1, the length
+    penalty exp(0) = 1, and CIDEr-D = 10 (its scale) x 1 = 1000 (x100)."""
+    image = str(captions.parent / "img_1.png")
+    texts = {"a": "a black dog runs on the grass", "b": "two cats sleep on a red sofa",
+             "c": "a man rides a bicycle down the street"}
+    path = tmp_path / "same.jsonl"
+    path.write_text("".join(json.dumps({"image": image, "id": k,
+                                        "captions": [t, t.capitalize() + "."]}) + "\n"
+                            for k, t in texts.items()))
+    monkeypatch.setattr(ev.CaptionEval, "_run_batch",
+                        _fixed_captions({k: (t, t.upper()) for k, t in texts.items()}))
+    for row in _run_captions(path, tmp_path / "same", "--no-plot")["rows"]:
+        assert row["bleu_4"] == pytest.approx(100.0, abs=1e-6)
+        assert row["bleu_1"] == pytest.approx(100.0, abs=1e-6)
+        assert row["cider"] == pytest.approx(1000.0, abs=1e-6)
+        assert row["agreement"] == 100.0
+
+
+@needs_coco
+def test_coco_captions_json_sweep(captions, tmp_path, monkeypatch):
+    """A COCO captions JSON with --images: records in "images" order, missing images skipped
+    and listed."""
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i:012d}.png").write_bytes((captions.parent / f"img_{i}.png").read_bytes())
+    data = {"images": [{"id": i, "file_name": f"{i:012d}.png"} for i in (2, 0, 1, 9)],
+            "annotations": [{"image_id": i, "id": 10 * i + j, "caption": c}
+                            for i, refs in enumerate(CAPTIONS[:3]) for j, c in enumerate(refs)]
+            + [{"image_id": 9, "id": 90, "caption": "a missing image"}]}
+    path = tmp_path / "annotations" / "captions_val2014.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(ev.CaptionEval, "_run_batch", _fixed_captions(
+        {i: ("a dog", "a cat") for i in (0, 1, 2)}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ev.run_vqa(_parse(*_caption_argv(path, tmp_path / "coco", "--images", str(folder),
+                                                "--no-plot"))) == 0
+    assert any("1 of 4 images are unreadable: 000000000009.png (missing)" in str(w.message)
+               for w in caught)
+    result = json.loads((tmp_path / "coco.json").read_text())
+    assert result["meta"]["format"] == "coco_captions"
+    base, red = result["rows"]
+    assert base["n"] == 3 and base["skipped"] == 1 and red["agreement"] == 0.0
+    preds = _jsonl(base["predictions"])
+    assert [p["image_id"] for p in preds] == [2, 0, 1]
+    assert preds[1]["captions"] == CAPTIONS[0]
+    skipped = _jsonl(tmp_path / "coco.predictions" / "skipped.jsonl")
+    assert [(s["image_id"], s["error"]) for s in skipped] == [(9, "missing")]
+
+
+def test_caption_prompts(captions):
+    instruction = "Provide a one-sentence caption for the provided image."
+    assert ev.CAPTION_INSTRUCTION == instruction
+    p = ev.Prompter(Plain(), suffix="", needs_question=False)
+    assert p(instruction) == f"USER: <image>\n{instruction} ASSISTANT:"
+    # the offline processor knows the instruction's and the references' words
+    proc = ev.load_vlm("llava:tiny", records=load_captions(captions)).processor
+    ids = proc.tokenizer(f"{instruction} {CAPTIONS[1][1]}")["input_ids"]
+    assert proc.tokenizer.unk_token_id not in ids
+    # a processor with a chat template writes the same prompt
+    proc.chat_template = LLAVA_15_CHAT_TEMPLATE
+    try:
+        chat = ev.Prompter(proc, suffix="", needs_question=False)
+        assert chat.kind == "chat template" and chat(instruction) == p(instruction)
+    finally:
+        proc.chat_template = None
+    # --prompt: {question} is optional for captions, required for questions
+    assert ev.Prompter(Plain(), template="<image> Caption:", suffix="",
+                       needs_question=False)(instruction) == "<image> Caption:"
+    with pytest.raises(ValueError, match=r"needs <image>, got"):
+        ev.Prompter(Plain(), template="Caption:", suffix="", needs_question=False)
+    with pytest.raises(ValueError, match=r"needs \{question\} and <image>"):
+        ev.Prompter(Plain(), template="<image> Caption:")
+
+
+def test_task_errors(data, captions, tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(ev, "load_vlm", no_model)
+    with pytest.raises(SystemExit):
+        _parse("--task", "detection", "--data", str(captions))
+    err = capsys.readouterr().err
+    assert "invalid choice: 'detection'" in err and "vqa" in err and "caption" in err
+    args = _parse("--data", str(captions))
+    args.task = "detection"
+    with pytest.raises(ValueError, match=r"--task must be one of \['vqa', 'caption'\]"):
+        ev.run_vqa(args)
+    # caption data with --task vqa (the default): the error says so and names the formats
+    with pytest.raises(ValueError, match=r"line 1 has a caption and no question.*--task caption"
+                       r".*accepted formats: 'vqav2'.*'gqa'.*'jsonl'"):
+        ev.run_vqa(_parse(*_argv(captions, tmp_path / "x")))
+    # questions with --task caption
+    with pytest.raises(ValueError, match=r"line 1 has a question and no caption.*--task vqa.*"
+                       r"accepted caption formats: 'coco_captions'.*'jsonl'"):
+        ev.run_vqa(_parse(*_caption_argv(data, tmp_path / "y")))
+    # options of the other task
+    with pytest.raises(ValueError, match=r"--answer-processing, --no-suffix apply only to "
+                       r"--task vqa"):
+        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "z", "--answer-processing",
+                                         "full", "--no-suffix")))
+    with pytest.raises(ValueError, match="--format coco_captions is a caption format; --task "
+                       "vqa takes vqav2, gqa, jsonl"):
+        ev.run_vqa(_parse(*_argv(captions, tmp_path / "w", "--format", "coco_captions")))
+    with pytest.raises(ValueError, match="--format gqa is a VQA format; --task caption takes "
+                       "coco_captions, jsonl"):
+        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "v", "--format", "gqa")))
+    with pytest.raises(TypeError, match="CaptionEval evaluates CaptionRecord records, got a "
+                       "VQARecord"):
+        ev.CaptionEval(nn_stub(), None, load_vqa(data))
+
+
+def nn_stub() -> torch.nn.Module:
+    return torch.nn.Linear(1, 1)
+
+
+def test_caption_task_needs_pycocoevalcap(captions, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(ev, "load_vlm", no_model)
+    for name in ("pycocoevalcap", "pycocoevalcap.bleu", "pycocoevalcap.bleu.bleu",
+                 "pycocoevalcap.cider", "pycocoevalcap.cider.cider"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit, match="caption metrics need the 'pycocoevalcap' package.*"
+                       "pip install pycocoevalcap"):
+        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "x")))
+
+
+@needs_coco
+@pytest.mark.slow
+def test_caption_two_processes_equal_one(captions, caption_sweep, tmp_path, request):
+    """CIDEr is a corpus score: computed once over the gathered captions, two processes give
+    the one-process numbers."""
+    if _launch is None:
+        pytest.skip("tests/test_distributed.py (the two-process launcher) is not importable")
+    request.getfixturevalue("two_ranks")  # skips when two gloo ranks cannot start here
+    out = tmp_path / "two"
+    proc = _launch(["-m", "vlprune.eval.eval_vqa",
+                    *_caption_argv(captions, out, "-b", "4", "--max-new-tokens", "6")], cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("--result") == 1
+    one, two = caption_sweep["result"], json.loads(Path(f"{out}.json").read_text())
+    assert two["meta"]["world_size"] == 2
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        for key in ("cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "agreement", "n",
+                    "skipped", "visual_tokens", "gflops_prefill"):
+            assert a[key] == b[key], (a["setting"], key, a[key], b[key])
+        assert _jsonl(a["predictions"]) == _jsonl(b["predictions"])

@@ -1,4 +1,5 @@
-"""Loading VQA sets: VQAv2 pair, GQA-style JSON, JSONL; format detection and errors."""
+"""Loading VQA sets (VQAv2 pair, GQA-style JSON, JSONL) and caption sets (COCO captions JSON,
+JSONL); format detection and errors, including each task refusing the other's files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from vlprune.eval.vqa_data import VQARecord, detect_format, load_vqa, missing_images
+from vlprune.eval.vqa_data import (
+    CaptionRecord,
+    VQARecord,
+    detect_caption_format,
+    detect_format,
+    load_captions,
+    load_vqa,
+    missing_images,
+)
 
 # --------------------------------------------------------------------------------------------
 # VQAv2
@@ -332,3 +341,186 @@ def test_argument_errors(tmp_path: Path) -> None:
         load_vqa(path, limit=-1)
     with pytest.raises(ValueError, match="image_pattern is only for"):
         load_vqa(path, image_pattern="{image_id}.jpg")
+
+
+# --------------------------------------------------------------------------------------------
+# Captions: COCO captions JSON
+# --------------------------------------------------------------------------------------------
+
+
+def _coco_captions(root: Path, *, name: str = "annotations/captions_val2014.json",
+                   image_dir: str | None = "val2014") -> Path:
+    data = {
+        "info": {}, "licenses": [],
+        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "width": 640},
+                   {"id": 7, "file_name": "COCO_val2014_000000000007.jpg", "width": 480}],
+        "annotations": [
+            {"image_id": 7, "id": 1, "caption": "A cat on a mat."},
+            {"image_id": 42, "id": 2, "caption": "Two dogs play."},
+            {"image_id": 7, "id": 3, "caption": "a sleeping cat"},
+            {"image_id": 42, "id": 4, "caption": "dogs in a park"},
+        ],
+    }
+    if image_dir is not None:
+        (root / image_dir).mkdir(parents=True, exist_ok=True)
+        (root / image_dir / "COCO_val2014_000000000042.jpg").write_bytes(b"")
+    return _write_json(root / name, data)
+
+
+def test_coco_captions(tmp_path: Path) -> None:
+    path = _coco_captions(tmp_path)
+    assert detect_caption_format(path) == "coco_captions"
+    records = load_captions(path)
+    # one record per image, in the order of "images"; captions in annotation order;
+    # annotations/captions_val2014.json -> images in ../val2014
+    assert records == [
+        CaptionRecord(42, tmp_path / "val2014" / "COCO_val2014_000000000042.jpg",
+                      ["Two dogs play.", "dogs in a park"]),
+        CaptionRecord(7, tmp_path / "val2014" / "COCO_val2014_000000000007.jpg",
+                      ["A cat on a mat.", "a sleeping cat"]),
+    ]
+    assert [r.image_id for r in missing_images(records)] == [7]
+    assert [r.image_id for r in load_captions(path, limit=1)] == [42]
+    assert load_captions(path, format="coco_captions", limit=0) == []
+
+
+def test_coco_captions_image_folder(tmp_path: Path) -> None:
+    # a folder named after the split next to the JSON wins; --images overrides; else the
+    # JSON's own folder
+    path = _coco_captions(tmp_path, name="captions_val2014.json", image_dir=None)
+    assert load_captions(path)[0].image.parent == tmp_path
+    (tmp_path / "val2014").mkdir()
+    assert load_captions(path)[0].image.parent == tmp_path / "val2014"
+    other = tmp_path / "imgs"
+    other.mkdir()
+    assert load_captions(path, other)[1].image == other / "COCO_val2014_000000000007.jpg"
+    plain = _coco_captions(tmp_path / "b", name="karpathy_test.json", image_dir=None)
+    assert load_captions(plain)[0].image.parent == tmp_path / "b"
+
+
+def test_coco_captions_errors(tmp_path: Path) -> None:
+    path = _coco_captions(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"].append({"image_id": 99, "caption": "x"})
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[4\]: image_id 99 is not in 'images'"):
+        load_captions(path)
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 42]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"image 7 \(COCO_val2014_000000000007.jpg\) has no caption"):
+        load_captions(path)
+    assert len(load_captions(path, limit=1)) == 1  # only the kept images need captions
+    del data["images"][0]["file_name"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"images\[0\] \(id 42\): missing key 'file_name'"):
+        load_captions(path)
+    data["images"] = [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"images\[1\]: image id 1 appears more than once"):
+        load_captions(path)
+    bad_caption = _write_json(tmp_path / "c.json", {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "annotations": [{"image_id": 1, "caption": ["a", "list"]}]})
+    with pytest.raises(ValueError, match=r"annotations\[0\] \(image_id 1\): 'caption' must be str"):
+        load_captions(bad_caption)
+    no_images = _write_json(tmp_path / "d.json", {"annotations": [{"image_id": 1, "caption": "a"}]})
+    with pytest.raises(ValueError, match="needs an 'images' list"):
+        load_captions(no_images)
+
+
+# --------------------------------------------------------------------------------------------
+# Captions: JSONL
+# --------------------------------------------------------------------------------------------
+
+
+def test_caption_jsonl(tmp_path: Path) -> None:
+    absolute = tmp_path / "elsewhere" / "b.jpg"
+    path = _jsonl(tmp_path / "set" / "captions.jsonl", [
+        {"image": "imgs/a.jpg", "captions": ["A dog.", "a brown dog"], "id": "a"},
+        "",  # blank lines are skipped
+        {"image": str(absolute), "caption": "A cat."},
+    ])
+    assert detect_caption_format(path) == "jsonl"
+    records = load_captions(path)
+    assert records[0] == CaptionRecord("a", tmp_path / "set" / "imgs" / "a.jpg",
+                                       ["A dog.", "a brown dog"])
+    # no id: the line number (third line of the file); one caption: a list of one
+    assert records[1] == CaptionRecord(3, absolute, ["A cat."])
+    base = tmp_path / "base"
+    base.mkdir()
+    assert load_captions(path, base, limit=1)[0].image == base / "imgs" / "a.jpg"
+    one_line = _jsonl(tmp_path / "one.json", [{"image": "a.jpg", "caption": "x"}])
+    assert detect_caption_format(one_line) == "jsonl" and len(load_captions(one_line)) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"line 2 is not valid JSON.*accepted caption formats"),
+        ({"caption": "x"}, r"line 2: missing key 'image'"),
+        ({"image": "a.jpg"}, r"line 2: needs 'captions' \(list of str\) or 'caption' \(str\)"),
+        ({"image": "a.jpg", "captions": []}, r"line 2: 'captions' is empty"),
+        ({"image": "a.jpg", "captions": "x"}, r"line 2: 'captions' must be list"),
+        ({"image": "a.jpg", "captions": ["x", 2]}, r"line 2: captions\[1\] must be str"),
+        ({"image": "a.jpg", "caption": 2}, r"line 2: 'caption' must be str"),
+        ({"image": "a.jpg", "caption": "x", "id": 1.5}, r"line 2: 'id' must be int or str"),
+        ({"image": "a.jpg", "caption": "x", "id": 1},
+         r"image id 1 appears more than once; give all references"),
+    ],
+)
+def test_caption_jsonl_errors_name_the_line(tmp_path: Path, line: object, message: str) -> None:
+    path = _jsonl(tmp_path / "captions.jsonl", [{"image": "a.jpg", "caption": "x", "id": 1}, line])
+    with pytest.raises(ValueError, match=message):
+        load_captions(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Each task refuses the other's files, naming what it accepts
+# --------------------------------------------------------------------------------------------
+
+
+def test_vqa_loader_refuses_caption_files(tmp_path: Path) -> None:
+    coco = _coco_captions(tmp_path)
+    with pytest.raises(ValueError, match=r"COCO captions JSON: it holds captions, not questions; "
+                       r"load it with load_captions \(vlprune eval vqa --task caption\); "
+                       r"accepted formats: 'vqav2'.*'gqa'.*'jsonl'"):
+        load_vqa(coco)
+    lines = _jsonl(tmp_path / "captions.jsonl", [{"image": "a.jpg", "captions": ["x"]}])
+    with pytest.raises(ValueError, match=r"line 1 has a caption and no question.*--task caption"
+                       r".*accepted formats"):
+        load_vqa(lines)
+    one_line = _jsonl(tmp_path / "one.json", [{"image": "a.jpg", "caption": "x"}])
+    with pytest.raises(ValueError, match=r"caption JSONL: it holds captions"):
+        load_vqa(one_line)
+
+
+def test_caption_loader_refuses_vqa_files(tmp_path: Path) -> None:
+    accepted = r"accepted caption formats: 'coco_captions'.*'jsonl'"
+    for path in (_vqav2(tmp_path / "v"), _gqa(tmp_path / "g"),
+                 tmp_path / "v" / "v2_mscoco_val2014_annotations.json"):
+        with pytest.raises(ValueError, match=rf"is a VQA file: it holds questions, not captions; "
+                           rf"load it with load_vqa \(vlprune eval vqa --task vqa\); {accepted}"):
+            load_captions(path)
+    lines = _jsonl(tmp_path / "vqa.jsonl", [{"image": "a.jpg", "question": "q?", "answer": "x"}])
+    with pytest.raises(ValueError, match=rf"line 1 has a question and no caption.*--task vqa.*{accepted}"):
+        load_captions(lines)
+    for name, content in [("list.json", "[1, 2]"), ("obj.json", '{"foo": 1}'), ("text.json", "hi")]:
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(ValueError, match=accepted):
+            load_captions(path)
+
+
+def test_caption_arguments(tmp_path: Path) -> None:
+    path = _coco_captions(tmp_path)
+    with pytest.raises(ValueError, match=r"format must be one of \['coco_captions', 'jsonl'\]"):
+        load_captions(path, format="vqav2")
+    with pytest.raises(ValueError, match="given as format 'coco_captions' but looks like 'jsonl'"):
+        load_captions(_jsonl(tmp_path / "c.json", [{"image": "a", "caption": "x"}] * 2),
+                      format="coco_captions")
+    with pytest.raises(FileNotFoundError, match="caption file not found"):
+        load_captions(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        load_captions(path, tmp_path / "no_such_dir")
+    with pytest.raises(ValueError, match="limit must be an int >= 0"):
+        load_captions(path, limit=-1)

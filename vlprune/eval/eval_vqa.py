@@ -1,5 +1,9 @@
 """``vlprune eval vqa``: a speed-accuracy sweep of visual-token reduction on a LLaVA-style model.
 
+Two tasks: visual question answering (``task="vqa"``, :class:`VQAEval`, the default) and
+captioning (``task="caption"``, :class:`CaptionEval`, described at the end). Both share the
+generation loop, the cost columns and the file handling of :class:`GenerationEval`.
+
 One model, one VQA set, many settings. The unpatched model answers every question first,
 then each setting (``visual_keep`` / ``visual_score``, FastV's ``llm_layer`` / ``llm_keep``,
 ``text_keep``, tower merging, ...) answers the same questions with the same prompts. Per
@@ -57,6 +61,20 @@ every number but the timings equals a single process's. Only the main process wr
 Questions whose image is missing or unreadable are skipped and counted (``skipped``), with a
 warning naming a few (``skipped.jsonl`` in the predictions folder lists them all);
 ``strict=True`` refuses them instead, before the model is run.
+
+Captioning (:func:`eval_captions`, ``--task caption``) runs the same sweep on a caption set
+(:func:`vlprune.eval.vqa_data.load_captions`: COCO captions JSON or JSONL). The prompt holds
+:data:`CAPTION_INSTRUCTION` instead of a question (LLaVA-1.5: ``"USER: <image>\\nProvide a
+one-sentence caption for the provided image. ASSISTANT:"``), at most 30 new tokens by
+default. Its columns (:data:`CAPTION_COLUMNS`) replace the VQA scores by ``cider``,
+``delta_cider`` and ``bleu_1`` ... ``bleu_4`` (:func:`vlprune.eval.vqa_metric.caption_scores`:
+``pycocoevalcap``'s CIDEr-D and BLEU scorers, x100), computed over the whole set on the main
+process once every caption is gathered (CIDEr weighs n-grams by their document frequency over
+all references, so it is a corpus score; computing it once over the gathered set makes any
+number of processes give one process's numbers); ``agreement`` is the % of images captioned
+exactly as by the unpatched model after caption tokenization
+(:func:`vlprune.eval.vqa_metric.caption_tokenize`: lower case, punctuation dropped). The cost
+columns are the same.
 """
 
 from __future__ import annotations
@@ -83,9 +101,20 @@ from .distributed import DistContext, init_distributed
 from .flops import count_flops
 from .runner import OutputPaths, PlotSpec, Sweep, output_paths, progress_bar
 from .vlm_bench import _GenerateClock, _llm_lengths
-from .vqa_data import VQA_FORMATS, VQARecord, detect_format, load_vqa
+from .vqa_data import (
+    CAPTION_FORMATS,
+    VQA_FORMATS,
+    CaptionRecord,
+    VQARecord,
+    detect_caption_format,
+    detect_format,
+    load_captions,
+    load_vqa,
+)
 from .vqa_metric import (
     ANSWER_PROCESSING,
+    caption_scores,
+    caption_tokenize,
     exact_match,
     normalize_answer,
     score_predictions,
@@ -96,16 +125,24 @@ __all__ = [
     "ANSWER_SUFFIX",
     "ARCHITECTURES",
     "BatchOutput",
+    "CAPTION_COLUMNS",
+    "CAPTION_INSTRUCTION",
     "COLUMNS",
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_VISUAL_KEEP",
     "PROMPT_TEMPLATES",
+    "TASKS",
     "TIMING",
     "VLM",
+    "CaptionEval",
+    "GenerationEval",
     "Prompter",
+    "Record",
     "UnreadableImagesError",
     "VQAEval",
     "add_vqa_arguments",
     "add_vqa_parser",
+    "eval_captions",
     "eval_vqa",
     "load_vlm",
     "main",
@@ -117,8 +154,22 @@ __all__ = [
 #: the instruction LLaVA's VQAv2 / GQA evaluation appends to every question
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
+#: the text of a captioning prompt, in place of the question (the prompt of lmms-eval's COCO
+#: caption tasks)
+CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
+
+#: the values of ``--task``
+TASKS = ("vqa", "caption")
+
+#: ``max_new_tokens`` per task when none is given
+DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 30}
+
+#: a record of either task
+Record = VQARecord | CaptionRecord
+
 #: per-family prompts, used when the processor has no chat template (``{question}`` holds the
-#: question and :data:`ANSWER_SUFFIX`; ``<image>`` is replaced by the processor's image token)
+#: question and :data:`ANSWER_SUFFIX`, or :data:`CAPTION_INSTRUCTION`; ``<image>`` is replaced
+#: by the processor's image token)
 PROMPT_TEMPLATES = {
     "llava": "USER: <image>\n{question} ASSISTANT:",
     "llava_next": "USER: <image>\n{question} ASSISTANT:",
@@ -144,19 +195,27 @@ TIMING = ("generate calls only (image loading and preprocessing excluded), synch
           "has more than one batch; prefill_ms: median over the timed batches of all "
           "processes; decode_tok_s: generated tokens after each row's first (up to its "
           "end-of-sequence token), all processes / slowest process's decode seconds; "
-          "samples_per_s: questions timed / slowest process's generate seconds")
+          "samples_per_s: questions (or images) timed / slowest process's generate seconds")
+
+# the cost columns, the same for both tasks
+_COST_COLUMNS = ("visual_tokens", "visual_tokens_last", "llm_tokens", "gflops_prefill",
+                 "flops_ratio", "prefill_ms", "speedup", "decode_tok_s", "samples_per_s", "n",
+                 "skipped", "seconds", "predictions")
 
 #: the leading columns of the CSV, in order
 COLUMNS = ("setting", "method", "vqa_accuracy", "delta_accuracy", "exact_match", "agreement",
-           "visual_tokens", "visual_tokens_last", "llm_tokens", "gflops_prefill", "flops_ratio",
-           "prefill_ms", "speedup", "decode_tok_s", "samples_per_s", "n", "skipped", "seconds",
-           "predictions")
+           *_COST_COLUMNS)
 
-COMPARE = {
-    "delta_accuracy": ("vqa_accuracy", "diff"),
+#: the leading columns of the CSV of the caption task, in order
+CAPTION_COLUMNS = ("setting", "method", "cider", "delta_cider", "bleu_1", "bleu_2", "bleu_3",
+                   "bleu_4", "agreement", *_COST_COLUMNS)
+
+_COST_COMPARE = {
     "speedup": ("prefill_ms", "inverse"),
     "flops_ratio": ("gflops_prefill", "inverse"),
 }
+COMPARE = {"delta_accuracy": ("vqa_accuracy", "diff"), **_COST_COMPARE}
+CAPTION_COMPARE = {"delta_cider": ("cider", "diff"), **_COST_COMPARE}
 
 #: the special tokens of :func:`offline_processor` (pad, bos, eos, unk)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -170,7 +229,8 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class UnreadableImagesError(ValueError):
-    """Questions whose image is missing or unreadable, with ``strict=True`` (or all of them)."""
+    """Questions (or images to caption) whose image is missing or unreadable, with
+    ``strict=True`` (or all of them)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,14 +409,32 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tup
     return model.to(device).eval(), processor
 
 
-def load_vlm(name: str, *, records: Sequence[VQARecord] = (), device: str | torch.device = "cpu",
+def _vocabulary_texts(records: Sequence[Record]) -> list[str]:
+    """The texts the offline tokenizer takes its words from: the prompt template, the
+    instruction, then the questions and answers (VQA) or the reference captions."""
+    template = PROMPT_TEMPLATES["llava"].replace("<image>", " ").replace("{question}", " ")
+    captions = [r for r in records if isinstance(r, CaptionRecord)]
+    questions = [r for r in records if not isinstance(r, CaptionRecord)]
+    texts = [template]
+    if captions:
+        texts.append(CAPTION_INSTRUCTION)
+    if questions or not captions:
+        texts.append(ANSWER_SUFFIX)
+    texts += [r.question for r in questions] + [a for r in questions for a in r.answers]
+    texts += [c for r in captions for c in r.captions]
+    return texts
+
+
+def load_vlm(name: str, *, records: Sequence[Record] = (), device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, seed: int = 0) -> VLM:
     """The model and processor to evaluate, in eval mode on ``device`` / ``dtype``.
 
     - ``llava:<shape>`` (a :data:`vlprune.cli.LLAVA_SHAPES` key, e.g. ``llava:tiny``): built
       from the config with random weights (seeded by ``seed``, the same in every process),
       and :func:`offline_processor` with a vocabulary from the prompt template and the
-      questions and answers of ``records``.
+      questions and answers of ``records`` (:class:`~vlprune.eval.vqa_data.VQARecord`), or
+      the caption instruction and the reference captions
+      (:class:`~vlprune.eval.vqa_data.CaptionRecord`).
     - anything else: a Hugging Face hub name or a local folder; the class comes from the
       config's architecture (LLaVA, LLaVA-NeXT, OneVision, NeXT-Video), the processor from
       ``AutoProcessor``.
@@ -375,10 +453,7 @@ def load_vlm(name: str, *, records: Sequence[VQARecord] = (), device: str | torc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_llava(shape)
-        template = PROMPT_TEMPLATES["llava"].replace("<image>", " ").replace("{question}", " ")
-        texts = [template, ANSWER_SUFFIX]
-        texts += [r.question for r in records] + [a for r in records for a in r.answers]
-        processor = offline_processor(model.config, _words(texts))
+        processor = offline_processor(model.config, _words(_vocabulary_texts(records)))
         model = model.to(device=device, dtype=dtype).eval()
         return VLM(model, processor, "llava", name, "random")
     model, processor = _load_pretrained(name, device, dtype)
@@ -402,18 +477,19 @@ class Prompter:
     placeholder) wins; else the processor's chat template when it has one (one user turn
     holding the image and the text, then the generation prompt); else
     :data:`PROMPT_TEMPLATES` of ``family``. ``suffix`` is appended to the question after a
-    space (``""``: none).
+    space (``""``: none). With ``needs_question=False`` (captioning, where the "question" is
+    the fixed :data:`CAPTION_INSTRUCTION`) a given template may leave out ``{question}``.
     """
 
     def __init__(self, processor: Any, family: str = "llava", template: str | None = None,
-                 suffix: str = ANSWER_SUFFIX) -> None:
+                 suffix: str = ANSWER_SUFFIX, *, needs_question: bool = True) -> None:
         self.processor = processor
         self.suffix = suffix
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         if template is not None:
-            if "{question}" not in template or "<image>" not in template:
-                raise ValueError(f"a prompt template needs {{question}} and <image>, got "
-                                 f"{template!r}")
+            if "<image>" not in template or (needs_question and "{question}" not in template):
+                needed = "{question} and <image>" if needs_question else "<image>"
+                raise ValueError(f"a prompt template needs {needed}, got {template!r}")
             self.kind, self.template = "given", template
         elif getattr(processor, "chat_template", None):
             self.kind, self.template = "chat template", None
@@ -472,10 +548,11 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def unreadable_images(records: Sequence[VQARecord], ctx: DistContext | None = None, *,
+def unreadable_images(records: Sequence[Record], ctx: DistContext | None = None, *,
                       progress: bool = False) -> dict[int, str]:
-    """``{question index: reason}`` of the questions whose image is missing, empty or not an
-    image (the header is read, the pixels are not: truncated files show up when decoded).
+    """``{record index: reason}`` of the records (questions or images to caption) whose image
+    is missing, empty or not an image (the header is read, the pixels are not: truncated files
+    show up when decoded).
 
     Every process checks its shard (each distinct file once) and the results are gathered,
     so every process gets the same dict.
@@ -498,25 +575,33 @@ def unreadable_images(records: Sequence[VQARecord], ctx: DistContext | None = No
     return dict(sorted(out.items()))
 
 
-def _skipped_text(bad: Mapping[int, str], records: Sequence[VQARecord]) -> str:
+# per noun (what a record is): how a count of them with an unreadable image reads
+_UNREADABLE_PHRASE = {"questions": "questions have an unreadable image",
+                      "images": "images are unreadable"}
+_SINGULAR = {"questions": "question", "images": "image"}
+
+
+def _skipped_text(bad: Mapping[int, str], records: Sequence[Record],
+                  noun: str = "questions") -> str:
     items = list(bad.items())
     shown = "; ".join(f"{Path(records[i].image).name} ({why})" for i, why in items[:_SHOWN_SKIPPED])
     more = f"; ... (+{len(items) - _SHOWN_SKIPPED} more)" if len(items) > _SHOWN_SKIPPED else ""
-    return (f"{len(items)} of {len(records)} questions have an unreadable image: "
-            f"{shown}{more}")
+    return f"{len(items)} of {len(records)} {_UNREADABLE_PHRASE[noun]}: {shown}{more}"
 
 
 def _report_unreadable(new: Mapping[int, str], bad: Mapping[int, str],
-                       records: Sequence[VQARecord], *, strict: bool, ctx: DistContext) -> None:
-    """Raise (``strict``, or nothing left) or warn about the ``new`` unreadable images."""
+                       records: Sequence[Record], *, strict: bool, ctx: DistContext,
+                       noun: str = "questions") -> None:
+    """Raise (``strict``, or nothing left) or warn about the ``new`` unreadable images;
+    ``noun`` says what a record is (``questions`` or ``images``)."""
     if not new:
         return
-    text = _skipped_text(new, records)
+    text = _skipped_text(new, records, noun)
     if strict:
-        raise UnreadableImagesError(f"{text} (without --strict these questions are skipped "
+        raise UnreadableImagesError(f"{text} (without --strict these {noun} are skipped "
                                     "and counted)")
     if len(bad) >= len(records):
-        raise UnreadableImagesError(f"no question has a readable image: {text}")
+        raise UnreadableImagesError(f"no {_SINGULAR[noun]} has a readable image: {text}")
     if ctx.is_main:
         warnings.warn(f"{text}; they are skipped and counted in the 'skipped' column",
                       stacklevel=3)
@@ -553,23 +638,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
-class VQAEval:
-    """The per-setting evaluation of one LLaVA-style model on one VQA set, in this process.
+class GenerationEval:
+    """The per-setting evaluation of one LLaVA-style model on one set, in this process: the
+    generation loop and the cost columns, shared by :class:`VQAEval` and :class:`CaptionEval`.
 
     Call :meth:`prepare` (finds the unreadable images, unless ``unreadable`` is given) and
     :meth:`costs` once with all settings (validates them; FLOPs and visual tokens), then call
     the object with a :class:`~vlprune.eval.bench.Setting` for its metrics, the unpatched
     setting first (the reference of ``agreement``). With ``predictions`` (a folder) the main
-    process writes every setting's answers there as JSONL (``NN_<setting>.jsonl``, one line
-    per evaluated question in data order: ``index``, ``question_id``, ``image``,
-    ``question``, ``prediction``, ``answers``, ``accuracy`` (0-1), ``exact_match`` (0/1),
-    ``agrees`` (same normalised answer as unpatched)) and ``skipped.jsonl``.
+    process writes every setting's outputs there as JSONL (``NN_<setting>.jsonl``, one line
+    per evaluated record in data order: ``index``, the fields of :meth:`prediction_fields`,
+    ``agrees`` (same normalised output as unpatched)) and ``skipped.jsonl``.
+
+    A task subclass sets :attr:`task`, :attr:`noun` and :attr:`id_field` and implements
+    :meth:`default_prompter`, :meth:`prompt`, :meth:`normalize`, :meth:`score` and
+    :meth:`prediction_fields`.
     """
 
-    def __init__(self, model: nn.Module, processor: Any, records: Sequence[VQARecord], *,
+    #: the task's name (a :data:`TASKS` value)
+    task = ""
+    #: what a record is, in messages and counts (``questions`` or ``images``)
+    noun = "questions"
+    #: the record attribute that names it in ``skipped.jsonl`` and the predictions
+    id_field = "question_id"
+
+    def __init__(self, model: nn.Module, processor: Any, records: Sequence[Record], *,
                  ctx: DistContext | None = None, batch_size: int = 8, max_new_tokens: int = 16,
-                 answer_processing: str = "official", prompter: Prompter | None = None,
-                 strict: bool = False, progress: bool = True,
+                 prompter: Prompter | None = None, strict: bool = False, progress: bool = True,
                  predictions: str | os.PathLike | None = None,
                  unreadable: Mapping[int, str] | None = None) -> None:
         from ..adapters.llava import llava_family
@@ -578,11 +673,8 @@ class VQAEval:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if answer_processing not in ANSWER_PROCESSING:
-            raise ValueError(f"answer_processing must be one of {list(ANSWER_PROCESSING)}, "
-                             f"got {answer_processing!r}")
         if not records:
-            raise ValueError("no questions to evaluate")
+            raise ValueError(f"no {self.noun} to evaluate")
         family = llava_family(model)
         if family is None:
             raise ValueError(f"{type(model).__name__} is not a LLaVA-style model; supported: "
@@ -593,8 +685,7 @@ class VQAEval:
         self.ctx = ctx or DistContext()
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.answer_processing = answer_processing
-        self.prompter = prompter or Prompter(processor, family)
+        self.prompter = prompter or self.default_prompter(processor, family)
         self.strict = strict
         self.progress = progress and self.ctx.is_main
         self.predictions = None if predictions is None else Path(predictions)
@@ -623,19 +714,48 @@ class VQAEval:
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=self.pad_id)
 
+    # -- the task -------------------------------------------------------------------------
+
+    def default_prompter(self, processor: Any, family: str) -> Prompter:
+        """The prompter used when none is given."""
+        raise NotImplementedError
+
+    def prompt(self, record: Record) -> str:
+        """The prompt text of one record."""
+        raise NotImplementedError
+
+    def normalize(self, text: str) -> str:
+        """The form in which two outputs are compared for ``agreement``."""
+        raise NotImplementedError
+
+    def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
+        """The task's scores of the outputs ``preds`` of the records ``index`` (all of them,
+        gathered), with ``n``; called on the main process only."""
+        raise NotImplementedError
+
+    def prediction_fields(self, record: Record, pred: str) -> dict[str, Any]:
+        """The fields of one line of a predictions file (after ``index``, before
+        ``agrees``)."""
+        raise NotImplementedError
+
+    def prompt_description(self) -> str:
+        """The prompt as stored with the results."""
+        return self.prompter.describe()
+
     # -- setup --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Find the questions whose image is missing or unreadable (all processes) and
-        report them: an error with ``strict`` (or when no question is left), else a warning."""
+        """Find the records whose image is missing or unreadable (all processes) and
+        report them: an error with ``strict`` (or when no record is left), else a warning."""
         if self.bad is None:
             self.bad = unreadable_images(self.records, self.ctx, progress=self.progress)
-            _report_unreadable(self.bad, self.bad, self.records, strict=self.strict, ctx=self.ctx)
+            _report_unreadable(self.bad, self.bad, self.records, strict=self.strict,
+                               ctx=self.ctx, noun=self.noun)
         self._write_skipped()
 
-    def inputs(self, records: Sequence[VQARecord], images: Sequence[Any]) -> dict[str, Any]:
+    def inputs(self, records: Sequence[Record], images: Sequence[Any]) -> dict[str, Any]:
         """Processor outputs of a batch (left padded), on the model's device and dtype."""
-        prompts = [self.prompter(r.question) for r in records]
+        prompts = [self.prompt(r) for r in records]
         enc = self.processor(images=list(images), text=prompts, return_tensors="pt",
                              padding=True)
         out = {}
@@ -646,7 +766,7 @@ class VQAEval:
         return out
 
     def _example(self) -> dict[str, Any]:
-        """Batch-1 inputs of the first question with a readable image (same in every process)."""
+        """Batch-1 inputs of the first record with a readable image (same in every process)."""
         for i, r in enumerate(self.records):
             if self.bad and i in self.bad:
                 continue
@@ -655,7 +775,7 @@ class VQAEval:
             except Exception:
                 continue
             return self.inputs([r], [image])
-        raise UnreadableImagesError("no question has a readable image")
+        raise UnreadableImagesError(f"no {_SINGULAR[self.noun]} has a readable image")
 
     def costs(self, settings: Sequence[Setting]) -> dict[str, _Costs]:
         """Prefill FLOPs, visual tokens reaching the LLM (and its last layer) and the LLM's
@@ -686,9 +806,9 @@ class VQAEval:
 
     # -- one batch ----------------------------------------------------------------------
 
-    def _run_batch(self, records: Sequence[VQARecord], images: Sequence[Any],
+    def _run_batch(self, records: Sequence[Record], images: Sequence[Any],
                    clock: _GenerateClock) -> BatchOutput:
-        """Answer one batch with greedy ``generate``, timed by ``clock``."""
+        """Generate for one batch with greedy ``generate``, timed by ``clock``."""
         x = self.inputs(records, images)
         got: list[torch.Tensor] = []
         pre, rest, calls = clock.time(lambda: got.append(self.model.generate(**x, **self.gen_kwargs)))
@@ -705,7 +825,7 @@ class VQAEval:
     # -- one setting ----------------------------------------------------------------------
 
     def __call__(self, setting: Setting) -> dict[str, Any]:
-        """Metrics of ``setting`` over all the questions (all processes)."""
+        """Metrics of ``setting`` over all the records (all processes)."""
         if self.bad is None:
             self.prepare()
         if setting.label not in self._costs:
@@ -722,7 +842,7 @@ class VQAEval:
         _apply(self.model, setting)
         try:
             with torch.inference_mode(), _GenerateClock(self.model, self.device) as clock, \
-                    progress_bar(len(chunks), self.progress, f"vqa {setting.label}") as bar:
+                    progress_bar(len(chunks), self.progress, f"{self.task} {setting.label}") as bar:
                 for b, chunk in enumerate(chunks):
                     recs, images, idx = [], [], []
                     for i in chunk:
@@ -736,8 +856,8 @@ class VQAEval:
                     if recs:
                         res = self._run_batch(recs, images, clock)
                         if len(res.answers) != len(recs):
-                            raise RuntimeError(f"{len(res.answers)} answers for a batch of "
-                                               f"{len(recs)} questions")
+                            raise RuntimeError(f"{len(res.answers)} outputs for a batch of "
+                                               f"{len(recs)} {self.noun}")
                         answers += zip(idx, res.answers)
                         if b > 0 or len(chunks) == 1:
                             prefill.append(res.prefill_ms)
@@ -762,15 +882,18 @@ class VQAEval:
             self.bad = dict(sorted(bad.items()))
             self._write_skipped()
             _report_unreadable(dict(sorted(new_bad.items())), self.bad, self.records,
-                               strict=self.strict, ctx=self.ctx)
+                               strict=self.strict, ctx=self.ctx, noun=self.noun)
         got = sorted(a for p in parts for a in p["answers"])
         if not got:
-            raise UnreadableImagesError("no question was evaluated")
+            raise UnreadableImagesError(f"no {_SINGULAR[self.noun]} was evaluated")
         index = [i for i, _ in got]
         preds = [a for _, a in got]
-        truth = [self.records[i].answers for i in index]
-        scores = score_predictions(preds, truth, answer_processing=self.answer_processing)
-        norm = [normalize_answer(p) for p in preds]
+        # every process holds every output now; the task's scores (corpus-level for CIDEr)
+        # are computed once, on the main process, and shared
+        scores = self.score(index, preds) if self.ctx.is_main else None
+        if self.ctx.distributed:
+            scores = self.ctx.gather_object(scores)[0]
+        norm = [self.normalize(p) for p in preds]
         if setting.config is None:
             self.reference = dict(zip(index, norm))
         agrees: list[bool | None] = [None] * len(index)
@@ -788,8 +911,7 @@ class VQAEval:
         tokens = sum(p["decode_tokens"] for p in parts)
         costs = self._costs[setting.label]
         return {
-            "vqa_accuracy": scores["vqa_accuracy"],
-            "exact_match": scores["exact_match"],
+            **{k: v for k, v in scores.items() if k != "n"},
             "agreement": agreement,
             "visual_tokens": costs.visual,
             # llm_keep drops visual tokens only
@@ -800,8 +922,8 @@ class VQAEval:
             "decode_tok_s": tokens / slow_decode * 1e3 if slow_decode > 0 and tokens else None,
             "samples_per_s": (sum(p["timed_n"] for p in parts) / slow_gen * 1e3
                               if slow_gen > 0 else None),
-            "n": scores["n"],
-            "skipped": len(self.records) - scores["n"],
+            "n": len(index),
+            "skipped": len(self.records) - len(index),
             "seconds": max(p["seconds"] for p in parts),
             "predictions": None if path is None else str(path),
         }
@@ -816,26 +938,133 @@ class VQAEval:
         path = self.predictions / f"{row:02d}_{_slug(setting.label)}.jsonl"
         if not self.ctx.is_main:
             return path
-        lines = []
-        for i, pred, agree in zip(index, preds, agrees):
-            r = self.records[i]
-            lines.append(json.dumps({
-                "index": i, "question_id": r.question_id, "image": str(r.image),
-                "question": r.question, "prediction": pred, "answers": r.answers,
-                "accuracy": vqa_accuracy(pred, r.answers,
-                                         answer_processing=self.answer_processing),
-                "exact_match": exact_match(pred, r.answers), "agrees": agree,
-            }))
+        lines = [json.dumps({"index": i, **self.prediction_fields(self.records[i], pred),
+                             "agrees": agree})
+                 for i, pred, agree in zip(index, preds, agrees)]
         _write_lines(path, lines)
         return path
 
     def _write_skipped(self) -> None:
         if self.predictions is None or not self.ctx.is_main:
             return
-        lines = [json.dumps({"index": i, "question_id": self.records[i].question_id,
+        lines = [json.dumps({"index": i, self.id_field: getattr(self.records[i], self.id_field),
                              "image": str(self.records[i].image), "error": why})
                  for i, why in (self.bad or {}).items()]
         _write_lines(self.predictions / "skipped.jsonl", lines)
+
+
+class VQAEval(GenerationEval):
+    """Visual question answering: :class:`GenerationEval` on
+    :class:`~vlprune.eval.vqa_data.VQARecord` questions.
+
+    Columns: ``vqa_accuracy`` and ``exact_match`` (%, over the answered questions, with
+    ``answer_processing`` for the ground truth), ``agreement`` after the VQA answer
+    normalisation. Predictions lines: ``index``, ``question_id``, ``image``, ``question``,
+    ``prediction``, ``answers``, ``accuracy`` (0-1), ``exact_match`` (0/1), ``agrees``.
+    """
+
+    task = "vqa"
+    noun = "questions"
+    id_field = "question_id"
+
+    def __init__(self, model: nn.Module, processor: Any, records: Sequence[VQARecord], *,
+                 answer_processing: str = "official", **kwargs: Any) -> None:
+        if answer_processing not in ANSWER_PROCESSING:
+            raise ValueError(f"answer_processing must be one of {list(ANSWER_PROCESSING)}, "
+                             f"got {answer_processing!r}")
+        _check_records(records, VQARecord, "VQAEval", "CaptionEval")
+        self.answer_processing = answer_processing
+        super().__init__(model, processor, records, **kwargs)
+
+    def default_prompter(self, processor: Any, family: str) -> Prompter:
+        return Prompter(processor, family)
+
+    def prompt(self, record: VQARecord) -> str:
+        return self.prompter(record.question)
+
+    def normalize(self, text: str) -> str:
+        return normalize_answer(text)
+
+    def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
+        truth = [self.records[i].answers for i in index]
+        return score_predictions(preds, truth, answer_processing=self.answer_processing)
+
+    def prediction_fields(self, record: VQARecord, pred: str) -> dict[str, Any]:
+        return {
+            "question_id": record.question_id, "image": str(record.image),
+            "question": record.question, "prediction": pred, "answers": record.answers,
+            "accuracy": vqa_accuracy(pred, record.answers,
+                                     answer_processing=self.answer_processing),
+            "exact_match": exact_match(pred, record.answers),
+        }
+
+
+class CaptionEval(GenerationEval):
+    """Captioning: :class:`GenerationEval` on :class:`~vlprune.eval.vqa_data.CaptionRecord`
+    images, prompted with :data:`CAPTION_INSTRUCTION`.
+
+    Columns: ``cider`` and ``bleu_1`` ... ``bleu_4``
+    (:func:`~vlprune.eval.vqa_metric.caption_scores`: pycocoevalcap's CIDEr-D and BLEU, x100,
+    over the whole set of captioned images), ``agreement``: % of images whose caption has
+    the same :func:`~vlprune.eval.vqa_metric.caption_tokenize` tokens as the unpatched
+    model's. Predictions lines: ``index``, ``image_id``, ``image``, ``prediction``,
+    ``captions`` (the references), ``agrees``. Needs ``pycocoevalcap`` (checked here, so a
+    missing package stops the run before any caption is generated).
+    """
+
+    task = "caption"
+    noun = "images"
+    id_field = "image_id"
+
+    def __init__(self, model: nn.Module, processor: Any, records: Sequence[CaptionRecord],
+                 **kwargs: Any) -> None:
+        _check_records(records, CaptionRecord, "CaptionEval", "VQAEval")
+        _caption_scorers_available()
+        super().__init__(model, processor, records, **kwargs)
+
+    def default_prompter(self, processor: Any, family: str) -> Prompter:
+        return Prompter(processor, family, suffix="", needs_question=False)
+
+    def prompt(self, record: CaptionRecord) -> str:
+        return self.prompter(CAPTION_INSTRUCTION)
+
+    def prompt_description(self) -> str:
+        return self.prompter(CAPTION_INSTRUCTION)
+
+    def normalize(self, text: str) -> str:
+        return " ".join(caption_tokenize(text))
+
+    def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
+        return caption_scores(preds, [self.records[i].captions for i in index])
+
+    def prediction_fields(self, record: CaptionRecord, pred: str) -> dict[str, Any]:
+        return {"image_id": record.image_id, "image": str(record.image), "prediction": pred,
+                "captions": record.captions}
+
+
+def _check_records(records: Sequence[Record], kind: type, name: str, other: str) -> None:
+    for r in records:
+        if not isinstance(r, kind):
+            raise TypeError(f"{name} evaluates {kind.__name__} records, got a "
+                            f"{type(r).__name__} ({other} takes those)")
+
+
+def _caption_scorers_available() -> None:
+    """Raise ImportError (naming the package) unless pycocoevalcap's scorers import."""
+    from .vqa_metric import _coco_scorers
+
+    _coco_scorers()
+
+
+def _caption_metric_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("pycocoevalcap")
+    except PackageNotFoundError:
+        v = "?"
+    return (f"pycocoevalcap {v}: Bleu(4) (closest reference length) and Cider (CIDEr-D, "
+            "sigma 6), x100; tokens from vlprune's caption_tokenize (PTB rules, no Java)")
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
@@ -845,26 +1074,61 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
     os.replace(tmp, path)
 
 
-def _row_line(row: Mapping[str, Any]) -> str:
-    def f(key: str, fmt: str, unit: str = "") -> str:
-        v = row.get(key)
-        return "-" if v is None else f"{format(v, fmt)}{unit}"
+def _fmt(row: Mapping[str, Any], key: str, fmt: str, unit: str = "") -> str:
+    v = row.get(key)
+    return "-" if v is None else f"{format(v, fmt)}{unit}"
 
-    return (f"{row['setting']}: VQA acc. {f('vqa_accuracy', '.2f')} "
-            f"({f('delta_accuracy', '+.2f')})  EM {f('exact_match', '.2f')}  agreement "
+
+def _row_line(row: Mapping[str, Any], task: str = "vqa") -> str:
+    def f(key: str, fmt: str, unit: str = "") -> str:
+        return _fmt(row, key, fmt, unit)
+
+    if task == "caption":
+        head = (f"CIDEr {f('cider', '.2f')} ({f('delta_cider', '+.2f')})  BLEU-4 "
+                f"{f('bleu_4', '.2f')}")
+    else:
+        head = (f"VQA acc. {f('vqa_accuracy', '.2f')} ({f('delta_accuracy', '+.2f')})  EM "
+                f"{f('exact_match', '.2f')}")
+    return (f"{row['setting']}: {head}  agreement "
             f"{f('agreement', '.1f', '%')}  visual tokens {f('visual_tokens', 'd')}  "
             f"{f('gflops_prefill', '.2f')} GFLOPs  prefill {f('prefill_ms', '.1f')} ms  "
             f"decode {f('decode_tok_s', '.1f')} tok/s  n {row.get('n')}  "
             f"skipped {row.get('skipped', 0)}")
 
 
+_COST_TABLE = (("agreement", "agree %", ".1f"), ("visual_tokens", "visual", "d"),
+               ("visual_tokens_last", "last", "d"), ("gflops_prefill", "GFLOPs", ".2f"),
+               ("flops_ratio", "FLOPs x", ".2f"), ("prefill_ms", "prefill ms", ".1f"),
+               ("speedup", "speedup", ".2f"), ("decode_tok_s", "decode tok/s", ".1f"),
+               ("n", "n", "d"), ("skipped", "skipped", "d"))
 TABLE = (("setting", "setting", ""), ("vqa_accuracy", "VQA acc.", ".2f"),
-         ("delta_accuracy", "delta", "+.2f"), ("exact_match", "EM", ".2f"),
-         ("agreement", "agree %", ".1f"), ("visual_tokens", "visual", "d"),
-         ("visual_tokens_last", "last", "d"), ("gflops_prefill", "GFLOPs", ".2f"),
-         ("flops_ratio", "FLOPs x", ".2f"), ("prefill_ms", "prefill ms", ".1f"),
-         ("speedup", "speedup", ".2f"), ("decode_tok_s", "decode tok/s", ".1f"),
-         ("n", "n", "d"), ("skipped", "skipped", "d"))
+         ("delta_accuracy", "delta", "+.2f"), ("exact_match", "EM", ".2f"), *_COST_TABLE)
+CAPTION_TABLE = (("setting", "setting", ""), ("cider", "CIDEr", ".2f"),
+                 ("delta_cider", "delta", "+.2f"), ("bleu_4", "BLEU-4", ".2f"), *_COST_TABLE)
+
+
+def _sweep(runner: GenerationEval, settings: Sequence[Setting], *, paths: OutputPaths | None,
+           meta: Mapping[str, Any] | None, methods: Mapping[str, str] | None, title: str,
+           on_row: Callable[[dict[str, Any]], None] | None, task_meta: Mapping[str, Any],
+           spec: PlotSpec, columns: Sequence[str], compare: Mapping[str, tuple[str, str]],
+           kind: str) -> Sweep:
+    """Prepare ``runner``, measure every setting's costs, then run the sweep."""
+    ctx = runner.ctx
+    runner.prepare()
+    runner.costs(settings)
+    full_meta = {**(meta or {}), "task": runner.task, runner.noun: len(runner.records),
+                 "batch_size": runner.batch_size, "max_new_tokens": runner.max_new_tokens,
+                 **task_meta, "prompt": runner.prompt_description(),
+                 "prompt_source": runner.prompter.kind, "world_size": ctx.world_size,
+                 "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
+                 "threads": torch.get_num_threads(), "timing": TIMING}
+    if runner.predictions is not None:
+        full_meta["predictions_dir"] = str(runner.predictions)
+    spec.title = title or str(full_meta.get("model", ""))
+    sweep = Sweep(paths or OutputPaths(), meta=full_meta, plot=spec, compare=compare,
+                  columns=columns, write=ctx.is_main, kind=kind)
+    sweep.run(settings, runner, methods=methods, on_row=on_row)
+    return sweep
 
 
 def eval_vqa(model: nn.Module, processor: Any, records: Sequence[VQARecord],
@@ -884,29 +1148,47 @@ def eval_vqa(model: nn.Module, processor: Any, records: Sequence[VQARecord],
     its processor. Every setting is patched once before the run (configuration errors
     surface before any question is answered). The model is left unpatched.
     """
-    ctx = ctx or DistContext()
-    runner = VQAEval(model, processor, records, ctx=ctx, batch_size=batch_size,
+    runner = VQAEval(model, processor, records, ctx=ctx or DistContext(), batch_size=batch_size,
                      max_new_tokens=max_new_tokens, answer_processing=answer_processing,
                      prompter=prompter, strict=strict, progress=progress,
                      predictions=predictions, unreadable=unreadable)
-    runner.prepare()
-    runner.costs(settings)
-    full_meta = {**(meta or {}), "questions": len(runner.records), "batch_size": batch_size,
-                 "max_new_tokens": max_new_tokens, "answer_processing": answer_processing,
-                 "prompt": runner.prompter.describe(), "prompt_source": runner.prompter.kind,
-                 "world_size": ctx.world_size, "device": str(runner.device),
-                 "dtype": str(runner.dtype).replace("torch.", ""),
-                 "threads": torch.get_num_threads(), "timing": TIMING}
-    if predictions is not None:
-        full_meta["predictions_dir"] = str(predictions)
     spec = PlotSpec(y="vqa_accuracy", ylabel="VQA accuracy (%)",
                     panels=(("gflops_prefill", "prefill GFLOPs / sample"),
-                            ("prefill_ms", "prefill ms / batch")),
-                    title=title or str(full_meta.get("model", "")))
-    sweep = Sweep(paths or OutputPaths(), meta=full_meta, plot=spec, compare=COMPARE,
-                  columns=COLUMNS, write=ctx.is_main, kind="eval_vqa")
-    sweep.run(settings, runner, methods=methods, on_row=on_row)
-    return sweep
+                            ("prefill_ms", "prefill ms / batch")))
+    return _sweep(runner, settings, paths=paths, meta=meta, methods=methods, title=title,
+                  on_row=on_row, task_meta={"answer_processing": answer_processing},
+                  spec=spec, columns=COLUMNS, compare=COMPARE, kind="eval_vqa")
+
+
+def eval_captions(model: nn.Module, processor: Any, records: Sequence[CaptionRecord],
+                  settings: Sequence[Setting], *, ctx: DistContext | None = None,
+                  paths: OutputPaths | None = None, meta: Mapping[str, Any] | None = None,
+                  methods: Mapping[str, str] | None = None, batch_size: int = 8,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS["caption"],
+                  prompter: Prompter | None = None, strict: bool = False,
+                  progress: bool = True, predictions: str | os.PathLike | None = None,
+                  unreadable: Mapping[int, str] | None = None, title: str = "",
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> Sweep:
+    """Caption ``records`` with the unpatched ``model`` and with every setting; returns the
+    finished :class:`~vlprune.eval.runner.Sweep` (``.rows``: CIDEr, BLEU-1..4, agreement and
+    the cost columns, :data:`CAPTION_COLUMNS`), written to ``paths`` (and the captions to the
+    ``predictions`` folder) after every row by the main process.
+
+    As :func:`eval_vqa` otherwise; ``prompter`` defaults to the processor's chat template or
+    the family's template holding :data:`CAPTION_INSTRUCTION`. Raises ImportError naming
+    ``pycocoevalcap`` when it is not installed, before anything runs.
+    """
+    runner = CaptionEval(model, processor, records, ctx=ctx or DistContext(),
+                         batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         prompter=prompter, strict=strict, progress=progress,
+                         predictions=predictions, unreadable=unreadable)
+    spec = PlotSpec(y="cider", ylabel="CIDEr",
+                    panels=(("gflops_prefill", "prefill GFLOPs / sample"),
+                            ("prefill_ms", "prefill ms / batch")))
+    return _sweep(runner, settings, paths=paths, meta=meta, methods=methods, title=title,
+                  on_row=on_row, task_meta={"caption_metric": _caption_metric_name()},
+                  spec=spec, columns=CAPTION_COLUMNS, compare=CAPTION_COMPARE,
+                  kind="eval_caption")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,11 +1196,12 @@ def eval_vqa(model: nn.Module, processor: Any, records: Sequence[VQARecord],
 # ---------------------------------------------------------------------------------------------
 
 DESCRIPTION = (
-    "Visual question answering with a LLaVA-style model, unpatched and with each reduction "
-    "setting: VQA accuracy, exact match, agreement with the unpatched answers, the visual "
+    "Visual question answering (--task vqa) or captioning (--task caption) with a LLaVA-style "
+    "model, unpatched and with each reduction setting: VQA accuracy and exact match, or CIDEr "
+    "and BLEU-1..4 (pycocoevalcap); agreement with the unpatched outputs, the visual "
     "tokens reaching the language model, prefill GFLOPs, prefill ms per batch and decode "
-    "tokens/s; CSV, JSON, a speed-accuracy plot and every answer as JSONL, rewritten after "
-    "every setting. Runs under `accelerate launch` (questions split across processes, "
+    "tokens/s; CSV, JSON, a speed-accuracy plot and every output as JSONL, rewritten after "
+    "every setting. Runs under `accelerate launch` (records split across processes, "
     "results identical to one process)."
 )
 
@@ -930,6 +1213,8 @@ EPILOG = (
     "v2_OpenEnded_mscoco_val2014_questions.json --annotations "
     "v2_mscoco_val2014_annotations.json --images val2014 --limit 1000 --visual-keep "
     "192,128,64 --setting \"name=fastv llm_layer=2 llm_keep=64\"\n"
+    "  vlprune eval vqa --task caption --model llava-hf/llava-1.5-7b-hf --data "
+    "annotations/captions_val2014.json --images val2014 --limit 500 --visual-keep 192,64\n"
     "  accelerate launch --num_processes 4 -m vlprune.cli eval vqa ..."
 )
 
@@ -939,27 +1224,38 @@ def add_vqa_arguments(parser: Any) -> None:
     from ..cli import _add_reduction_args, _dtype, parse_keep_list, parse_named_setting
 
     g = parser.add_argument_group("data")
+    g.add_argument("--task", choices=TASKS, default="vqa",
+                   help="vqa: answer questions (VQA accuracy); caption: caption every image "
+                   "(CIDEr, BLEU) (default: vqa)")
     g.add_argument("--data", required=True, metavar="PATH",
-                   help="the questions: a JSONL file (one {\"image\", \"question\", \"answers\" "
-                   "or \"answer\"} object a line), a VQAv2 questions JSON (with "
-                   "--annotations) or a GQA-style JSON {id: {imageId, question, answer}}")
+                   help="--task vqa: the questions, as a JSONL file (one {\"image\", "
+                   "\"question\", \"answers\" or \"answer\"} object a line), a VQAv2 questions "
+                   "JSON (with --annotations) or a GQA-style JSON {id: {imageId, question, "
+                   "answer}}; --task caption: the reference captions, as a JSONL file (one "
+                   "{\"image\", \"captions\" or \"caption\"[, \"id\"]} object a line) or a COCO "
+                   "captions JSON {images: [{id, file_name}], annotations: [{image_id, "
+                   "caption}]}")
     g.add_argument("--annotations", metavar="PATH", default=None,
                    help="VQAv2 annotations JSON (default: the one next to the questions file)")
     g.add_argument("--images", metavar="DIR", default=None,
-                   help="image folder (VQAv2, GQA) or base of relative image paths (JSONL); "
-                   "default: next to the data file")
-    g.add_argument("--format", choices=VQA_FORMATS, default=None,
-                   help="the data format (default: detected from the file)")
+                   help="image folder (VQAv2, GQA, COCO captions) or base of relative image "
+                   "paths (JSONL); default: next to the data file (COCO captions_<split>.json: "
+                   "the <split> folder next to it or next to its folder, when there is one)")
+    g.add_argument("--format", choices=tuple(dict.fromkeys((*VQA_FORMATS, *CAPTION_FORMATS))),
+                   default=None,
+                   help="the data format: vqav2, gqa or jsonl (--task vqa); coco_captions or "
+                   "jsonl (--task caption) (default: detected from the file)")
     g.add_argument("--image-pattern", metavar="PATTERN", default=None,
                    help="VQAv2 / GQA image file name, e.g. 'COCO_val2014_{image_id:012d}.jpg' "
                    "(default: read from the image folder)")
     g.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="evaluate the first N questions only")
+                   help="evaluate the first N questions (or images) only")
     g.add_argument("--answer-processing", choices=("auto", *ANSWER_PROCESSING), default="auto",
                    help="how ground-truth answers are normalised: official (VQAv2's script: "
                    "punctuation only, and only when annotators disagree) or full (the "
                    "prediction's normalisation: lower case, number words, articles); auto: "
-                   "official for VQAv2 files, full for JSONL and GQA (default: auto)")
+                   "official for VQAv2 files, full for JSONL and GQA (default: auto); "
+                   "--task vqa only")
     g.add_argument("--strict", action="store_true",
                    help="fail on a missing or unreadable image (default: skip its questions "
                    "and count them in the 'skipped' column)")
@@ -974,14 +1270,17 @@ def add_vqa_arguments(parser: Any) -> None:
                    help="seed of the random weights of llava:<shape> (default: 0)")
     m.add_argument("--prompt", metavar="TEMPLATE", default=None,
                    help="prompt template with {question} and <image>, e.g. "
-                   "'USER: <image>\\n{question} ASSISTANT:' (default: the processor's chat "
-                   "template, else the family's LLaVA template)")
+                   "'USER: <image>\\n{question} ASSISTANT:'; with --task caption {question} "
+                   f"is optional and holds {CAPTION_INSTRUCTION!r} (default: the processor's "
+                   "chat template, else the family's LLaVA template)")
     m.add_argument("--no-suffix", action="store_true",
-                   help=f"do not append {ANSWER_SUFFIX!r} to the questions")
+                   help=f"do not append {ANSWER_SUFFIX!r} to the questions (--task vqa)")
     m.add_argument("--batch-size", "-b", type=int, default=8, metavar="N",
-                   help="questions per generate call (default: 8)")
-    m.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
-                   help="tokens generated per answer at most (default: 16)")
+                   help="questions (or images) per generate call (default: 8)")
+    m.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens generated per answer or caption at most (default: "
+                   f"{DEFAULT_MAX_NEW_TOKENS['vqa']} for vqa, {DEFAULT_MAX_NEW_TOKENS['caption']} "
+                   "for caption)")
     m.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda when available; under a "
                    "launcher each process takes its own GPU)")
@@ -1008,13 +1307,14 @@ def add_vqa_arguments(parser: Any) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--output", "--out", "-o", metavar="PREFIX", default=None,
                    help="write PREFIX.csv, PREFIX.json, PREFIX.png and the answers in "
-                   "PREFIX.predictions/ (default: results/eval_vqa_<model>)")
+                   "PREFIX.predictions/ (default: results/eval_vqa_<model>, "
+                   "results/eval_caption_<model> for --task caption)")
     o.add_argument("--csv", metavar="PATH", default=None, help="CSV path (overrides --output)")
     o.add_argument("--json", metavar="PATH", default=None, help="JSON path (overrides --output)")
     o.add_argument("--plot", metavar="PATH", default=None, help="PNG path (overrides --output)")
     o.add_argument("--predictions", metavar="DIR", default=None,
-                   help="folder of the per-question answers, one JSONL per setting "
-                   "(overrides --output)")
+                   help="folder of the per-question answers (per-image captions), one JSONL "
+                   "per setting (overrides --output)")
     o.add_argument("--no-plot", action="store_true", help="no PNG")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -1025,8 +1325,8 @@ def add_vqa_parser(subparsers: Any) -> Any:
     import textwrap
 
     v = subparsers.add_parser(
-        "vqa", help="VQA accuracy, agreement, visual tokens, prefill GFLOPs / ms and decode "
-        "tok/s per setting of a LLaVA-style model",
+        "vqa", help="VQA accuracy (or captioning CIDEr / BLEU), agreement, visual tokens, "
+        "prefill GFLOPs / ms and decode tok/s per setting of a LLaVA-style model",
         description=textwrap.fill(DESCRIPTION, 88), epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1049,31 +1349,71 @@ def _model_slug(name: str) -> str:
     return _slug(Path(name).name if Path(name).is_dir() else name)
 
 
+def _check_task_options(args: Any) -> None:
+    """Refuse options of the other task (named, with what the task takes instead)."""
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
+    if args.task == "vqa":
+        if args.format is not None and args.format not in VQA_FORMATS:
+            raise ValueError(f"--format {args.format} is a caption format; --task vqa takes "
+                             f"{', '.join(VQA_FORMATS)} (or --task caption)")
+        return
+    if args.format is not None and args.format not in CAPTION_FORMATS:
+        raise ValueError(f"--format {args.format} is a VQA format; --task caption takes "
+                         f"{', '.join(CAPTION_FORMATS)}")
+    given = [flag for flag, on in (
+        ("--annotations", args.annotations is not None),
+        ("--image-pattern", args.image_pattern is not None),
+        ("--answer-processing", args.answer_processing != "auto"),
+        ("--no-suffix", args.no_suffix),
+    ) if on]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} only to --task vqa; --task caption reads "
+                         "image names and captions from --data (a COCO captions JSON or a "
+                         "JSONL file) and --images")
+
+
+def _load_records(args: Any) -> tuple[list[Record], str]:
+    """The task's records and the data format (SystemExit for a missing file)."""
+    try:
+        if args.task == "caption":
+            fmt = args.format or detect_caption_format(args.data)
+            return load_captions(args.data, args.images, format=fmt, limit=args.limit), fmt
+        fmt = args.format or detect_format(args.data)
+        records = load_vqa(args.data, args.images, annotations=args.annotations, format=fmt,
+                           image_pattern=args.image_pattern, limit=args.limit)
+        return records, fmt
+    except FileNotFoundError as e:
+        raise SystemExit(f"vlprune: error: {e}") from e
+
+
 def run_vqa(args: Any) -> int:
     """``vlprune eval vqa`` after argument parsing (see :func:`add_vqa_arguments`)."""
     for name in ("batch_size", "limit", "max_new_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _check_task_options(args)
+    caption = args.task == "caption"
+    noun = "images" if caption else "questions"
+    if caption:
+        try:
+            _caption_scorers_available()
+        except ImportError as e:
+            raise SystemExit(f"vlprune: error: {e}") from e
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     settings, methods = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
-    try:
-        fmt = args.format or detect_format(args.data)
-        records = load_vqa(args.data, args.images, annotations=args.annotations, format=fmt,
-                           image_pattern=args.image_pattern, limit=args.limit)
-    except FileNotFoundError as e:
-        raise SystemExit(f"vlprune: error: {e}") from e
+    records, fmt = _load_records(args)
     if not records:
-        raise SystemExit(f"vlprune: error: no questions in {args.data}")
-    processing = args.answer_processing
-    if processing == "auto":
-        processing = "official" if fmt == "vqav2" else "full"
+        raise SystemExit(f"vlprune: error: no {noun} in {args.data}")
     progress = not args.no_progress
     # before the model is loaded: a --strict run with a missing image stops here
     bad = unreadable_images(records, ctx, progress=progress)
-    _report_unreadable(bad, bad, records, strict=args.strict, ctx=ctx)
+    _report_unreadable(bad, bad, records, strict=args.strict, ctx=ctx, noun=noun)
 
     dtype = args.dtype or (torch.float16 if ctx.device.type == "cuda" else torch.float32)
     try:
@@ -1082,12 +1422,18 @@ def run_vqa(args: Any) -> int:
     except RuntimeError as e:
         raise SystemExit(f"vlprune: error: {e}") from e
     if vlm.weights == "random" and ctx.is_main:
-        warnings.warn(f"{args.model} has random weights: its answers are noise (use it to "
+        outputs = "captions" if caption else "answers"
+        warnings.warn(f"{args.model} has random weights: its {outputs} are noise (use it to "
                       "check the pipeline and the speed, not the accuracy)", stacklevel=1)
-    prompter = Prompter(vlm.processor, vlm.family, args.prompt,
-                        suffix="" if args.no_suffix else ANSWER_SUFFIX)
+    if caption:
+        prompter = Prompter(vlm.processor, vlm.family, args.prompt, suffix="",
+                            needs_question=False)
+    else:
+        prompter = Prompter(vlm.processor, vlm.family, args.prompt,
+                            suffix="" if args.no_suffix else ANSWER_SUFFIX)
 
-    prefix = args.output or f"results/eval_vqa_{_model_slug(args.model)}"
+    kind = "eval_caption" if caption else "eval_vqa"
+    prefix = args.output or f"results/{kind}_{_model_slug(args.model)}"
     paths = output_paths(prefix, csv=args.csv, json=args.json, plot=args.plot)
     if args.no_plot:
         paths.plot = None
@@ -1101,32 +1447,41 @@ def run_vqa(args: Any) -> int:
         "limit": args.limit,
     }
     where = f"{ctx.world_size} processes" if ctx.distributed else "1 process"
-    title = (f"{args.model} on {Path(str(args.data)).name}: {len(records)} questions; "
+    title = (f"{args.model} on {Path(str(args.data)).name}: {len(records)} {noun}; "
              f"{ctx.device.type} {str(dtype).replace('torch.', '')}, {where}")
 
     def show(row: dict[str, Any]) -> None:
         if ctx.is_main:
-            print(_row_line(row), flush=True)
+            print(_row_line(row, args.task), flush=True)
 
-    sweep = eval_vqa(
-        vlm.model, vlm.processor, records, settings, ctx=ctx, paths=paths, meta=meta,
-        methods=methods, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        answer_processing=processing, prompter=prompter, strict=args.strict,
-        progress=progress, predictions=predictions, unreadable=bad, title=title, on_row=show,
-    )
+    common = dict(ctx=ctx, paths=paths, meta=meta, methods=methods, batch_size=args.batch_size,
+                  max_new_tokens=max_new_tokens, prompter=prompter, strict=args.strict,
+                  progress=progress, predictions=predictions, unreadable=bad, title=title,
+                  on_row=show)
+    if caption:
+        sweep = eval_captions(vlm.model, vlm.processor, records, settings, **common)
+        table, keys = CAPTION_TABLE, ("cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4")
+    else:
+        processing = args.answer_processing
+        if processing == "auto":
+            processing = "official" if fmt == "vqav2" else "full"
+        sweep = eval_vqa(vlm.model, vlm.processor, records, settings,
+                         answer_processing=processing, **common)
+        table, keys = TABLE, ("vqa_accuracy", "exact_match")
     if ctx.is_main:
-        print(sweep.table(TABLE))
+        print(sweep.table(table))
         written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
         print(f"wrote {', '.join(written)} and {predictions}/", file=sys.stderr)
         print("--result")
         print(json.dumps({
             "model": args.model,
-            "questions": len(records),
+            "task": args.task,
+            noun: len(records),
             "rows": {
                 r["setting"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
-                               for k in ("vqa_accuracy", "exact_match", "agreement",
-                                         "visual_tokens", "gflops_prefill", "prefill_ms",
-                                         "decode_tok_s", "n", "skipped")}
+                               for k in (*keys, "agreement", "visual_tokens",
+                                         "gflops_prefill", "prefill_ms", "decode_tok_s", "n",
+                                         "skipped")}
                 for r in sweep.rows
             },
         }))

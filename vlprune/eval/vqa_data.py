@@ -1,6 +1,8 @@
-"""Load a visual question answering set as a list of :class:`VQARecord`.
+"""Load a visual question answering set (:class:`VQARecord`) or a captioning set
+(:class:`CaptionRecord`).
 
-Three file formats are accepted; :func:`load_vqa` tells them apart (or takes ``format=``):
+Questions: three file formats are accepted; :func:`load_vqa` tells them apart (or takes
+``format=``):
 
 ``"vqav2"``
     The official VQAv2 pair: a questions JSON
@@ -25,9 +27,25 @@ Three file formats are accepted; :func:`load_vqa` tells them apart (or takes ``f
     (a str), and optionally ``question_id`` (default: the 1-based line number). Blank lines
     are skipped.
 
-Records keep the file's order; ``limit`` keeps the first ``limit`` of them. Image files are
-not opened here: :func:`missing_images` lists the records whose image does not exist, so a
-caller can skip and count them, or stop.
+Captions: two file formats are accepted; :func:`load_captions` tells them apart (or takes
+``format=``):
+
+``"coco_captions"``
+    The COCO captions JSON (``captions_val2014.json``, Karpathy-split files in the same
+    layout): ``{"images": [{"id", "file_name"}, ...], "annotations": [{"image_id",
+    "caption"}, ...]}``. One record per entry of ``images`` (in that order) with every caption
+    annotated for it (in the order of ``annotations``). Images are ``<images>/<file_name>``;
+    the folder defaults to ``<json folder>/<split>`` or ``<json folder>/../<split>`` when the
+    file is named ``captions_<split>.json`` and that folder exists, else the JSON's folder.
+``"jsonl"``
+    One JSON object per line: ``image`` (a path, absolute or relative to ``images`` when given,
+    else to the JSONL file's folder), ``captions`` (a non-empty list of str) or ``caption`` (a
+    str), and optionally ``id`` (default: the 1-based line number). Blank lines are skipped.
+
+Each loader refuses the other task's files with an error that says so. Records keep the
+file's order; ``limit`` keeps the first ``limit`` of them. Image files are not opened here:
+:func:`missing_images` lists the records whose image does not exist, so a caller can skip and
+count them, or stop.
 """
 
 from __future__ import annotations
@@ -40,10 +58,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VQARecord", "VQA_FORMATS", "load_vqa", "detect_format", "missing_images"]
+__all__ = [
+    "CAPTION_FORMATS",
+    "CaptionRecord",
+    "VQARecord",
+    "VQA_FORMATS",
+    "detect_caption_format",
+    "detect_format",
+    "load_captions",
+    "load_vqa",
+    "missing_images",
+]
 
 #: Accepted values of ``format`` in :func:`load_vqa`.
 VQA_FORMATS = ("vqav2", "gqa", "jsonl")
+
+#: Accepted values of ``format`` in :func:`load_captions`.
+CAPTION_FORMATS = ("coco_captions", "jsonl")
 
 _ACCEPTED = (
     "accepted formats: 'vqav2' (questions JSON {\"questions\": [...]} with its annotations "
@@ -51,6 +82,19 @@ _ACCEPTED = (
     "\"answer\"}}), 'jsonl' (one JSON object per line with \"image\", \"question\" and "
     "\"answers\" (list of str) or \"answer\" (str), optional \"question_id\")"
 )
+
+_CAPTION_ACCEPTED = (
+    "accepted caption formats: 'coco_captions' (COCO captions JSON {\"images\": [{\"id\", "
+    "\"file_name\"}], \"annotations\": [{\"image_id\", \"caption\"}]}), 'jsonl' (one JSON "
+    "object per line with \"image\" and \"captions\" (list of str) or \"caption\" (str), "
+    "optional \"id\")"
+)
+
+# What the two tasks call each other's files, in the errors that refuse them.
+_IS_CAPTIONS = ("holds captions, not questions; load it with load_captions "
+                "(vlprune eval vqa --task caption)")
+_IS_QUESTIONS = ("holds questions, not captions; load it with load_vqa "
+                 "(vlprune eval vqa --task vqa)")
 
 # COCO image names: COCO_<split>_<12 digits>.<ext> (2014) or <12 digits>.<ext> (2017).
 _COCO_NAME = re.compile(r"^(COCO_[A-Za-z0-9]+_)?(\d{12})\.(jpg|jpeg|png)$", re.IGNORECASE)
@@ -70,7 +114,21 @@ class VQARecord:
     answers: list[str] = field(default_factory=list)
 
 
-def missing_images(records: Iterable[VQARecord]) -> list[VQARecord]:
+@dataclass
+class CaptionRecord:
+    """One image to caption: its id, the path of the image, its reference captions.
+
+    ``image_id`` keeps the type it has in the file (int for COCO, int or str for JSONL).
+    ``captions`` holds every reference caption (5 or more for COCO), in the file's order.
+    """
+
+    image_id: int | str
+    image: Path
+    captions: list[str] = field(default_factory=list)
+
+
+def missing_images(records: Iterable[VQARecord | CaptionRecord]
+                   ) -> list[VQARecord | CaptionRecord]:
     """The records whose image file does not exist (in their original order)."""
     return [r for r in records if not Path(r.image).is_file()]
 
@@ -173,6 +231,8 @@ def _read_any(path: Path) -> tuple[str, Any]:
     if isinstance(data, dict):
         if "questions" in data:
             return "vqav2", data
+        if _looks_like_coco_captions(data):
+            raise ValueError(f"{path} is a COCO captions JSON: it {_IS_CAPTIONS}; {_ACCEPTED}")
         if "annotations" in data:
             raise ValueError(
                 f"{path} is a VQAv2 annotations file; pass the questions JSON as the path "
@@ -184,7 +244,23 @@ def _read_any(path: Path) -> tuple[str, Any]:
             return "gqa", data  # entries lacking a field are reported by key when loading
         if isinstance(data.get("image"), str) and "question" in data:  # a one-line JSONL
             return "jsonl", path
+        if isinstance(data.get("image"), str) and _has_caption(data):
+            raise ValueError(f"{path} is a caption JSONL: it {_IS_CAPTIONS}; {_ACCEPTED}")
     raise ValueError(f"{path}: unrecognised VQA file; {_ACCEPTED}")
+
+
+def _has_caption(entry: dict) -> bool:
+    return "caption" in entry or "captions" in entry
+
+
+def _looks_like_coco_captions(data: dict) -> bool:
+    """A COCO captions JSON: an ``images`` list, or annotations that hold captions."""
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        return False
+    if isinstance(data.get("images"), list):
+        return True
+    return bool(anns) and isinstance(anns[0], dict) and "caption" in anns[0]
 
 
 def _check_unique_ids(records: list[VQARecord], path: Path) -> None:
@@ -358,6 +434,9 @@ def _load_jsonl(path: Path, images: Path | None, limit: int | None) -> list[VQAR
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where} is not valid JSON ({e}); {_ACCEPTED}") from e
             image = _need(obj, "image", str, where)
+            if isinstance(obj, dict) and "question" not in obj and _has_caption(obj):
+                raise ValueError(f"{where} has a caption and no question: the file "
+                                 f"{_IS_CAPTIONS}; {_ACCEPTED}")
             question = _need(obj, "question", str, where)
             if "answers" in obj:
                 answers = _need(obj, "answers", list, where)
@@ -374,4 +453,173 @@ def _load_jsonl(path: Path, images: Path | None, limit: int | None) -> list[VQAR
             qid = _need(obj, "question_id", (int, str), where) if "question_id" in obj \
                 else lineno
             records.append(VQARecord(qid, base / image, question, list(answers)))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+# COCO captions files are named captions_<split>.json (captions_val2014.json, ...).
+_COCO_CAPTIONS_NAME = re.compile(r"captions_([A-Za-z]+\d*)$")
+
+
+def detect_caption_format(path: str | os.PathLike) -> str:
+    """Which of :data:`CAPTION_FORMATS` the file at ``path`` is in (reads the file)."""
+    path = _existing_file(path, "caption file")
+    fmt, _ = _read_captions_any(path)
+    return fmt
+
+
+def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = None, *,
+                  format: str | None = None, limit: int | None = None) -> list[CaptionRecord]:
+    """Load a captioning set from ``path`` into a list of :class:`CaptionRecord`.
+
+    Args:
+        path: the COCO captions JSON or the JSONL file.
+        images: the image folder (COCO: holds the ``file_name`` of every image) or the base
+            of relative image paths (JSONL); defaults are described in the module docstring.
+        format: one of :data:`CAPTION_FORMATS`, or None to detect it from the file.
+        limit: keep only the first ``limit`` images (None: all).
+
+    Raises:
+        FileNotFoundError: the file or the image folder does not exist.
+        ValueError: the file is in none of the accepted formats (a VQA file is named as such),
+            a record lacks a field or has one of the wrong type (the message names the line
+            or entry), an image has no caption, an annotation names an unknown image, image
+            ids repeat, or an argument is out of range.
+    """
+    path = _existing_file(path, "caption file")
+    if format is not None and format not in CAPTION_FORMATS:
+        raise ValueError(f"format must be one of {list(CAPTION_FORMATS)} or None, got {format!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+    if images is not None:
+        images = Path(images)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder not found: {images}")
+    if format == "jsonl":
+        fmt, data = "jsonl", path
+    else:
+        fmt, data = _read_captions_any(path)
+        if format is not None and fmt != format:
+            raise ValueError(f"{path} was given as format {format!r} but looks like {fmt!r}")
+    if fmt == "coco_captions":
+        records = _load_coco_captions(path, data, images, limit)
+    else:
+        records = _load_caption_jsonl(path, images, limit)
+    seen: set[int | str] = set()
+    for r in records:
+        if r.image_id in seen:
+            raise ValueError(f"{path}: image id {r.image_id!r} appears more than once; give all "
+                             "references of an image on one record (\"captions\": [...])")
+        seen.add(r.image_id)
+    return records
+
+
+def _read_captions_any(path: Path) -> tuple[str, Any]:
+    """Detect the caption format; returns it with the parsed JSON (or the path, for JSONL)."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl", path
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            is_object = isinstance(json.loads(first), dict)
+        except json.JSONDecodeError:
+            is_object = False
+        if is_object:  # several JSON objects, one a line: JSONL under another name
+            return "jsonl", path
+        raise ValueError(f"{path} is neither JSON nor JSONL ({e}); {_CAPTION_ACCEPTED}") from e
+    if isinstance(data, dict):
+        if _looks_like_coco_captions(data):
+            return "coco_captions", data
+        if isinstance(data.get("image"), str) and _has_caption(data):  # a one-line JSONL
+            return "jsonl", path
+        values = data.values()
+        if ("questions" in data or "annotations" in data or "question" in data
+                or (data and all(isinstance(v, dict) for v in values)
+                    and any("imageId" in v for v in values))):
+            raise ValueError(f"{path} is a VQA file: it {_IS_QUESTIONS}; {_CAPTION_ACCEPTED}")
+    raise ValueError(f"{path}: unrecognised caption file; {_CAPTION_ACCEPTED}")
+
+
+def _coco_caption_folder(path: Path) -> Path:
+    m = _COCO_CAPTIONS_NAME.search(path.stem)
+    if m:
+        for folder in (path.parent / m.group(1), path.parent.parent / m.group(1)):
+            if folder.is_dir():
+                return folder
+    return path.parent
+
+
+def _load_coco_captions(path: Path, data: dict, images: Path | None,
+                        limit: int | None) -> list[CaptionRecord]:
+    entries, anns = data.get("images"), data["annotations"]
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a COCO captions JSON needs an 'images' list ([{{\"id\", "
+                         f"\"file_name\"}}, ...]) next to 'annotations'; {_CAPTION_ACCEPTED}")
+    folder = images if images is not None else _coco_caption_folder(path)
+    names: dict[int | str, str] = {}
+    for i, entry in enumerate(entries):
+        where = f"{path} images[{i}]"
+        image_id = _need(entry, "id", (int, str), where)
+        if image_id in names:
+            raise ValueError(f"{where}: image id {image_id!r} appears more than once")
+        names[image_id] = _need(entry, "file_name", str, f"{where} (id {image_id!r})")
+    captions: dict[int | str, list[str]] = {image_id: [] for image_id in names}
+    for j, ann in enumerate(anns):
+        where = f"{path} annotations[{j}]"
+        image_id = _need(ann, "image_id", (int, str), where)
+        caption = _need(ann, "caption", str, f"{where} (image_id {image_id!r})")
+        if image_id not in captions:
+            raise ValueError(f"{where}: image_id {image_id!r} is not in 'images'")
+        captions[image_id].append(caption)
+    kept = list(names.items())
+    if limit is not None:
+        kept = kept[:limit]
+    records = []
+    for image_id, name in kept:
+        if not captions[image_id]:
+            raise ValueError(f"{path}: image {image_id!r} ({name}) has no caption in "
+                             "'annotations'")
+        records.append(CaptionRecord(image_id, folder / name, captions[image_id]))
+    return records
+
+
+def _load_caption_jsonl(path: Path, images: Path | None, limit: int | None
+                        ) -> list[CaptionRecord]:
+    base = images if images is not None else path.parent
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON ({e}); {_CAPTION_ACCEPTED}") from e
+            image = _need(obj, "image", str, where)
+            if "captions" in obj:
+                captions = _need(obj, "captions", list, where)
+                if not captions:
+                    raise ValueError(f"{where}: 'captions' is empty")
+                for j, c in enumerate(captions):
+                    if not isinstance(c, str):
+                        raise ValueError(f"{where}: captions[{j}] must be str, got {c!r}")
+            elif "caption" in obj:
+                captions = [_need(obj, "caption", str, where)]
+            elif "question" in obj:
+                raise ValueError(f"{where} has a question and no caption: the file "
+                                 f"{_IS_QUESTIONS}; {_CAPTION_ACCEPTED}")
+            else:
+                raise ValueError(f"{where}: needs 'captions' (list of str) or 'caption' (str); "
+                                 f"keys present: {sorted(obj)}")
+            image_id = _need(obj, "id", (int, str), where) if "id" in obj else lineno
+            records.append(CaptionRecord(image_id, base / image, list(captions)))
     return records
