@@ -88,6 +88,7 @@ GATHER_SCRIPT = textwrap.dedent("""
     assert ctx.gather_object(ctx.rank) == [0, 1] and ctx.max(ctx.rank) == 1
     ctx.barrier()
     print("OK", ctx.rank, flush=True)
+    ctx.close()
 """)
 
 

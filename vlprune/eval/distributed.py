@@ -28,6 +28,7 @@ Typical use, e.g. in a VQA evaluation::
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,12 @@ class DistContext:
         """Wait until every process gets here."""
         if self.distributed:
             self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Wait for every process, then leave the process group (end of a run)."""
+        if self.distributed:
+            self.barrier()
+            _leave_process_group()
 
     def gather_object(self, obj: Any) -> list[Any]:
         """``[obj of rank 0, obj of rank 1, ...]`` in every process (picklable objects)."""
@@ -148,6 +155,15 @@ class DistContext:
         return all_index[keep], out
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: a gloo group left open can
+    abort the process at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device: str | torch.device | None = None) -> DistContext:
     """The context of this process.
 
@@ -171,5 +187,6 @@ def init_distributed(device: str | torch.device | None = None) -> DistContext:
             "a multi-process evaluation (WORLD_SIZE > 1) needs accelerate: pip install accelerate"
         ) from e
     acc = Accelerator(cpu=dev.type != "cuda")
+    atexit.register(_leave_process_group)
     return DistContext(rank=acc.process_index, world_size=acc.num_processes,
                        device=acc.device, accelerator=acc)

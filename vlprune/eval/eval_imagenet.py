@@ -548,5 +548,5 @@ def run_cli(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) 
                 for r in sweep.rows
             },
         }))
-    ctx.barrier()
+    ctx.close()
     return 0

@@ -1485,7 +1485,7 @@ def run_vqa(args: Any) -> int:
                 for r in sweep.rows
             },
         }))
-    ctx.barrier()
+    ctx.close()
     return 0
 
 
