@@ -212,13 +212,14 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); {_ACCEPTED}") from e
 
 
-def _read_any(path: Path) -> tuple[str, Any]:
-    """Detect the format; returns it with the parsed JSON (or the path, for JSONL)."""
+def _json_or_jsonl(path: Path, accepted: str) -> tuple[str, Any]:
+    """``("jsonl", path)`` for a JSONL file (by suffix, or one JSON object a line), else
+    ``("json", parsed data)``; neither: a ValueError naming the ``accepted`` formats."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return "jsonl", path
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
+        return "json", json.loads(text)
     except json.JSONDecodeError as e:
         first = next((line for line in text.splitlines() if line.strip()), "")
         try:
@@ -227,7 +228,14 @@ def _read_any(path: Path) -> tuple[str, Any]:
             is_object = False
         if is_object:  # several JSON objects, one a line: JSONL under another name
             return "jsonl", path
-        raise ValueError(f"{path} is neither JSON nor JSONL ({e}); {_ACCEPTED}") from e
+        raise ValueError(f"{path} is neither JSON nor JSONL ({e}); {accepted}") from e
+
+
+def _read_any(path: Path) -> tuple[str, Any]:
+    """Detect the format; returns it with the parsed JSON (or the path, for JSONL)."""
+    kind, data = _json_or_jsonl(path, _ACCEPTED)
+    if kind == "jsonl":
+        return kind, data
     if isinstance(data, dict):
         if "questions" in data:
             return "vqav2", data
@@ -519,20 +527,9 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
 
 def _read_captions_any(path: Path) -> tuple[str, Any]:
     """Detect the caption format; returns it with the parsed JSON (or the path, for JSONL)."""
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return "jsonl", path
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        try:
-            is_object = isinstance(json.loads(first), dict)
-        except json.JSONDecodeError:
-            is_object = False
-        if is_object:  # several JSON objects, one a line: JSONL under another name
-            return "jsonl", path
-        raise ValueError(f"{path} is neither JSON nor JSONL ({e}); {_CAPTION_ACCEPTED}") from e
+    kind, data = _json_or_jsonl(path, _CAPTION_ACCEPTED)
+    if kind == "jsonl":
+        return kind, data
     if isinstance(data, dict):
         if _looks_like_coco_captions(data):
             return "coco_captions", data
