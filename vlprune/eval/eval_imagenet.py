@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +48,7 @@ from .imagenet import (
     sample_name,
 )
 from .memory import peak_memory
-from .runner import OutputPaths, PlotSpec, Sweep, progress_bar
+from .runner import OutputPaths, PlotSpec, Sweep, UnreadableImagesError, progress_bar, slug
 
 __all__ = [
     "COLUMNS",
@@ -84,10 +83,6 @@ COMPARE = {
 }
 
 _SHOWN_SKIPPED = 5
-
-
-class UnreadableImagesError(ValueError):
-    """Images that could not be read, with ``strict=True``."""
 
 
 def _skipped_text(skipped: Sequence[tuple[int, str, str]], total: int) -> str:
@@ -463,10 +458,6 @@ def _title(model: str, weights: str, data: Any, images: int, ctx: DistContext,
             f"{ctx.device.type} {str(dtype).replace('torch.', '')}, {where}{threads}")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
-
-
 def run_cli(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) -> int:
     """``vlprune eval imagenet`` after argument parsing (see :mod:`vlprune.cli`)."""
     import json
@@ -498,7 +489,7 @@ def run_cli(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) 
                       "accuracy will be at chance level", stacklevel=1)
     model = model.to(ctx.device, args.dtype)
 
-    prefix = args.output or f"results/eval_imagenet_{_slug(args.model)}"
+    prefix = args.output or f"results/eval_imagenet_{slug(args.model)}"
     from .runner import output_paths
 
     paths = output_paths(prefix, csv=args.csv, json=args.json, plot=args.plot)

@@ -87,6 +87,7 @@ import statistics
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,7 +100,16 @@ from torch import nn
 from .bench import BASELINE, Setting, _apply
 from .distributed import DistContext, init_distributed
 from .flops import count_flops
-from .runner import OutputPaths, PlotSpec, Sweep, output_paths, progress_bar
+from .runner import (
+    OutputPaths,
+    PlotSpec,
+    Sweep,
+    UnreadableImagesError,
+    atomic_write,
+    output_paths,
+    progress_bar,
+    slug,
+)
 from .vlm_bench import _GenerateClock, _llm_lengths
 from .vqa_data import (
     CAPTION_FORMATS,
@@ -226,11 +236,6 @@ _WORD = re.compile(r"\w+|[^\w\s]+")
 # CLIP's normalisation (the LLaVA-1.5 image processor)
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class UnreadableImagesError(ValueError):
-    """Questions (or images to caption) whose image is missing or unreadable, with
-    ``strict=True`` (or all of them)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,11 +639,7 @@ class _Costs:
     llm_out: int
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
-
-
-class GenerationEval:
+class GenerationEval(ABC):
     """The per-setting evaluation of one LLaVA-style model on one set, in this process: the
     generation loop and the cost columns, shared by :class:`VQAEval` and :class:`CaptionEval`.
 
@@ -716,27 +717,27 @@ class GenerationEval:
 
     # -- the task -------------------------------------------------------------------------
 
+    @abstractmethod
     def default_prompter(self, processor: Any, family: str) -> Prompter:
         """The prompter used when none is given."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prompt(self, record: Record) -> str:
         """The prompt text of one record."""
-        raise NotImplementedError
 
+    @abstractmethod
     def normalize(self, text: str) -> str:
         """The form in which two outputs are compared for ``agreement``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
         """The task's scores of the outputs ``preds`` of the records ``index`` (all of them,
         gathered), with ``n``; called on the main process only."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prediction_fields(self, record: Record, pred: str) -> dict[str, Any]:
         """The fields of one line of a predictions file (after ``index``, before
         ``agrees``)."""
-        raise NotImplementedError
 
     def prompt_description(self) -> str:
         """The prompt as stored with the results."""
@@ -935,7 +936,7 @@ class GenerationEval:
         row, self._row = self._row, self._row + 1
         if self.predictions is None:
             return None
-        path = self.predictions / f"{row:02d}_{_slug(setting.label)}.jsonl"
+        path = self.predictions / f"{row:02d}_{slug(setting.label)}.jsonl"
         if not self.ctx.is_main:
             return path
         lines = [json.dumps({"index": i, **self.prediction_fields(self.records[i], pred),
@@ -1068,10 +1069,7 @@ def _caption_metric_name() -> str:
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in lines))
 
 
 def _fmt(row: Mapping[str, Any], key: str, fmt: str, unit: str = "") -> str:
@@ -1345,8 +1343,8 @@ def _settings(args: Any) -> tuple[list[Setting], dict[str, str]]:
     return settings, methods
 
 
-def _model_slug(name: str) -> str:
-    return _slug(Path(name).name if Path(name).is_dir() else name)
+def _modelslug(name: str) -> str:
+    return slug(Path(name).name if Path(name).is_dir() else name)
 
 
 def _check_task_options(args: Any) -> None:
@@ -1433,7 +1431,7 @@ def run_vqa(args: Any) -> int:
                             suffix="" if args.no_suffix else ANSWER_SUFFIX)
 
     kind = "eval_caption" if caption else "eval_vqa"
-    prefix = args.output or f"results/{kind}_{_model_slug(args.model)}"
+    prefix = args.output or f"results/{kind}_{_modelslug(args.model)}"
     paths = output_paths(prefix, csv=args.csv, json=args.json, plot=args.plot)
     if args.no_plot:
         paths.plot = None

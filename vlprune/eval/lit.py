@@ -221,17 +221,20 @@ def fit_folds(bed: TestBed, features: Tensor, folds: int = FOLDS, seed: int = 0)
 
 
 def zero_shot(bed: TestBed, folds: list[Fold], batch_size: int = 50,
-              guided: bool = False) -> tuple[Tensor, Tensor]:
+              guided: bool = False, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-5 predictions ``(n, 5)`` of every image among its fold's unseen prompts, and the
     image embeddings ``(n, E)``, in image order. ``guided``: each fold sets its prompts and
-    alignment as the model's guide first."""
+    alignment as the model's guide first. ``features``: the pooled features of all images,
+    already computed (no forward pass)."""
     n = len(bed.labels)
     top5 = torch.empty(n, 5, dtype=torch.long)
     emb = torch.empty(n, folds[0].align.weight.shape[1])
     for fold in folds:
         if guided:
             set_guide(bed.model, bed.text[fold.classes], project=fold.align)
-        e = fold.align(pooled_features(bed.model, bed.images[fold.index], batch_size))
+        f = (features[fold.index] if features is not None
+             else pooled_features(bed.model, bed.images[fold.index], batch_size))
+        e = fold.align(f)
         top5[fold.index] = classify(e, bed.text[fold.classes], fold.classes)
         emb[fold.index] = e
     if guided:
@@ -270,7 +273,7 @@ def run(assets: str | os.PathLike | None = None, budgets: Sequence[float] = BUDG
     features = pooled_features(model, bed.images, batch_size)
     fold_fits = fit_folds(bed, features, folds)
     x1 = bed.images[:1]
-    base_top5, base_emb = zero_shot(bed, fold_fits, batch_size)
+    base_top5, base_emb = zero_shot(bed, fold_fits, batch_size, features=features)
     base_gflops = count_model_flops(model, x1) / 1e9
     rows = [_row("none", None, base_top5, base_emb, bed.labels, base_top5[:, 0], base_emb, base_gflops)]
     jobs = [(m, k, s) for k in budgets for m in methods for s in (seeds if m == "random" else (None,))]

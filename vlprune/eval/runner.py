@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -323,7 +324,7 @@ class Sweep:
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
         if self.paths.json is not None:
-            _atomic_write(self.paths.json, json.dumps(self.to_dict(), indent=2, default=str))
+            atomic_write(self.paths.json, json.dumps(self.to_dict(), indent=2, default=str))
         if self.paths.csv is not None:
             self._write_csv(self.paths.csv)
         if self.paths.plot is not None and self.plot is not None and self.rows:
@@ -385,8 +386,20 @@ class Sweep:
         return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # A reader (or a kill) never sees half a file: write beside it, then rename.
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (folders made): beside it first, then a rename, so a reader
+    (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+class UnreadableImagesError(ValueError):
+    """Images (or the questions / images to caption whose image) that could not be read,
+    with ``strict=True``."""

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,22 +162,8 @@ def load_vqa(path: str | os.PathLike, images: str | os.PathLike | None = None, *
             has one of the wrong type (the message names the line or key), question ids
             repeat, or an argument is out of range.
     """
-    path = _existing_file(path, "VQA file")
-    if format is not None and format not in VQA_FORMATS:
-        raise ValueError(f"format must be one of {list(VQA_FORMATS)} or None, got {format!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
-    if images is not None:
-        images = Path(images)
-        if not images.is_dir():
-            raise FileNotFoundError(f"image folder not found: {images}")
-
-    if format == "jsonl":
-        fmt, data = "jsonl", path
-    else:
-        fmt, data = _read_any(path)
-        if format is not None and fmt != format:
-            raise ValueError(f"{path} was given as format {format!r} but looks like {fmt!r}")
+    path, images, fmt, data = _open_set(path, "VQA file", VQA_FORMATS, format, limit, images,
+                                        _read_any)
     if fmt != "vqav2" and annotations is not None:
         raise ValueError(f"annotations= is only for the 'vqav2' format; {path} is {fmt!r}")
     if fmt == "jsonl" and image_pattern is not None:
@@ -210,6 +196,28 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); {_ACCEPTED}") from e
+
+
+def _open_set(path: str | os.PathLike, what: str, formats: Sequence[str], format: str | None,
+              limit: int | None, images: str | os.PathLike | None,
+              read: Callable[[Path], tuple[str, Any]]) -> tuple[Path, Path | None, str, Any]:
+    """Check a loader's arguments and detect the file's format (``format`` given: checked
+    against what the file looks like). Returns ``(path, images, format, parsed data)``."""
+    path = _existing_file(path, what)
+    if format is not None and format not in formats:
+        raise ValueError(f"format must be one of {list(formats)} or None, got {format!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+    if images is not None:
+        images = Path(images)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder not found: {images}")
+    if format == "jsonl":
+        return path, images, "jsonl", path
+    fmt, data = read(path)
+    if format is not None and fmt != format:
+        raise ValueError(f"{path} was given as format {format!r} but looks like {fmt!r}")
+    return path, images, fmt, data
 
 
 def _json_or_jsonl(path: Path, accepted: str) -> tuple[str, Any]:
@@ -497,21 +505,8 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
             or entry), an image has no caption, an annotation names an unknown image, image
             ids repeat, or an argument is out of range.
     """
-    path = _existing_file(path, "caption file")
-    if format is not None and format not in CAPTION_FORMATS:
-        raise ValueError(f"format must be one of {list(CAPTION_FORMATS)} or None, got {format!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
-    if images is not None:
-        images = Path(images)
-        if not images.is_dir():
-            raise FileNotFoundError(f"image folder not found: {images}")
-    if format == "jsonl":
-        fmt, data = "jsonl", path
-    else:
-        fmt, data = _read_captions_any(path)
-        if format is not None and fmt != format:
-            raise ValueError(f"{path} was given as format {format!r} but looks like {fmt!r}")
+    path, images, fmt, data = _open_set(path, "caption file", CAPTION_FORMATS, format, limit,
+                                        images, _read_captions_any)
     if fmt == "coco_captions":
         records = _load_coco_captions(path, data, images, limit)
     else:
