@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from vlprune.cli import parse_setting
-from vlprune.eval.bench import Setting, environment
-from vlprune.eval.imagenet import load_eval_tensors
-from vlprune.eval.sweep import accuracy_sweep, format_rows
+from vlprune.cli.args import parse_setting
+from vlprune.eval.image_data import load_eval_tensors
+from vlprune.eval.imagenet import accuracy_sweep, format_rows
+from vlprune.eval.machine import environment
+from vlprune.eval.sweep import Setting
 from vlprune.eval.weights import load_weights
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"

@@ -32,7 +32,7 @@ def vit_tiny_real(assets_dir: Path):
     timm = pytest.importorskip("timm")
     import torch
 
-    from vlprune.eval.imagenet import load_eval_tensors
+    from vlprune.eval.image_data import load_eval_tensors
     from vlprune.eval.weights import load_weights
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.cli import main, parse_merge_list
-from vlprune.eval.bench import BASELINE, Setting, run_bench
+from vlprune.cli import main
+from vlprune.cli.args import parse_merge_list
+from vlprune.eval.bench import run_bench
+from vlprune.eval.sweep import BASELINE, Setting
 
 timm = pytest.importorskip("timm")
 
@@ -163,7 +165,7 @@ def test_plot_speedup_series(tmp_path):
 
 def test_config_label_llava_options():
     from vlprune.config import ReductionConfig
-    from vlprune.eval.bench import config_label
+    from vlprune.eval.sweep import config_label
 
     assert config_label(ReductionConfig(llm_layer=2, llm_keep=64)) == "llm 64@2"
     assert config_label(ReductionConfig(visual_keep=64, llm_layer=2, llm_keep=0.5,

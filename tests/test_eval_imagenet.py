@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlprune.eval.imagenet import (
+from vlprune.eval.image_data import (
     ImageFolderCSV,
     eval_transform,
     evaluate_top1,

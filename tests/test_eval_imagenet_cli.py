@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlprune.cli import main
-from vlprune.eval.bench import BASELINE, Setting
+from vlprune.eval.sweep import BASELINE, Setting
 
 timm = pytest.importorskip("timm")
 Image = pytest.importorskip("PIL.Image")
@@ -115,8 +115,13 @@ def test_sweep_writes_rows_files_and_plot(data, tmp_path, capsys):
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
     # the unpatched top-1 is the plain evaluation of the same images
-    from vlprune.eval.eval_imagenet import build_classifier
-    from vlprune.eval.imagenet import ImageFolderTree, decode_images, eval_transform, evaluate_top1
+    from vlprune.eval.image_data import (
+        ImageFolderTree,
+        decode_images,
+        eval_transform,
+        evaluate_top1,
+    )
+    from vlprune.eval.imagenet import build_classifier
 
     model = build_classifier("test_vit", weights=data["weights"], num_classes=CLASSES, img_size=SIZE)
     override = {"input_size": (3, SIZE, SIZE)}
@@ -198,7 +203,7 @@ def test_unknown_settings_name_the_allowed_ones(data, tmp_path, capsys):
 
 
 def test_partial_results_survive_a_failing_setting(data, tmp_path, monkeypatch):
-    from vlprune.eval.eval_imagenet import ImageNetEval
+    from vlprune.eval.imagenet import ImageNetEval
 
     original = ImageNetEval.__call__
 
@@ -221,7 +226,7 @@ def test_partial_results_survive_a_failing_setting(data, tmp_path, monkeypatch):
 
 def test_sweep_runner_for_other_tasks(tmp_path):
     """The generic loop as another evaluation (e.g. VQA) uses it: its own columns and plot."""
-    from vlprune.eval.runner import PlotSpec, Sweep, method_of, output_paths
+    from vlprune.eval.sweep import PlotSpec, Sweep, method_of, output_paths
 
     settings = [Setting.of(merge_r=4), Setting.of(prune_keep=0.5, prune_fuse=True),
                 Setting("mine", Setting.of(merge_r=8).config)]

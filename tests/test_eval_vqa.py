@@ -1,4 +1,4 @@
-"""`vlprune eval vqa` (vlprune.eval.eval_vqa) on llava:tiny with its offline processor and a
+"""`vlprune eval vqa` (vlprune.cli.eval_vqa, vlprune.eval.vqa / caption / generation / vlm) on llava:tiny with its offline processor and a
 generated JSONL set: rows, files, visual tokens, skipped images, metric consistency, padding,
 a hand-worked VQA accuracy, and two processes against one; then the same for captioning
 (`--task caption`): CIDEr / BLEU rows recomputed from the written captions, hand-worked BLEU,
@@ -29,8 +29,11 @@ except ImportError:  # pragma: no cover - without it the two-process test is ski
     _launch = None
 
 import vlprune  # noqa: E402
-from vlprune.eval import eval_vqa as ev  # noqa: E402
-from vlprune.eval.bench import BASELINE  # noqa: E402
+from vlprune.cli import eval_vqa as cli_vqa  # noqa: E402
+from vlprune.eval import caption, generation, vqa  # noqa: E402
+from vlprune.eval import vlm as vlm_mod  # noqa: E402
+from vlprune.eval.image_data import UnreadableImagesError  # noqa: E402
+from vlprune.eval.sweep import BASELINE  # noqa: E402
 from vlprune.eval.vqa_data import load_captions, load_vqa  # noqa: E402
 from vlprune.eval.vqa_metric import (  # noqa: E402
     caption_scores,
@@ -94,7 +97,7 @@ def data(tmp_path_factory) -> Path:
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ev.add_vqa_arguments(parser)
+    cli_vqa.add_vqa_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -106,7 +109,7 @@ def _argv(data: Path, out: Path, *extra: str) -> list[str]:
 def _run(data: Path, out: Path, *extra: str) -> tuple[int, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rc = ev.run_vqa(_parse(*_argv(data, out, *extra)))
+        rc = cli_vqa.run_vqa(_parse(*_argv(data, out, *extra)))
     return rc, [str(w.message) for w in caught]
 
 
@@ -152,7 +155,7 @@ def test_sweep_rows_files_and_tokens(batch4):
     with open(f"{out}.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert EXPECTED_COLUMNS <= set(csv_rows[0]) and len(csv_rows) == 2
-    assert list(csv_rows[0])[:len(ev.COLUMNS)] == list(ev.COLUMNS)
+    assert list(csv_rows[0])[:len(vqa.COLUMNS)] == list(vqa.COLUMNS)
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
     folder = Path(f"{out}.predictions")
@@ -197,10 +200,10 @@ def test_strict_refuses_unreadable_images_before_loading(data, tmp_path, monkeyp
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(ev, "load_vlm", no_model)
-    with pytest.raises(ev.UnreadableImagesError, match=r"2 of 10 questions have an unreadable "
+    monkeypatch.setattr(cli_vqa, "load_vlm", no_model)
+    with pytest.raises(UnreadableImagesError, match=r"2 of 10 questions have an unreadable "
                        r"image: absent.png \(missing\); empty.png .*without --strict"):
-        ev.run_vqa(_parse(*_argv(data, tmp_path / "s", "--strict")))
+        cli_vqa.run_vqa(_parse(*_argv(data, tmp_path / "s", "--strict")))
 
 
 def test_unknown_setting_and_bad_arguments_error(data, tmp_path, capsys):
@@ -212,23 +215,23 @@ def test_unknown_setting_and_bad_arguments_error(data, tmp_path, capsys):
         _parse("--data", str(data), "--answer-processing", "loose")
     assert "invalid choice: 'loose'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
-        ev.run_vqa(_parse(*_argv(data, tmp_path / "x", "-b", "0")))
+        cli_vqa.run_vqa(_parse(*_argv(data, tmp_path / "x", "-b", "0")))
     with pytest.raises(SystemExit, match="--visual-score given without --visual-keep"):
-        ev.run_vqa(_parse("--data", str(data), "--visual-score", "random"))
+        cli_vqa.run_vqa(_parse("--data", str(data), "--visual-score", "random"))
     # a valid key with a value the model refuses: named, before any question is answered
     with pytest.raises(ValueError, match="setting 'visual 1000 cls_attn'.*576"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skipped images, the random weights
-        ev.run_vqa(_parse(*_argv(data, tmp_path / "y", "--setting", "visual_keep=1000")))
+        cli_vqa.run_vqa(_parse(*_argv(data, tmp_path / "y", "--setting", "visual_keep=1000")))
     with pytest.raises(ValueError, match="unknown llava shape 'huge'.*llava:tiny"):
-        ev.load_vlm("llava:huge")
+        vlm_mod.load_vlm("llava:huge")
 
 
 def _fixed_answers(answers: dict[str, tuple[str, str]]):
     """A stand-in for VQAEval._run_batch: unpatched / patched answer per question."""
     def run_batch(self, records, images, clock):
         patched = vlprune.is_patched(self.model)
-        return ev.BatchOutput([answers[r.question][patched] for r in records], 1.0, None, 0)
+        return generation.BatchOutput([answers[r.question][patched] for r in records], 1.0, None, 0)
     return run_batch
 
 
@@ -255,7 +258,7 @@ def test_hand_worked_vqa_accuracy(data, tmp_path, monkeypatch):
     path = tmp_path / "hand.jsonl"
     path.write_text("".join(json.dumps({"image": str(data.parent / image), "question": q,
                                         "answers": a}) + "\n" for q, a in rows))
-    monkeypatch.setattr(ev.VQAEval, "_run_batch", _fixed_answers({
+    monkeypatch.setattr(vqa.VQAEval, "_run_batch", _fixed_answers({
         "Is it sunny?": ("Yes", "No"), "What animal?": ("The dog.", "the dog"),
         "How many?": ("2", "2")}))
     expected = {"full": (73.33333333333333, 76.66666666666667), "official": (40.0, 43.333333333333336)}
@@ -277,13 +280,13 @@ def test_hand_worked_vqa_accuracy(data, tmp_path, monkeypatch):
 
 def test_offline_processor_expands_the_image_token(data):
     records = load_vqa(data)
-    vlm = ev.load_vlm("llava:tiny", records=records)
+    vlm = vlm_mod.load_vlm("llava:tiny", records=records)
     proc, cfg = vlm.processor, vlm.model.config
     tok = proc.tokenizer
     assert len(tok) == cfg.text_config.vocab_size == 320
     assert tok.convert_tokens_to_ids("<image>") == cfg.image_token_id == 300
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    prompts = [ev.Prompter(proc)(q) for q in (records[0].question, "Why?")]
+    prompts = [vlm_mod.Prompter(proc)(q) for q in (records[0].question, "Why?")]
     images = [Image.new("RGB", (50, 80)), Image.new("RGB", (90, 40))]
     x = proc(images=images, text=prompts, return_tensors="pt", padding=True)
     assert x["pixel_values"].shape == (2, 3, 336, 336)
@@ -296,8 +299,8 @@ def test_offline_processor_expands_the_image_token(data):
     # a processor with a chat template (here llava-hf/llava-1.5-7b-hf's) writes the prompt
     proc.chat_template = LLAVA_15_CHAT_TEMPLATE
     try:
-        chat = ev.Prompter(proc)
-        assert chat.kind == "chat template" and chat("Why?") == ev.Prompter(Plain())("Why?")
+        chat = vlm_mod.Prompter(proc)
+        assert chat.kind == "chat template" and chat("Why?") == vlm_mod.Prompter(Plain())("Why?")
     finally:
         proc.chat_template = None
 
@@ -322,23 +325,23 @@ LLAVA_15_CHAT_TEMPLATE = (
 
 
 def test_prompt_templates():
-    p = ev.Prompter(Plain())
+    p = vlm_mod.Prompter(Plain())
     assert p("Is it red?") == ("USER: <image>\nIs it red? Answer the question using a single "
                                "word or phrase. ASSISTANT:")
-    assert ev.Prompter(Plain(), suffix="")(" Is it red? ") == "USER: <image>\nIs it red? ASSISTANT:"
-    assert ev.Prompter(Plain(), "llava_onevision", suffix="")("Q?") == \
+    assert vlm_mod.Prompter(Plain(), suffix="")(" Is it red? ") == "USER: <image>\nIs it red? ASSISTANT:"
+    assert vlm_mod.Prompter(Plain(), "llava_onevision", suffix="")("Q?") == \
         "<|im_start|>user <image>\nQ?<|im_end|><|im_start|>assistant\n"
-    assert ev.Prompter(Plain(), template="<image> Q: {question} A:", suffix="")("x?") == "<image> Q: x? A:"
+    assert vlm_mod.Prompter(Plain(), template="<image> Q: {question} A:", suffix="")("x?") == "<image> Q: x? A:"
     with pytest.raises(ValueError, match=r"needs \{question\} and <image>"):
-        ev.Prompter(Plain(), template="{question}")
+        vlm_mod.Prompter(Plain(), template="{question}")
 
 
 def test_local_folder_model_gives_the_same_answers(data, batch4, tmp_path):
-    vlm = ev.load_vlm("llava:tiny", records=load_vqa(data))
+    vlm = vlm_mod.load_vlm("llava:tiny", records=load_vqa(data))
     folder = tmp_path / "tiny-llava"
     vlm.model.save_pretrained(folder)
     vlm.processor.save_pretrained(folder)
-    loaded = ev.load_vlm(str(folder))
+    loaded = vlm_mod.load_vlm(str(folder))
     assert loaded.family == "llava" and loaded.weights == "pretrained"
     assert type(loaded.processor).__name__ == "LlavaProcessor"
     rc, _ = _run(data, tmp_path / "local", "-b", "4", "--model", str(folder), "--no-plot")
@@ -347,7 +350,7 @@ def test_local_folder_model_gives_the_same_answers(data, batch4, tmp_path):
     assert _answers(local) == _answers(batch4["result"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match="could not read the config of the local folder"):
-        ev.load_vlm(str(tmp_path / "empty"))
+        vlm_mod.load_vlm(str(tmp_path / "empty"))
 
 
 @pytest.mark.slow
@@ -356,7 +359,7 @@ def test_two_processes_equal_one(data, batch4, tmp_path, request):
         pytest.skip("tests/test_distributed.py (the two-process launcher) is not importable")
     request.getfixturevalue("two_ranks")  # skips when two gloo ranks cannot start here
     out = tmp_path / "two"
-    proc = _launch(["-m", "vlprune.eval.eval_vqa", *_argv(data, out, "-b", "4")], cwd=REPO)
+    proc = _launch(["-m", "vlprune.cli", "eval", "vqa", *_argv(data, out, "-b", "4")], cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("--result") == 1  # only the main process prints and writes
     one, two = batch4["result"], json.loads(Path(f"{out}.json").read_text())
@@ -421,7 +424,7 @@ def _caption_argv(data: Path, out: Path, *extra: str) -> list[str]:
 def _run_captions(data: Path, out: Path, *extra: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
-        assert ev.run_vqa(_parse(*_caption_argv(data, out, *extra))) == 0
+        assert cli_vqa.run_vqa(_parse(*_caption_argv(data, out, *extra))) == 0
     return json.loads(Path(f"{out}.json").read_text())
 
 
@@ -456,7 +459,7 @@ def test_caption_sweep_rows_and_files(caption_sweep):
     with open(f"{out}.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert CAPTION_COLUMNS <= set(csv_rows[0]) and len(csv_rows) == 2
-    assert list(csv_rows[0])[:len(ev.CAPTION_COLUMNS)] == list(ev.CAPTION_COLUMNS)
+    assert list(csv_rows[0])[:len(caption.CAPTION_COLUMNS)] == list(caption.CAPTION_COLUMNS)
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
     folder = Path(f"{out}.predictions")
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -489,7 +492,7 @@ def _fixed_captions(captions: dict[str, tuple[str, str]]):
     """A stand-in for CaptionEval._run_batch: unpatched / patched caption per image id."""
     def run_batch(self, records, images, clock):
         patched = vlprune.is_patched(self.model)
-        return ev.BatchOutput([captions[r.image_id][patched] for r in records], 1.0, None, 0)
+        return generation.BatchOutput([captions[r.image_id][patched] for r in records], 1.0, None, 0)
     return run_batch
 
 
@@ -515,7 +518,7 @@ def test_hand_worked_caption_scores(captions, tmp_path, monkeypatch):
     path = tmp_path / "hand.jsonl"
     path.write_text("".join(json.dumps({"image": image, "captions": c, "id": k}) + "\n"
                             for k, c in refs.items()))
-    monkeypatch.setattr(ev.CaptionEval, "_run_batch", _fixed_captions({
+    monkeypatch.setattr(caption.CaptionEval, "_run_batch", _fixed_captions({
         "a": ("A black dog runs on the grass.", "a black dog runs on the grass"),
         "b": ("Two cats sleep on a red sofa", "two cats sleep"),
         "c": ("a man rides a bicycle down the street", "a man rides a bicycle down the street"),
@@ -550,7 +553,7 @@ def test_captions_identical_to_every_reference_score_the_maximum(captions, tmp_p
     path.write_text("".join(json.dumps({"image": image, "id": k,
                                         "captions": [t, t.capitalize() + "."]}) + "\n"
                             for k, t in texts.items()))
-    monkeypatch.setattr(ev.CaptionEval, "_run_batch",
+    monkeypatch.setattr(caption.CaptionEval, "_run_batch",
                         _fixed_captions({k: (t, t.upper()) for k, t in texts.items()}))
     for row in _run_captions(path, tmp_path / "same", "--no-plot")["rows"]:
         assert row["bleu_4"] == pytest.approx(100.0, abs=1e-6)
@@ -574,11 +577,11 @@ def test_coco_captions_json_sweep(captions, tmp_path, monkeypatch):
     path = tmp_path / "annotations" / "captions_val2014.json"
     path.parent.mkdir()
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(ev.CaptionEval, "_run_batch", _fixed_captions(
+    monkeypatch.setattr(caption.CaptionEval, "_run_batch", _fixed_captions(
         {i: ("a dog", "a cat") for i in (0, 1, 2)}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert ev.run_vqa(_parse(*_caption_argv(path, tmp_path / "coco", "--images", str(folder),
+        assert cli_vqa.run_vqa(_parse(*_caption_argv(path, tmp_path / "coco", "--images", str(folder),
                                                 "--no-plot"))) == 0
     assert any("1 of 4 images are unreadable: 000000000009.png (missing)" in str(w.message)
                for w in caught)
@@ -595,34 +598,34 @@ def test_coco_captions_json_sweep(captions, tmp_path, monkeypatch):
 
 def test_caption_prompts(captions):
     instruction = "Provide a one-sentence caption for the provided image."
-    assert ev.CAPTION_INSTRUCTION == instruction
-    p = ev.Prompter(Plain(), suffix="", needs_question=False)
+    assert vlm_mod.CAPTION_INSTRUCTION == instruction
+    p = vlm_mod.Prompter(Plain(), suffix="", needs_question=False)
     assert p(instruction) == f"USER: <image>\n{instruction} ASSISTANT:"
     # the offline processor knows the instruction's and the references' words
-    proc = ev.load_vlm("llava:tiny", records=load_captions(captions)).processor
+    proc = vlm_mod.load_vlm("llava:tiny", records=load_captions(captions)).processor
     ids = proc.tokenizer(f"{instruction} {CAPTIONS[1][1]}")["input_ids"]
     assert proc.tokenizer.unk_token_id not in ids
     # a processor with a chat template writes the same prompt
     proc.chat_template = LLAVA_15_CHAT_TEMPLATE
     try:
-        chat = ev.Prompter(proc, suffix="", needs_question=False)
+        chat = vlm_mod.Prompter(proc, suffix="", needs_question=False)
         assert chat.kind == "chat template" and chat(instruction) == p(instruction)
     finally:
         proc.chat_template = None
     # --prompt: {question} is optional for captions, required for questions
-    assert ev.Prompter(Plain(), template="<image> Caption:", suffix="",
+    assert vlm_mod.Prompter(Plain(), template="<image> Caption:", suffix="",
                        needs_question=False)(instruction) == "<image> Caption:"
     with pytest.raises(ValueError, match=r"needs <image>, got"):
-        ev.Prompter(Plain(), template="Caption:", suffix="", needs_question=False)
+        vlm_mod.Prompter(Plain(), template="Caption:", suffix="", needs_question=False)
     with pytest.raises(ValueError, match=r"needs \{question\} and <image>"):
-        ev.Prompter(Plain(), template="<image> Caption:")
+        vlm_mod.Prompter(Plain(), template="<image> Caption:")
 
 
 def test_task_errors(data, captions, tmp_path, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(ev, "load_vlm", no_model)
+    monkeypatch.setattr(cli_vqa, "load_vlm", no_model)
     with pytest.raises(SystemExit):
         _parse("--task", "detection", "--data", str(captions))
     err = capsys.readouterr().err
@@ -630,29 +633,29 @@ def test_task_errors(data, captions, tmp_path, capsys, monkeypatch):
     args = _parse("--data", str(captions))
     args.task = "detection"
     with pytest.raises(ValueError, match=r"--task must be one of \['vqa', 'caption'\]"):
-        ev.run_vqa(args)
+        cli_vqa.run_vqa(args)
     # caption data with --task vqa (the default): the error says so and names the formats
     with pytest.raises(ValueError, match=r"line 1 has a caption and no question.*--task caption"
                        r".*accepted formats: 'vqav2'.*'gqa'.*'jsonl'"):
-        ev.run_vqa(_parse(*_argv(captions, tmp_path / "x")))
+        cli_vqa.run_vqa(_parse(*_argv(captions, tmp_path / "x")))
     # questions with --task caption
     with pytest.raises(ValueError, match=r"line 1 has a question and no caption.*--task vqa.*"
                        r"accepted caption formats: 'coco_captions'.*'jsonl'"):
-        ev.run_vqa(_parse(*_caption_argv(data, tmp_path / "y")))
+        cli_vqa.run_vqa(_parse(*_caption_argv(data, tmp_path / "y")))
     # options of the other task
     with pytest.raises(ValueError, match=r"--answer-processing, --no-suffix apply only to "
                        r"--task vqa"):
-        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "z", "--answer-processing",
+        cli_vqa.run_vqa(_parse(*_caption_argv(captions, tmp_path / "z", "--answer-processing",
                                          "full", "--no-suffix")))
     with pytest.raises(ValueError, match="--format coco_captions is a caption format; --task "
                        "vqa takes vqav2, gqa, jsonl"):
-        ev.run_vqa(_parse(*_argv(captions, tmp_path / "w", "--format", "coco_captions")))
+        cli_vqa.run_vqa(_parse(*_argv(captions, tmp_path / "w", "--format", "coco_captions")))
     with pytest.raises(ValueError, match="--format gqa is a VQA format; --task caption takes "
                        "coco_captions, jsonl"):
-        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "v", "--format", "gqa")))
+        cli_vqa.run_vqa(_parse(*_caption_argv(captions, tmp_path / "v", "--format", "gqa")))
     with pytest.raises(TypeError, match="CaptionEval evaluates CaptionRecord records, got a "
                        "VQARecord"):
-        ev.CaptionEval(nn_stub(), None, load_vqa(data))
+        caption.CaptionEval(nn_stub(), None, load_vqa(data))
 
 
 def nn_stub() -> torch.nn.Module:
@@ -663,13 +666,13 @@ def test_caption_task_needs_pycocoevalcap(captions, tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(ev, "load_vlm", no_model)
+    monkeypatch.setattr(cli_vqa, "load_vlm", no_model)
     for name in ("pycocoevalcap", "pycocoevalcap.bleu", "pycocoevalcap.bleu.bleu",
                  "pycocoevalcap.cider", "pycocoevalcap.cider.cider"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(SystemExit, match="caption metrics need the 'pycocoevalcap' package.*"
                        "pip install pycocoevalcap"):
-        ev.run_vqa(_parse(*_caption_argv(captions, tmp_path / "x")))
+        cli_vqa.run_vqa(_parse(*_caption_argv(captions, tmp_path / "x")))
 
 
 @needs_coco
@@ -681,7 +684,7 @@ def test_caption_two_processes_equal_one(captions, caption_sweep, tmp_path, requ
         pytest.skip("tests/test_distributed.py (the two-process launcher) is not importable")
     request.getfixturevalue("two_ranks")  # skips when two gloo ranks cannot start here
     out = tmp_path / "two"
-    proc = _launch(["-m", "vlprune.eval.eval_vqa",
+    proc = _launch(["-m", "vlprune.cli", "eval", "vqa",
                     *_caption_argv(captions, out, "-b", "4", "--max-new-tokens", "6")], cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("--result") == 1

@@ -17,8 +17,8 @@ MIN_MARGIN = 1.0
 
 @pytest.mark.parametrize("keep", [0.7, 0.5])
 def test_cls_attn_beats_random_at_the_same_budget(vit_tiny_real, keep):
-    from vlprune.eval.bench import Setting
-    from vlprune.eval.sweep import accuracy_sweep
+    from vlprune.eval.imagenet import accuracy_sweep
+    from vlprune.eval.sweep import Setting
 
     model, data = vit_tiny_real
     settings = [Setting.of(prune_keep=keep, prune_layers=EVIT_LAYERS)] + [
@@ -38,8 +38,8 @@ def test_cls_attn_beats_random_at_the_same_budget(vit_tiny_real, keep):
 def test_best_hybrid_near_the_aim(vit_tiny_real):
     """Prune hard after the last attention reads (layers 10, 11) and merge r=12 elsewhere: at
     about 1.7x fewer FLOPs the top-1 loss stays within 1.0 pt (measured 0.2 pt)."""
-    from vlprune.eval.bench import Setting
-    from vlprune.eval.sweep import accuracy_sweep
+    from vlprune.eval.imagenet import accuracy_sweep
+    from vlprune.eval.sweep import Setting
 
     model, data = vit_tiny_real
     setting = Setting.of(prune_keep=[0.5, 0.01], prune_layers=(10, 11), merge_r=12)

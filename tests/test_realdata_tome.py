@@ -13,8 +13,8 @@ SLACK = 0.5
 
 
 def test_tome_accuracy_drop_within_reference(vit_tiny_real):
-    from vlprune.eval.bench import Setting
-    from vlprune.eval.sweep import accuracy_sweep
+    from vlprune.eval.imagenet import accuracy_sweep
+    from vlprune.eval.sweep import Setting
 
     model, data = vit_tiny_real
     rows = accuracy_sweep(model, data, [Setting.merge(r) for r in TOME_DROP], progress=False)

@@ -10,6 +10,7 @@ import torch
 
 import vlprune
 from vlprune import viz
+from vlprune.cli import viz as viz_cli
 
 timm = pytest.importorskip("timm")
 np = pytest.importorskip("numpy")
@@ -299,8 +300,8 @@ def test_errors(model, image_path, tmp_path):
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlprune viz")
-    viz.add_viz_arguments(parser)
-    return viz.run_viz(parser.parse_args(argv))
+    viz_cli.add_viz_arguments(parser)
+    return viz_cli.run_viz(parser.parse_args(argv))
 
 
 def test_cli_writes_png_and_table(image_path, tmp_path, capsys):
@@ -348,7 +349,7 @@ def test_cli_errors(image_path, tmp_path, capsys, argv, message):
 
 def test_cli_argument_types():
     parser = argparse.ArgumentParser()
-    viz.add_viz_arguments(parser)
+    viz_cli.add_viz_arguments(parser)
     args = parser.parse_args(["i.jpg", "--merge-r", "8:0.5", "--prune-keep", "0.7,0.5",
                               "--prune-layers", "3,6", "--prune-score", "key_norm"])
     assert args.merge_r == (8, 0.5) and args.prune_keep == (0.7, 0.5) and args.prune_layers == (3, 6)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.cli import build_llava, main
-from vlprune.eval.bench import BASELINE, Setting
+from vlprune.cli import main
+from vlprune.eval.sweep import BASELINE, Setting
 from vlprune.eval.vlm_bench import llava_prompts, run_vlm_bench
+from vlprune.models import build_llava
 
 pytest.importorskip("transformers")
 
@@ -226,7 +227,7 @@ def test_cli_llava_setting_errors(argv, match, capsys):
 
 def test_llava_1_5_7b_shape():
     """The real shape's config (not built: the config alone carries the shapes)."""
-    from vlprune.cli import LLAVA_SHAPES
+    from vlprune.models import LLAVA_SHAPES
 
     spec = LLAVA_SHAPES["1.5-7b"]
     v, t = spec["vision"], spec["text"]

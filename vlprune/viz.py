@@ -4,8 +4,8 @@ A model patched with ``trace_source=True`` keeps a ``(B, N, N0)`` source map of 
 tokens each current token holds (see :class:`vlprune.core.state.TokenState`). This module
 records that map after chosen blocks (:func:`layer_sources`), turns it into a patch grid of
 group ids (:func:`group_map`), paints each group (:func:`paint_groups`) and draws the panels
-into a PNG (:func:`render`). :func:`visualize` does all of it for one image, and
-:func:`add_viz_arguments` / :func:`run_viz` are the ``vlprune viz`` command.
+into a PNG (:func:`render`). :func:`visualize` does all of it for one image (the ``vlprune viz`` command,
+:mod:`vlprune.cli.viz`, runs it).
 
 How the source map reads:
 
@@ -22,10 +22,8 @@ numpy, Pillow and matplotlib come with the ``eval`` extra; they are imported whe
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +37,12 @@ __all__ = [
     "PALETTE",
     "PANEL_PX",
     "TITLE_PX",
-    "add_viz_arguments",
     "default_layers",
     "figure_size",
     "group_map",
     "layer_sources",
     "paint_groups",
     "render",
-    "run_viz",
     "visualize",
 ]
 
@@ -458,7 +454,7 @@ def _default_transform(model: nn.Module) -> Callable[[Any], Tensor]:
     center-crop to the tower's input size, normalised with the model's (open_clip
     ``preprocess_cfg``) or CLIP's mean and std."""
     if _is_timm(model):
-        from .eval.imagenet import eval_transform
+        from .eval.image_data import eval_transform
 
         return eval_transform(model)
     from torchvision import transforms as T
@@ -601,153 +597,3 @@ def visualize(model: nn.Module, image: Any, *, path: str | os.PathLike,
     title = f"{label}\n{x.shape[-2]}x{x.shape[-1]}, {n0} tokens"
     render(shown, maps, path, tokens=summary["tokens"], fused=fused_maps, colors=colors, title=title)
     return summary
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-
-def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
-    """``"8"`` -> 8; ``"8:0.5"`` -> ToMe's ``(r, inflection)``; ``"8,8,4"`` -> per-layer list."""
-    try:
-        if ":" in text:
-            r, inflect = text.split(":", 1)
-            return (int(r), float(inflect))
-        if "," in text:
-            return [int(v) for v in text.split(",") if v.strip()]
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad --merge-r {text!r}: an int, R:INFLECTION (e.g. 8:0.5) or a per-layer list (8,8,4)"
-        ) from None
-
-
-def _keep_value(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad --prune-keep {text!r}: a rate in (0, 1], or one per --prune-layers entry (0.7,0.5)"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("--prune-keep needs a value")
-    return values[0] if len(values) == 1 else values
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one layer index")
-    return values
-
-
-def add_viz_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``vlprune viz`` arguments (image, model, one reduction setting, layers, output)."""
-    from .core.scores import SCORE_NAMES
-
-    parser.add_argument("image", help="image file (JPEG, PNG, ...)")
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                        help=f"timm model name (default: {DEFAULT_MODEL}); random weights unless "
-                        "--weights or --pretrained")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="PATH",
-                     help="local checkpoint (.npz, .safetensors, .pth) loaded into the model")
-    src.add_argument("--pretrained", action="store_true",
-                     help="timm's pretrained weights (downloads from the Hugging Face hub)")
-    parser.add_argument("--merge-r", type=_merge_value, default=None,
-                        help="ToMe r per layer: an int, R:INFLECTION, or a per-layer list")
-    parser.add_argument("--prune-keep", type=_keep_value, default=None,
-                        help="pruning keep rate in (0, 1], or one per --prune-layers entry")
-    parser.add_argument("--prune-layers", type=_int_list, default=None,
-                        help="layers that prune (default: a quarter, half, three quarters in)")
-    parser.add_argument("--prune-score", default=None, choices=SCORE_NAMES,
-                        help="how tokens are ranked for pruning (default: cls_attn)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--prune-fuse", action="store_true",
-                      help="fuse the dropped tokens into one token (EViT)")
-    mode.add_argument("--prune-recycle", action="store_true",
-                      help="merge each dropped token into its most similar kept token")
-    parser.add_argument("--layers", type=_int_list, default=None,
-                        help="blocks shown, comma-separated (default: four evenly spaced, the "
-                        "last included)")
-    parser.add_argument("--colors", choices=COLOR_MODES, default="mean",
-                        help="mean: each group in its mean colour (ToMe's picture); palette: "
-                        "a qualitative colour per group over the image")
-    parser.add_argument("--out", "-o", default="viz.png", help="PNG written (default: viz.png)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    return parser
-
-
-def _setting_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    setting: dict[str, Any] = {}
-    if args.merge_r is not None:
-        setting["merge_r"] = args.merge_r
-    prune = dict(prune_layers=args.prune_layers, prune_score=args.prune_score,
-                 prune_fuse=args.prune_fuse or None, prune_recycle=args.prune_recycle or None)
-    given = {k: v for k, v in prune.items() if v is not None}
-    if args.prune_keep is None:
-        if given:
-            names = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise ValueError(f"{names} given without --prune-keep: they would be ignored")
-    else:
-        setting["prune_keep"] = args.prune_keep
-        setting.update(given)
-    if not setting:
-        raise ValueError("give --merge-r and/or --prune-keep (e.g. --merge-r 8)")
-    return setting
-
-
-def _build_timm_model(args: argparse.Namespace) -> nn.Module:
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError("vlprune viz needs timm: pip install 'vlprune[timm]'") from e
-    if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown timm model {args.model!r}; similar names: {close}")
-    if args.pretrained:
-        try:
-            model = timm.create_model(args.model, pretrained=True)
-        except Exception as e:  # no network, no hub weights for this name, ...
-            raise ValueError(
-                f"cannot load timm's pretrained weights for {args.model!r} ({type(e).__name__}: {e}); "
-                "use --weights PATH for a local checkpoint"
-            ) from None
-        return model
-    model = timm.create_model(args.model, pretrained=False)
-    if args.weights:
-        from .eval.weights import load_weights
-
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:
-            raise ValueError(str(e)) from None
-    return model
-
-
-def run_viz(args: argparse.Namespace) -> int:
-    """``vlprune viz``: build the model, draw the PNG, print a line per layer. Returns the
-    exit status (2 with a one-line error for bad input)."""
-    from .adapters.base import UnsupportedModelError
-
-    try:
-        setting = _setting_from_args(args)
-        image = Path(args.image)
-        if not image.is_file():
-            raise FileNotFoundError(f"image not found: {image}")
-        model = _build_timm_model(args).to(args.device)
-        summary = visualize(model, image, path=args.out, layers=args.layers, colors=args.colors,
-                            **setting)
-    except (FileNotFoundError, ValueError, UnsupportedModelError, ImportError) as e:
-        print(f"vlprune viz: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.model}  {setting}  grid {summary['grid'][0]}x{summary['grid'][1]}  "
-          f"prefix tokens {summary['num_prefix']}")
-    print(f"{'layer':>5} {'tokens':>6} {'groups':>6} {'dropped':>7} {'fused':>5}")
-    for layer in summary["layers"]:
-        print(f"{layer:>5} {summary['tokens'][layer]:>6} {summary['groups'][layer]:>6} "
-              f"{summary['dropped'][layer]:>7} {summary['fused'][layer]:>5}")
-    print(f"wrote {summary['path']}")
-    return 0

@@ -5,6 +5,10 @@ r=8, ... then again), and the median time per batch is reported, so that machine
 every setting alike. Each setting's speedup is measured against the unpatched model in the
 same run, and its *efficiency* is speedup / FLOPs ratio: 1.0 means the wall-clock gain is
 exactly the compute saved.
+
+Owns :func:`run_bench` and its result (:class:`BenchResult`, :class:`BenchRow`: table, JSON,
+CSV), :func:`plot_speedup` (also drawn by :mod:`vlprune.eval.vlm_bench`) and
+:func:`run_fields`, the run facts every benchmark result records.
 """
 
 from __future__ import annotations
@@ -13,73 +17,20 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..api import describe, patch, unpatch
-from ..config import MergeSchedule, ReductionConfig
+from ..api import describe
 from .flops import count_flops
+from .machine import environment, load_warning, sync
 from .memory import peak_memory
-
-BASELINE = "unpatched"
-
-
-def config_label(cfg: ReductionConfig) -> str:
-    """A short readable name of a config, e.g. ``r=8``, ``cls_attn 0.7@3/6/9 +fuse``."""
-    parts = []
-    if cfg.visual_keep is not None:
-        seed = f" seed={cfg.visual_seed}" if cfg.visual_score == "random" else ""
-        ctx = "" if cfg.visual_contextual is None else f" ctx={cfg.visual_contextual}"
-        parts.append(f"visual {cfg.visual_keep:g} {cfg.visual_score}{seed}{ctx}")
-    if cfg.text_keep is not None:  # image-guided prompt dropping
-        last = "" if cfg.text_protect_last is None else f" last={cfg.text_protect_last}"
-        parts.append(f"text {cfg.text_keep:g}{last}")
-    if cfg.llm_keep is not None:  # FastV inside the language model
-        renumber = " +renumber" if cfg.llm_renumber_positions else ""
-        parts.append(f"llm {cfg.llm_keep:g}@{cfg.llm_layer}{renumber}")
-    if cfg.prune_keep is not None:
-        keep = cfg.prune_keep
-        keep_txt = "/".join(f"{k:g}" for k in keep) if isinstance(keep, list) else f"{keep:g}"
-        where = "" if cfg.prune_layers is None else "@" + "/".join(map(str, cfg.prune_layers))
-        extra = {"fuse": " +fuse", "recycle": " +recycle", "drop": ""}[cfg.prune_mode]
-        seed = f" seed={cfg.prune_seed}" if cfg.prune_score == "random" else ""
-        parts.append(f"{cfg.prune_score} {keep_txt}{where}{extra}{seed}")
-    r = cfg.merge_r
-    if isinstance(r, tuple):
-        parts.append(f"r={r[0]}@{r[1]:g}")
-    elif isinstance(r, list):
-        parts.append("r=" + "/".join(map(str, r)))
-    elif r or not parts:
-        parts.append(f"r={r}")
-    if not cfg.prop_attn:
-        parts.append("no-prop")
-    return " + ".join(parts)
-
-
-@dataclass
-class Setting:
-    """One row of a benchmark: a label and the patch settings (``None``: unpatched)."""
-
-    label: str
-    config: ReductionConfig | None
-
-    @classmethod
-    def of(cls, label: str | None = None, **settings: Any) -> Setting:
-        """A setting from :class:`ReductionConfig` keywords, labelled by :func:`config_label`."""
-        cfg = ReductionConfig(**settings)
-        return cls(label or config_label(cfg), cfg)
-
-    @classmethod
-    def merge(cls, r: MergeSchedule) -> Setting:
-        return cls.of(merge_r=r)
+from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar
 
 
 @dataclass
@@ -217,54 +168,6 @@ def plot_speedup(path: str | os.PathLike, series: dict[str, Sequence[PlotPoint]]
     plt.close(fig)
 
 
-def machine_load(sample_s: float = 0.5) -> tuple[float, float]:
-    """(1-minute load average, fraction of CPU time busy over a short sample), Linux only."""
-    try:
-        load1 = os.getloadavg()[0]
-    except OSError:
-        load1 = float("nan")
-
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        return sum(vals), idle
-
-    try:
-        t0, i0 = read()
-        time.sleep(sample_s)
-        t1, i1 = read()
-        busy = 1.0 - (i1 - i0) / max(t1 - t0, 1)
-    except OSError:
-        busy = float("nan")
-    return load1, busy
-
-
-def load_warning(threshold: float = 0.25) -> str | None:
-    """A warning text when other processes keep the CPU busy (timings would be unreliable)."""
-    load1, busy = machine_load()
-    if busy > threshold:
-        return (
-            f"the machine is busy before the benchmark starts ({busy:.0%} CPU in use, load "
-            f"average {load1:.2f} on {os.cpu_count()} cores): timings may be off; ratios between "
-            "settings are interleaved and more robust than absolute numbers"
-        )
-    return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _apply(model: nn.Module, setting: Setting) -> None:
-    if setting.config is None:
-        if getattr(model, "_vlprune", None) is not None:
-            unpatch(model)
-    else:
-        patch(model, setting.config)
-
-
 def run_bench(
     model: nn.Module,
     settings: Sequence[Setting],
@@ -309,7 +212,7 @@ def run_bench(
     flops, tokens, mem = {}, {}, {}
     with torch.inference_mode():
         for s in settings:
-            _apply(model, s)
+            apply_setting(model, s)
             if s.config is None:
                 flops[s.label] = count_flops(lambda: model(x1))
                 tokens[s.label] = None
@@ -322,22 +225,22 @@ def run_bench(
 
     times: dict[str, list[float]] = {s.label: [] for s in settings}
     total = (warmup + rounds) * len(settings)
-    bar = _progress(total, progress, f"bench {model_name or type(model).__name__}")
+    bar = progress_bar(total, progress, f"bench {model_name or type(model).__name__}", "run")
     with torch.inference_mode():
         for rnd in range(warmup + rounds):
             for s in settings:
-                _apply(model, s)
+                apply_setting(model, s)
                 model(x)  # untimed: first call after a switch
                 for _ in range(iters):
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     model(x)
-                    _sync(device)
+                    sync(device)
                     if rnd >= warmup:
                         times[s.label].append((time.perf_counter() - t0) * 1e3)
                 bar.update(1)
     bar.close()
-    _apply(model, Setting(BASELINE, None))
+    apply_setting(model, Setting(BASELINE, None))
 
     base_ms = statistics.median(times[BASELINE])
     rows = []
@@ -348,9 +251,7 @@ def run_bench(
         rows.append(
             BenchRow(
                 setting=s.label,
-                config=None if s.config is None else {
-                    k: v for k, v in dataclasses.asdict(s.config).items() if k != "version"
-                },
+                config=config_dict(s),
                 tokens_final=tokens[s.label],
                 gflops_per_img=flops[s.label] / 1e9,
                 flops_ratio=ratio,
@@ -380,42 +281,3 @@ def run_fields(model, model_name, batch_size, input_size, device, dtype, warning
         env=environment(),
         load_warning=warning,
     )
-
-
-def environment() -> dict[str, Any]:
-    """Versions and machine facts stored beside every result."""
-    from .. import __version__
-
-    env: dict[str, Any] = {
-        "vlprune": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    for lib in ("timm", "open_clip", "transformers"):
-        mod = __import__("sys").modules.get(lib)
-        if mod is not None:
-            env[lib] = getattr(mod, "__version__", "?")
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="run", leave=False)

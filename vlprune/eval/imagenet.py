@@ -1,482 +1,504 @@
-"""ImageNet-style top-1 / top-5 evaluation of a classifier on a local folder of images.
+"""The ImageNet task (``vlprune eval imagenet``): a speed-accuracy sweep of reduction settings
+on a classifier (:func:`eval_imagenet`, :class:`ImageNetEval`), its model and data
+(:func:`build_classifier`, :func:`open_dataset`), and :func:`accuracy_sweep`, the short
+in-memory top-1 sweep of the real-data tests and ``benchmarks/imagenet_sweep.py``.
 
-The folder holds a ``labels.csv`` (header with at least ``filename,class_index``) and the
-images, in an ``images/`` subfolder or next to the csv. Images go through timm's eval
-transform for the model (resize, center crop, normalize with the model's mean/std), which
-must match the weights' training preprocessing or accuracy drops by tens of points.
+One model, one dataset, many settings. The images are decoded once (when they fit in memory,
+see :data:`PRELOAD_MAX_BYTES`) and every setting runs over the same tensors: the unpatched
+model first, then each setting. Per setting the sweep records top-1 / top-5 accuracy, the
+agreement of its top-1 predictions with the unpatched model's, throughput, GFLOPs per image,
+peak memory and the tokens left at the last layer, and rewrites the CSV, JSON and plot after
+every row (:class:`vlprune.eval.sweep.Sweep`).
 
-Decoding JPEGs dominates the cost of a small evaluation, so :func:`load_eval_tensors` decodes
-once into tensors that :func:`evaluate_top1` can reuse across many model settings.
+Under ``accelerate launch`` (or ``torchrun``) every process evaluates a strided shard of the
+images and the per-sample predictions are gathered in dataset order
+(:mod:`vlprune.eval.distributed`), so accuracy, agreement and counts equal those of one
+process. Only the main process writes.
+
+Unreadable images (missing, truncated, not an image) are skipped and counted (``skipped``),
+with a warning naming a few; ``strict=True`` refuses them instead.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..api import describe, patch
+from ..config import ReductionConfig
+from .distributed import DistContext
+from .flops import count_model_flops
+from .image_data import (
+    DecodedImages,
+    ImageFolderCSV,
+    ImageFolderTree,
+    UnreadableImagesError,
+    decode_images,
+    evaluate_top1,
+    iter_images,
+    load_item,
+    sample_name,
+)
+from .machine import sync
+from .memory import peak_memory
+from .sweep import (
+    BASELINE,
+    OutputPaths,
+    PlotSpec,
+    Setting,
+    Sweep,
+    apply_setting,
+    progress_bar,
+)
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "DecodedImages",
-    "ImageFolderCSV",
-    "ImageFolderTree",
-    "check_labels",
-    "dataset_labels",
-    "decode_images",
-    "iter_images",
-    "load_item",
-    "sample_name",
-    "resolve_eval_config",
-    "eval_transform",
-    "evaluate_top1",
-    "load_eval_tensors",
-    "preload",
+    "COLUMNS",
+    "PRELOAD_MAX_BYTES",
+    "TIMING",
+    "ImageNetEval",
+    "UnreadableImagesError",
+    "accuracy_sweep",
+    "build_classifier",
+    "eval_imagenet",
+    "format_rows",
+    "num_classes_of",
+    "open_dataset",
 ]
 
-_REQUIRED_COLUMNS = ("filename", "class_index")
+#: ``preload="auto"`` decodes a process's images into memory up to this many bytes of
+#: float32 tensors (about 21,000 images at 224 px); larger shards are decoded per setting.
+PRELOAD_MAX_BYTES = 4 * 2**30
+
+#: how ``img_per_s`` is measured (stored with the results)
+TIMING = ("forward passes of the evaluation itself on already decoded images (loading and "
+          "decoding excluded), synchronized per batch; the first batch of each process is "
+          "untimed (warm-up) when the process has more than one batch; all processes: "
+          "images timed / slowest process's timed seconds")
+
+#: the leading columns of the CSV, in order
+COLUMNS = ("setting", "method", "top1", "delta_top1", "top5", "agreement", "img_per_s",
+           "speedup", "gflops_per_img", "flops_ratio", "tokens_final", "peak_mem_mb", "n",
+           "skipped", "seconds")
+
+COMPARE = {
+    "delta_top1": ("top1", "diff"),
+    "speedup": ("img_per_s", "ratio"),
+    "flops_ratio": ("gflops_per_img", "inverse"),
+}
+
+_SHOWN_SKIPPED = 5
 
 
-class ImageFolderCSV(Dataset):
-    """Images listed in ``<root>/labels.csv``; items are ``(transform(image), class_index)``.
+def _skipped_text(skipped: Sequence[tuple[int, str, str]], total: int) -> str:
+    shown = "; ".join(f"{name} ({err})" for _, name, err in skipped[:_SHOWN_SKIPPED])
+    more = f"; ... (+{len(skipped) - _SHOWN_SKIPPED} more)" if len(skipped) > _SHOWN_SKIPPED else ""
+    return f"{len(skipped)} of {total} images could not be read: {shown}{more}"
 
-    ``transform`` receives an RGB ``PIL.Image``; without one the image is returned as a
-    float tensor in [0, 1] at its own size. ``limit`` keeps the first ``limit`` rows.
-    ``missing``: ``"error"`` (default) refuses a file listed in the csv but absent from the
-    folder; ``"keep"`` keeps it listed, so that loading it fails (and a tolerant loader such
-    as :func:`decode_images` counts it as skipped).
+
+def build_classifier(name: str, *, pretrained: bool = False, weights: str | os.PathLike | None = None,
+                     num_classes: int | None = None, img_size: int | None = None) -> nn.Module:
+    """A timm classifier in eval mode: hub weights with ``pretrained``, a local checkpoint
+    with ``weights`` (see :func:`vlprune.eval.weights.load_weights`), else random weights.
+
+    ``name`` may carry a pretrained tag (``vit_tiny_patch16_224.augreg_in21k_ft_in1k``); the
+    tag also picks the preprocessing.
     """
-
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
-                 *, limit: int | None = None, csv_name: str = "labels.csv",
-                 missing: str = "error") -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        csv_path = self.root / csv_name
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"label file not found: {csv_path}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        if missing not in ("error", "keep"):
-            raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
-        images_dir = self.root / "images"
-        self.image_dir = images_dir if images_dir.is_dir() else self.root
-        self.transform = transform
-
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            absent = [c for c in _REQUIRED_COLUMNS if c not in columns]
-            if absent:
-                raise ValueError(
-                    f"{csv_path} lacks column(s) {absent}; its header is {columns}, "
-                    f"required: {list(_REQUIRED_COLUMNS)}"
-                )
-            rows = []
-            for row in reader:
-                if limit is not None and len(rows) >= limit:
-                    break
-                try:
-                    label = int(row["class_index"])
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"{csv_path} line {reader.line_num}: class_index "
-                        f"{row['class_index']!r} is not an integer"
-                    ) from None
-                rows.append((row["filename"], label))
-
-        absent = [name for name, _ in rows if not (self.image_dir / name).is_file()]
-        if absent and missing == "error":
-            raise FileNotFoundError(
-                f"{len(absent)} image(s) listed in {csv_path} are not in {self.image_dir}, "
-                f"e.g. {absent[0]}"
-            )
-        self.samples: list[tuple[Path, int]] = [(self.image_dir / n, c) for n, c in rows]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        if self.transform is not None:
-            return self.transform(img), label
-        from torchvision.transforms.functional import to_tensor
-
-        return to_tensor(img), label
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class ImageFolderTree(Dataset):
-    """The ``ImageFolder`` layout: ``<root>/<class folder>/<image>``.
-
-    Class folders (ImageNet wnids, e.g. ``n01440764``) in sorted order give class indices
-    0, 1, ...; ``classes`` lists them. Files with a suffix in ``extensions`` count as images
-    (folders and other files are ignored). ``limit`` keeps the first ``limit`` images of a
-    round-robin over the classes (first image of every class, then the second, ...), so a
-    small limit still covers many classes. Items are ``(transform(image), class_index)``.
-    """
-
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
-                 *, limit: int | None = None,
-                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        self.transform = transform
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(
-                f"{self.root} has no class sub-folders and no labels.csv; expected "
-                "<root>/<class>/<image> (ImageFolder) or <root>/labels.csv with the images"
-            )
-        per_class = [
-            sorted(p for p in (self.root / c).iterdir()
-                   if p.is_file() and p.suffix.lower() in extensions)
-            for c in self.classes
-        ]
-        if limit is None:
-            samples = [(p, c) for c, files in enumerate(per_class) for p in files]
-        else:
-            samples = []
-            for depth in range(max(map(len, per_class))):
-                samples += [(files[depth], c) for c, files in enumerate(per_class)
-                            if depth < len(files)]
-            samples = samples[:limit]
-        self.samples: list[tuple[Path, int]] = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return _load_path(*self.samples[index], self.transform)
-
-
-def _load_path(path: Path, label: int, transform: Callable[[Any], Any] | None) -> tuple[Any, int]:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-    if transform is not None:
-        return transform(img), label
-    from torchvision.transforms.functional import to_tensor
-
-    return to_tensor(img), label
-
-
-def dataset_labels(dataset: Dataset) -> list[int] | None:
-    """The class index of every sample, when the dataset knows them without loading images
-    (``samples`` of :class:`ImageFolderCSV` / :class:`ImageFolderTree` / torchvision); else
-    ``None``."""
-    samples = getattr(dataset, "samples", None)
-    if isinstance(samples, list) and all(isinstance(s, tuple) and len(s) == 2 for s in samples):
-        return [int(s[1]) for s in samples]
-    return None
-
-
-def check_labels(dataset: Dataset, num_classes: int, *, model_name: str = "the model") -> None:
-    """Refuse data whose classes cannot be the model's before anything runs.
-
-    An :class:`ImageFolderTree` must have exactly ``num_classes`` class folders (folder order
-    is the class index, so any other count maps to other classes). Every known label must be
-    in ``0 .. num_classes - 1``. Raises ``ValueError`` saying what was found.
-    """
-    if isinstance(dataset, ImageFolderTree) and len(dataset.classes) != num_classes:
-        raise ValueError(
-            f"{dataset.root} has {len(dataset.classes)} class folders ({dataset.classes[0]} .. "
-            f"{dataset.classes[-1]}) but {model_name} has {num_classes} classes; an ImageFolder "
-            f"maps its sorted folders to classes 0..{len(dataset.classes) - 1}, which is only "
-            "right for a model trained on exactly those classes. For a subset of the model's "
-            "classes, list the images in a labels.csv (filename,class_index) instead"
-        )
-    labels = dataset_labels(dataset)
-    if not labels:
-        return
-    bad = [(i, lb) for i, lb in enumerate(labels) if not 0 <= lb < num_classes]
-    if bad:
-        i, lb = bad[0]
-        raise ValueError(
-            f"{len(bad)} label(s) do not fit {model_name}'s {num_classes} classes (allowed "
-            f"class indices: 0..{num_classes - 1}), e.g. class_index {lb} of "
-            f"{sample_name(dataset, i)}; labels range over {min(labels)}..{max(labels)}"
-        )
-
-
-def sample_name(dataset: Dataset, index: int) -> str:
-    """A printable name of sample ``index`` (its file name where known)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset, index = dataset.dataset, int(dataset.indices[index])
-    samples = getattr(dataset, "samples", None)
-    if isinstance(samples, list) and index < len(samples):
-        return str(Path(samples[index][0]).name)
-    filename = getattr(dataset, "filename", None)
-    if callable(filename):
-        try:
-            return str(filename(index, basename=True))
-        except Exception:  # a reader without file names
-            pass
-    return f"sample #{index}"
-
-
-def load_item(dataset: Dataset, index: int) -> tuple[Any, int]:
-    """``dataset[index]`` as ``(image, label)``; raises when the image cannot be read.
-
-    A timm ``ImageDataset`` silently replaces an unreadable image by the next one, which
-    would hide it (and count another image twice), so its reader is used directly here.
-    """
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset, index = dataset.dataset, int(dataset.indices[index])
-    reader = getattr(dataset, "reader", None)
-    if reader is not None and not getattr(dataset, "load_bytes", False) and \
-            type(dataset).__name__ == "ImageDataset":
-        from PIL import Image
-
-        img, target, *_ = reader[index]
-        with Image.open(img) as im:
-            im = im.convert(getattr(dataset, "input_img_mode", None) or "RGB")
-        transform = getattr(dataset, "transform", None)
-        x = transform(im) if transform is not None else im
-        return x, -1 if target is None else int(target)
-    item = dataset[index]
-    return item[0], int(item[1])
-
-
-class _Tolerant(Dataset):
-    """Items ``(index, image or None, label, error or None)`` of ``dataset[indices]``."""
-
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset = dataset
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, int, str | None]:
-        index = self.indices[i]
-        try:
-            x, y = load_item(self.dataset, index)
-        except Exception as e:  # any unreadable image is reported, not fatal
-            return index, None, -1, f"{type(e).__name__}: {e}"
-        return index, x, y, None
-
-
-def _collate(items: list[tuple[int, Any, int, str | None]]) -> tuple[
-        torch.Tensor, torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
-    ok = [it for it in items if it[3] is None]
-    failures = [(it[0], it[3]) for it in items if it[3] is not None]
-    index = torch.tensor([it[0] for it in ok], dtype=torch.long)
-    images = torch.stack([it[1] for it in ok]) if ok else None
-    labels = torch.tensor([it[2] for it in ok], dtype=torch.long)
-    return index, images, labels, failures
-
-
-Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]
-
-
-def iter_images(dataset: Dataset, indices: list[int], *, batch_size: int = 50,
-                num_workers: int = 0) -> Iterable[Batch]:
-    """Batches ``(index, images, labels, failures)`` of ``dataset`` at ``indices``, in order.
-
-    Images that cannot be read are left out of ``images`` and listed in ``failures`` as
-    ``(index, error)``; ``images`` is ``None`` when a whole batch failed.
-    """
-    loader = DataLoader(_Tolerant(dataset, list(indices)), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    return loader
-
-
-@dataclass
-class DecodedImages:
-    """Images decoded once, to be evaluated many times.
-
-    ``index`` holds each image's position in the dataset; ``skipped`` the images that could
-    not be read, as ``(index, name, error)``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def decode_images(dataset: Dataset, indices: list[int] | None = None, *, batch_size: int = 50,
-                  num_workers: int = 0, progress: bool = False) -> DecodedImages:
-    """Decode and transform ``dataset[indices]`` (default: all) into tensors, skipping and
-    recording the images that cannot be read (missing, truncated, not an image)."""
-    from .runner import progress_bar
-
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    images, labels, index, skipped = [], [], [], []
-    total = -(-len(indices) // batch_size) if indices else 0
-    with progress_bar(total, progress, "decode") as bar:
-        for idx, x, y, failures in iter_images(dataset, indices, batch_size=batch_size,
-                                               num_workers=num_workers):
-            if x is not None:
-                images.append(x)
-                labels.append(y)
-                index.append(idx)
-            skipped += [(i, sample_name(dataset, i), err) for i, err in failures]
-            bar.update(1)
-    if images:
-        return DecodedImages(torch.cat(images), torch.cat(labels), torch.cat(index), skipped)
-    return DecodedImages(torch.empty(0), torch.empty(0, dtype=torch.long),
-                         torch.empty(0, dtype=torch.long), skipped)
-
-
-def resolve_eval_config(model: torch.nn.Module | str,
-                        override: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """timm's resolved eval data config for a model or a model name (``arch.tag`` allowed).
-
-    A model built with ``pretrained=False`` still carries its pretrained_cfg, so this gives
-    the preprocessing its published weights were trained with. ``override`` replaces keys
-    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``).
-    """
-    from timm.data import resolve_data_config
-
-    if isinstance(model, str):
-        from timm.models import get_pretrained_cfg
-
-        pretrained = get_pretrained_cfg(model)
-        if pretrained is None:
-            raise ValueError(f"timm has no pretrained config for {model!r}")
-        cfg = resolve_data_config({}, pretrained_cfg=pretrained.to_dict())
-    else:
-        cfg = resolve_data_config({}, model=model)
-    if override:
-        cfg.update(override)
-    return cfg
-
-
-def eval_transform(model: torch.nn.Module | str,
-                   data_config: Mapping[str, Any] | None = None) -> Callable[[Any], Any]:
-    """timm's eval transform (PIL image -> normalized tensor) for ``model``.
-
-    ``data_config`` overrides keys of the resolved config (see :func:`resolve_eval_config`).
-    """
-    from timm.data import create_transform
-
-    return create_transform(**resolve_eval_config(model, data_config), is_training=False)
-
-
-def preload(dataset: Dataset, *, batch_size: int = 50,
-            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and transform a whole dataset once: ``(images[N, ...], labels[N])``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x)
-        labels.append(torch.as_tensor(y))
-    if not images:
-        raise ValueError("dataset is empty")
-    return torch.cat(images), torch.cat(labels).long()
-
-
-def load_eval_tensors(root: str | os.PathLike, model: torch.nn.Module | str, *,
-                      limit: int | None = None,
-                      data_config: Mapping[str, Any] | None = None,
-                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of ``root`` (see :class:`ImageFolderCSV`) preprocessed for ``model``, as tensors.
-
-    The result can be passed to :func:`evaluate_top1` as often as needed; 500 images at
-    224 px take about 300 MB.
-    """
-    dataset = ImageFolderCSV(root, eval_transform(model, data_config), limit=limit)
-    return preload(dataset, num_workers=num_workers)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"model returned {type(out).__name__}; expected logits as a tensor")
-
-
-def _batches(data: Any, batch_size: int,
-             num_workers: int) -> tuple[Iterable[tuple[torch.Tensor, Any]], int]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, torch.Tensor) for t in data
-    ):
-        images, labels = data
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        starts = range(0, len(images), batch_size)
-        return ((images[i:i + batch_size], labels[i:i + batch_size]) for i in starts), len(starts)
-    if isinstance(data, DataLoader):
-        return data, len(data)
-    if isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return loader, len(loader)
-    raise TypeError(
-        f"expected a DataLoader, a Dataset or an (images, labels) tensor pair, "
-        f"got {type(data).__name__}"
-    )
-
-
-def evaluate_top1(model: torch.nn.Module, data: Any, *, batch_size: int = 50,
-                  num_workers: int = 0, progress: bool = True,
-                  max_batches: int | None = None) -> dict[str, float | int]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` on ``data``.
-
-    ``data`` is a DataLoader, a Dataset (batched here) or an ``(images, labels)`` pair from
-    :func:`load_eval_tensors`. The model is called as ``model(images)`` in eval mode under
-    ``torch.inference_mode()`` (its train/eval mode is restored afterwards), so a patched
-    model is measured as it is. Returns ``{"top1", "top5", "n", "seconds"}``; ``seconds``
-    covers the whole loop, data loading included.
-    """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches, total = _batches(data, batch_size, num_workers)
-    if max_batches is not None:
-        total = min(total, max_batches)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-
-    was_training = model.training
-    model.eval()
-    n = correct1 = correct5 = 0
-    start = time.perf_counter()
     try:
-        with torch.inference_mode(), tqdm(total=total, disable=not progress,
-                                          desc="eval", unit="batch") as bar:
-            for i, (images, labels) in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                labels = torch.as_tensor(labels).to(device)
-                logits = _logits(model(images.to(device)))
-                k = min(5, logits.shape[-1])
-                topk = logits.topk(k, dim=-1).indices
-                hits = topk == labels[:, None]
-                correct1 += int(hits[:, 0].sum())
-                correct5 += int(hits.any(dim=-1).sum())
-                n += len(labels)
-                bar.update(1)
-    finally:
-        model.train(was_training)
-    seconds = time.perf_counter() - start
-    if n == 0:
-        raise ValueError("no images were evaluated (empty data or max_batches=0)")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n,
-            "seconds": seconds}
+        import timm
+    except ImportError as e:
+        raise RuntimeError("timm models need timm: pip install 'vlprune[timm]'") from e
+    if pretrained and weights is not None:
+        raise ValueError("give pretrained=True (hub weights) or a weights file, not both")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:10]
+        raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not get the pretrained weights of {name} ({type(e).__name__}: {e}); "
+            "without the hub, pass a local checkpoint with --weights FILE"
+        ) from e
+    if weights is not None:
+        from .weights import load_weights
+
+        load_weights(model, weights)
+    return model.eval()
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The number of outputs of a classifier (timm's ``num_classes``)."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    raise ValueError(f"{type(model).__name__} has no classifier head (num_classes = {n!r})")
+
+
+def open_dataset(data: str | os.PathLike | None, transform: Callable[[Any], Any], *,
+                 dataset: str | None = None, split: str = "validation",
+                 limit: int | None = None, download: bool = False) -> Dataset:
+    """The images to evaluate.
+
+    - ``dataset`` given: a timm dataset (``timm.data.create_dataset(dataset, root=data,
+      split=split)``, e.g. ``hfds/imagenet-1k`` or ``torch/imagenet``), map-style only.
+    - ``data`` holding a ``labels.csv``: :class:`~vlprune.eval.image_data.ImageFolderCSV`
+      (listed files that are absent are kept, to be skipped and counted).
+    - else ``data`` as an ImageFolder tree: :class:`~vlprune.eval.image_data.ImageFolderTree`.
+
+    ``limit`` keeps the first ``limit`` images (the first rows of labels.csv; a round-robin
+    over the classes of a tree; the first indices of a timm dataset).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if dataset:
+        return _timm_dataset(dataset, data, split, transform, limit, download)
+    if data is None:
+        raise ValueError("no data: give a folder (ImageFolder tree or labels.csv) or a timm "
+                         "dataset name")
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder not found: {root} (expected an ImageFolder tree <root>/<class>/<image>"
+            ", or a folder with labels.csv; for a timm dataset pass its name with --dataset)"
+        )
+    if (root / "labels.csv").is_file():
+        return ImageFolderCSV(root, transform, limit=limit, missing="keep")
+    return ImageFolderTree(root, transform, limit=limit)
+
+
+def _timm_dataset(name: str, root: str | os.PathLike | None, split: str,
+                  transform: Callable[[Any], Any], limit: int | None, download: bool) -> Dataset:
+    from timm.data import create_dataset
+
+    try:
+        ds = create_dataset(name, root=None if root is None else str(root), split=split,
+                            is_training=False, download=download)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not open the timm dataset {name!r} (split {split!r}, root {root}): "
+            f"{type(e).__name__}: {e}. Dataset names look like hfds/<hub name> (needs the "
+            "`datasets` package and the hub or a local cache) or torch/<torchvision name> "
+            "with a root folder; a local folder can be given with --data alone"
+        ) from e
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise ValueError(
+            f"timm dataset {name!r} is iterable (streaming); evaluation needs a map-style "
+            "dataset (hfds/, torch/, or a local folder)"
+        )
+    ds.transform = transform
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, range(limit))
+    return ds
+
+
+class ImageNetEval:
+    """The per-setting evaluation of one classifier on one dataset, in this process.
+
+    Call :meth:`costs` once with all settings (validates them and counts their FLOPs and
+    tokens), :meth:`prepare` (decodes this process's shard when preloading; gathers and
+    reports unreadable images), then call the object with a
+    :class:`~vlprune.eval.sweep.Setting` for its metrics, the unpatched setting first (it is
+    the reference of ``agreement``). ``seconds`` in the metrics is the wall time of the
+    setting's pass (slowest process), decoding included when the images are streamed.
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, *, ctx: DistContext | None = None,
+                 batch_size: int = 50, num_workers: int = 0, preload: str | bool = "auto",
+                 measure_memory: bool = True, strict: bool = False, progress: bool = True,
+                 input_size: tuple[int, ...] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if preload not in ("auto", True, False):
+            raise ValueError(f"preload must be 'auto', True or False, got {preload!r}")
+        self.model = model.eval()
+        self.dataset = dataset
+        self.ctx = ctx or DistContext()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.measure_memory = measure_memory
+        self.strict = strict
+        self.progress = progress and self.ctx.is_main
+        param = next(model.parameters(), None)
+        self.dtype = param.dtype if param is not None else torch.float32
+        self.device = param.device if param is not None else self.ctx.device
+        self.k = min(5, num_classes_of(model))
+        self.total = len(dataset)
+        self.indices = self.ctx.shard(self.total)
+        self.input_size = input_size
+        if preload == "auto":
+            numel = math.prod(input_size) if input_size else 3 * 224 * 224
+            preload = len(self.indices) * numel * 4 <= PRELOAD_MAX_BYTES
+        self.preload = bool(preload)
+        self.decoded: DecodedImages | None = None
+        self.skipped: list[tuple[int, str, str]] | None = None
+        self.reference: dict[str, torch.Tensor] | None = None
+        self._costs: dict[str, tuple[float, int | None]] = {}
+
+    # -- setup --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Decode this process's images (``preload``) and report the unreadable ones."""
+        if self.total == 0:
+            raise ValueError("the dataset has no images")
+        if not self.preload:
+            return
+        self.decoded = decode_images(self.dataset, self.indices, batch_size=self.batch_size,
+                                     num_workers=self.num_workers, progress=self.progress)
+        self._report_skipped(self.decoded.skipped)
+
+    def _report_skipped(self, local: list[tuple[int, str, str]]) -> None:
+        skipped = sorted(s for part in self.ctx.gather_object(local) for s in part)
+        self.skipped = skipped
+        if not skipped:
+            return
+        text = _skipped_text(skipped, self.total)
+        if self.strict:
+            raise UnreadableImagesError(f"{text} (without --strict they are skipped and counted)")
+        if len(skipped) == self.total:
+            raise UnreadableImagesError(f"no image could be read: {text}")
+        if self.ctx.is_main:
+            warnings.warn(f"{text}; they are skipped and counted in the 'skipped' column",
+                          stacklevel=2)
+
+    def example(self) -> torch.Tensor:
+        """One image (the first readable one of the dataset, the same in every process)."""
+        for i in range(min(self.total, 50)):
+            try:
+                x, _ = load_item(self.dataset, i)
+            except Exception:
+                continue
+            return x.unsqueeze(0)
+        shape = self.input_size or (3, 224, 224)
+        return torch.randn(1, *shape)
+
+    def costs(self, settings: Sequence[Setting]) -> dict[str, tuple[float, int | None]]:
+        """GFLOPs per image and tokens at the last layer of the unpatched model and of every
+        setting, from one batch-1 forward each. Patching every setting here also validates
+        them all before the long evaluation starts. Leaves the model unpatched."""
+        x1 = self.example().to(self.device, self.dtype)
+        out: dict[str, tuple[float, int | None]] = {}
+        try:
+            with torch.inference_mode():
+                apply_setting(self.model, Setting(BASELINE, None))
+                base_flops = count_model_flops(self.model, x1)
+                # The token count of the unpatched model: a patch that reduces nothing.
+                patch(self.model, ReductionConfig())
+                d0 = describe(self.model, x1, flops=False)
+                out[BASELINE] = (base_flops / 1e9, d0.layers[-1].tokens_out if d0.layers else None)
+                for s in settings:
+                    if s.config is None:
+                        continue
+                    apply_setting(self.model, s)
+                    d = describe(self.model, x1)
+                    out[s.label] = (d.flops / 1e9, d.layers[-1].tokens_out if d.layers else None)
+        finally:
+            apply_setting(self.model, Setting(BASELINE, None))
+        self._costs = out
+        return out
+
+    # -- one setting ----------------------------------------------------------------------
+
+    def _batches(self):
+        if self.decoded is not None:
+            d = self.decoded
+            for i in range(0, len(d), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                yield d.index[sl], d.images[sl], d.labels[sl], []
+        else:
+            yield from iter_images(self.dataset, self.indices, batch_size=self.batch_size,
+                                   num_workers=self.num_workers)
+
+    def _n_batches(self) -> int:
+        n = len(self.decoded) if self.decoded is not None else len(self.indices)
+        return -(-n // self.batch_size)
+
+    def __call__(self, setting: Setting) -> dict[str, Any]:
+        """Metrics of ``setting`` over the whole dataset (all processes)."""
+        if setting.label not in self._costs:
+            self.costs([setting])
+        apply_setting(self.model, setting)
+        model, device = self.model, self.device
+        index, top5, labels, failures = [], [], [], []
+        mem = None
+        timed_s, timed_n, n_batches = 0.0, 0, self._n_batches()
+        start = time.perf_counter()
+        desc = f"eval {setting.label}"
+        try:
+            with torch.inference_mode(), progress_bar(n_batches, self.progress, desc) as bar:
+                for b, (idx, x, y, fail) in enumerate(self._batches()):
+                    failures += fail
+                    if x is None:
+                        bar.update(1)
+                        continue
+                    x = x.to(device, self.dtype, non_blocking=True)
+                    if b == 0 and self.measure_memory:
+                        mem = peak_memory(lambda x=x: model(x), device=device) / 2**20
+                    sync(device)
+                    t0 = time.perf_counter()
+                    logits = model(x)
+                    sync(device)
+                    if b > 0 or n_batches == 1:
+                        timed_s += time.perf_counter() - t0
+                        timed_n += len(x)
+                    if isinstance(logits, (tuple, list)):
+                        logits = logits[0]
+                    top5.append(logits.topk(self.k, dim=-1).indices.cpu())
+                    labels.append(y)
+                    index.append(idx)
+                    bar.update(1)
+        finally:
+            apply_setting(model, Setting(BASELINE, None))
+        seconds = time.perf_counter() - start
+        if self.skipped is None:  # streamed: the unreadable images show up in the first pass
+            self._report_skipped([(i, sample_name(self.dataset, i), e) for i, e in failures])
+        local = torch.cat(index) if index else torch.empty(0, dtype=torch.long)
+        preds = torch.cat(top5) if top5 else torch.empty(0, self.k, dtype=torch.long)
+        got = self.ctx.gather_samples(local, {
+            "top5": preds,
+            "label": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+        })
+        n = len(got["index"])
+        if n == 0:
+            raise UnreadableImagesError("no image was evaluated")
+        hits = got["top5"] == got["label"][:, None]
+        top1 = 100.0 * int(hits[:, 0].sum()) / n
+        top5_acc = 100.0 * int(hits.any(dim=-1).sum()) / n
+        pred1 = got["top5"][:, 0]
+        if setting.config is None:
+            self.reference = {"index": got["index"], "pred": pred1}
+        agreement = None
+        if self.reference is not None:
+            same = torch.equal(self.reference["index"], got["index"])
+            if same:
+                agreement = 100.0 * int((pred1 == self.reference["pred"]).sum()) / n
+            else:  # a streamed image that read once but not twice: compare the common ones
+                ref = dict(zip(self.reference["index"].tolist(), self.reference["pred"].tolist()))
+                pairs = [(p, ref[i]) for i, p in zip(got["index"].tolist(), pred1.tolist())
+                         if i in ref]
+                agreement = 100.0 * sum(a == b for a, b in pairs) / max(len(pairs), 1)
+        slowest = self.ctx.max(timed_s)
+        images_timed = self.ctx.sum(timed_n)
+        gflops, tokens = self._costs[setting.label]
+        return {
+            "top1": top1,
+            "top5": top5_acc,
+            "agreement": agreement,
+            "img_per_s": images_timed / slowest if slowest > 0 else None,
+            "gflops_per_img": gflops,
+            "tokens_final": tokens,
+            "peak_mem_mb": None if mem is None else self.ctx.max(mem),
+            "n": n,
+            "skipped": len(self.skipped or []),
+            "seconds": self.ctx.max(seconds),
+        }
+
+
+def eval_imagenet(model: nn.Module, dataset: Dataset, settings: Sequence[Setting], *,
+                  ctx: DistContext | None = None, paths: OutputPaths | None = None,
+                  meta: Mapping[str, Any] | None = None, methods: Mapping[str, str] | None = None,
+                  batch_size: int = 50, num_workers: int = 0, preload: str | bool = "auto",
+                  measure_memory: bool = True, strict: bool = False, progress: bool = True,
+                  input_size: tuple[int, ...] | None = None, title: str = "",
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> Sweep:
+    """Evaluate the unpatched ``model`` and every setting on ``dataset``; returns the
+    finished :class:`~vlprune.eval.sweep.Sweep` (``.rows``), written to ``paths`` after
+    every row by the main process.
+
+    ``model`` is a classifier on its device and dtype (unpatched); ``dataset`` yields
+    ``(preprocessed image, class index)``. Every setting is patched once before the run
+    (configuration errors surface before any evaluation). The model is left unpatched.
+    """
+    ctx = ctx or DistContext()
+    runner = ImageNetEval(model, dataset, ctx=ctx, batch_size=batch_size,
+                          num_workers=num_workers, preload=preload,
+                          measure_memory=measure_memory, strict=strict, progress=progress,
+                          input_size=input_size)
+    runner.costs(settings)
+    runner.prepare()
+    full_meta = {**(meta or {}), "images": runner.total, "batch_size": batch_size,
+                 "world_size": ctx.world_size, "device": str(runner.device),
+                 "dtype": str(runner.dtype).replace("torch.", ""),
+                 "threads": torch.get_num_threads(), "preload": runner.preload,
+                 "timing": TIMING}
+    sweep = Sweep(paths or OutputPaths(), meta=full_meta,
+                  plot=PlotSpec(title=title or str(full_meta.get("model", ""))),
+                  compare=COMPARE, columns=COLUMNS, write=ctx.is_main, kind="eval_imagenet")
+    sweep.run(settings, runner, methods=methods, on_row=on_row)
+    return sweep
+
+
+def accuracy_sweep(
+    model: nn.Module,
+    data: Any,
+    settings: Sequence[Setting],
+    *,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Top-1/top-5 and GFLOPs per image of the unpatched model and of each setting, in
+    memory (a :class:`~vlprune.eval.sweep.Sweep` that writes nothing).
+
+    ``data`` is anything :func:`vlprune.eval.image_data.evaluate_top1` takes; for several
+    settings pass the ``(images, labels)`` tensors so the images are decoded once. Each row
+    holds ``setting``, ``method``, ``top1``, ``top5``, ``n``, ``gflops``, ``tokens_final``,
+    ``delta_top1`` (vs unpatched), ``flops_ratio`` and ``config``. The model is left
+    unpatched.
+    """
+    x1 = _first_image(data)
+
+    def evaluate(s: Setting) -> dict[str, Any]:
+        apply_setting(model, s)
+        try:
+            acc = evaluate_top1(model, data, batch_size=batch_size, progress=progress)
+            if s.config is None:
+                flops, tokens = count_model_flops(model, x1), None
+            else:
+                d = describe(model, x1)
+                flops, tokens = d.flops, d.layers[-1].tokens_out
+        finally:
+            apply_setting(model, Setting(BASELINE, None))
+        return {"top1": acc["top1"], "top5": acc["top5"], "n": acc["n"],
+                "gflops": flops / 1e9, "tokens_final": tokens}
+
+    sweep = Sweep(compare={"delta_top1": ("top1", "diff"), "flops_ratio": ("gflops", "inverse")},
+                  write=False, kind="accuracy_sweep")
+    return sweep.run(settings, evaluate)
+
+
+def _first_image(data: Any) -> torch.Tensor:
+    if isinstance(data, (tuple, list)):
+        return data[0][:1]
+    first = data[0] if hasattr(data, "__getitem__") else next(iter(data))
+    images = first[0]
+    return images[:1] if images.dim() == 4 else images.unsqueeze(0)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A plain-text (Markdown) table of :func:`accuracy_sweep` rows."""
+    lines = [
+        "| setting | tokens at last layer | GFLOPs/img | FLOPs ratio | top-1 | delta | top-5 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tok = "-" if r["tokens_final"] is None else str(r["tokens_final"])
+        lines.append(
+            f"| {r['setting']} | {tok} | {r['gflops']:.3f} | {r['flops_ratio']:.2f}x | "
+            f"{r['top1']:.1f} | {r['delta_top1']:+.1f} | {r['top5']:.1f} |"
+        )
+    return "\n".join(lines)

@@ -180,7 +180,7 @@ def load_testbed(assets: str | os.PathLike | None = None, limit: int | None = No
     """ViT-Ti with its real weights, the shared images, and the MiniLM prompt embeddings."""
     import timm
 
-    from .imagenet import load_eval_tensors
+    from .image_data import load_eval_tensors
     from .weights import load_weights
 
     root = assets_dir(assets)
@@ -323,9 +323,9 @@ def run(assets: str | os.PathLike | None = None, budgets: Sequence[float] = BUDG
 
 
 def _bar(total: int, enabled: bool):
-    from .bench import _progress
+    from .sweep import progress_bar
 
-    return _progress(total, enabled, "settings")
+    return progress_bar(total, enabled, "settings", "run")
 
 
 def table(result: dict) -> str:

@@ -19,6 +19,10 @@ its first forward:
 * **prefill FLOPs** at batch 1 and the efficiency ``prefill speedup / prefill FLOPs ratio``,
   speedups against the unpatched row of the same batch size.
 
+Also owns the two probes :mod:`vlprune.eval.generation` reuses for its cost columns:
+:func:`llm_lengths` (visual tokens and language-model lengths of one prefill) and
+:class:`GenerateClock` (a ``generate`` call split into prefill and decode time).
+
 Prompts: each row holds ``text_tokens`` random text tokens around one image placeholder span
 (the full span, as the processor expands it); rows of a batch have different text lengths
 (``text_tokens``, ``text_tokens - 3``, ...) and are left padded, as for generation.
@@ -38,29 +42,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .bench import (
-    BASELINE,
-    BenchResult,
-    Setting,
-    _apply,
-    _progress,
-    _sync,
-    load_warning,
-    plot_speedup,
-    run_fields,
-)
+from .bench import BenchResult, plot_speedup, run_fields
 from .flops import count_flops
+from .machine import load_warning, sync
 from .memory import peak_memory
+from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar
 
-__all__ = ["VlmBenchResult", "VlmBenchRow", "llava_prompts", "run_vlm_bench"]
+__all__ = ["GenerateClock", "VlmBenchResult", "VlmBenchRow", "llava_prompts", "llm_lengths",
+           "run_vlm_bench"]
 
 TEXT_BEFORE_IMAGE = 5  # text tokens before the image span ("USER: " and a system prefix)
 
 
 def _image_tokens(model: nn.Module) -> int:
-    from ..adapters.llava import _vision_tokens
+    from ..adapters.llava import vision_tokens
 
-    return _vision_tokens(model)
+    return vision_tokens(model)
 
 
 def llava_prompts(model: nn.Module, batch_size: int, text_tokens: int = 40,
@@ -104,7 +101,7 @@ def llava_prompts(model: nn.Module, batch_size: int, text_tokens: int = 40,
     }
 
 
-def _llm_lengths(model: nn.Module, run) -> tuple[int, int, int, object]:
+def llm_lengths(model: nn.Module, run) -> tuple[int, int, int, object]:
     """While ``run()`` runs one batch-1 prefill: the image placeholders of the prompt the model
     core receives (after any ``visual_keep`` / ``text_keep`` rewrite), the sequence length the
     language model receives, the one its last layer puts out (shorter with ``llm_keep``), and
@@ -146,7 +143,7 @@ def _llm_lengths(model: nn.Module, run) -> tuple[int, int, int, object]:
     return seen_img[0], seen_in[0], (seen_out[0] if seen_out else seen_in[0]), out
 
 
-class _GenerateClock:
+class GenerateClock:
     """Splits a ``generate`` call at the end of its first forward (the prefill)."""
 
     def __init__(self, model: nn.Module, device: torch.device):
@@ -158,10 +155,10 @@ class _GenerateClock:
     def _hook(self, module, args, output) -> None:
         self.calls += 1
         if self.calls == 1:
-            _sync(self.device)
+            sync(self.device)
             self.t_prefill = time.perf_counter()
 
-    def __enter__(self) -> _GenerateClock:
+    def __enter__(self) -> GenerateClock:
         self.handle = self.model.register_forward_hook(self._hook)
         return self
 
@@ -171,10 +168,10 @@ class _GenerateClock:
     def time(self, fn) -> tuple[float, float, int]:
         """(prefill ms, rest ms, forward calls) of one ``fn()`` (a ``generate`` call)."""
         self.calls = 0
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         fn()
-        _sync(self.device)
+        sync(self.device)
         t1 = time.perf_counter()
         if self.calls == 0:
             raise RuntimeError("generate did not call the model's forward")
@@ -305,11 +302,11 @@ def _check_settings(model: nn.Module, settings: Sequence[Setting]) -> None:
     try:
         for s in settings:
             try:
-                _apply(model, s)
+                apply_setting(model, s)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"setting {s.label!r}: {e}") from e
     finally:
-        _apply(model, Setting(BASELINE, None))
+        apply_setting(model, Setting(BASELINE, None))
 
 
 def run_vlm_bench(
@@ -371,9 +368,9 @@ def run_vlm_bench(
     flops, visual, llm_in, llm_out, mem = {}, {}, {}, {}, {}
     with torch.inference_mode():
         for s in settings:
-            _apply(model, s)
+            apply_setting(model, s)
             # what a timed prefill runs (and a first, untimed generate call)
-            visual[s.label], llm_in[s.label], llm_out[s.label], flops[s.label] = _llm_lengths(
+            visual[s.label], llm_in[s.label], llm_out[s.label], flops[s.label] = llm_lengths(
                 model, lambda: count_flops(lambda: model.generate(**x1, **prefill_kw))
             )
             if measure_memory:
@@ -383,14 +380,14 @@ def run_vlm_bench(
     t_pre = {(b, s.label): [] for b in sizes for s in settings}
     t_dec = {(b, s.label): [] for b in sizes for s in settings}
 
-    bar = _progress((warmup + rounds) * len(settings) * len(sizes), progress,
-                    f"bench {model_name or type(model).__name__}")
+    bar = progress_bar((warmup + rounds) * len(settings) * len(sizes), progress,
+                       f"bench {model_name or type(model).__name__}", "run")
     try:
-        with torch.inference_mode(), _GenerateClock(model, device) as clock:
+        with torch.inference_mode(), GenerateClock(model, device) as clock:
             for rnd in range(warmup + rounds):
                 for b in sizes:
                     for s in settings:
-                        _apply(model, s)
+                        apply_setting(model, s)
                         for _ in range(iters):
                             try:
                                 pre, dec, calls = clock.time(lambda x=xs[b]: model.generate(**x, **gen_kw))
@@ -409,7 +406,7 @@ def run_vlm_bench(
                         bar.update(1)
     finally:
         bar.close()
-        _apply(model, Setting(BASELINE, None))
+        apply_setting(model, Setting(BASELINE, None))
 
     rows = []
     for b in sizes:
@@ -424,9 +421,7 @@ def run_vlm_bench(
             rows.append(VlmBenchRow(
                 setting=s.label,
                 batch_size=b,
-                config=None if s.config is None else {
-                    k: v for k, v in dataclasses.asdict(s.config).items() if k != "version"
-                },
+                config=config_dict(s),
                 visual_tokens=visual[s.label],
                 # llm_keep drops visual tokens only
                 visual_tokens_last=visual[s.label] - (llm_in[s.label] - llm_out[s.label]),

@@ -61,6 +61,7 @@ from typing import Any
 __all__ = [
     "CAPTION_FORMATS",
     "CaptionRecord",
+    "Record",
     "VQARecord",
     "VQA_FORMATS",
     "detect_caption_format",
@@ -127,8 +128,11 @@ class CaptionRecord:
     captions: list[str] = field(default_factory=list)
 
 
-def missing_images(records: Iterable[VQARecord | CaptionRecord]
-                   ) -> list[VQARecord | CaptionRecord]:
+#: a record of either task
+Record = VQARecord | CaptionRecord
+
+
+def missing_images(records: Iterable[Record]) -> list[Record]:
     """The records whose image file does not exist (in their original order)."""
     return [r for r in records if not Path(r.image).is_file()]
 

@@ -62,6 +62,7 @@ __all__ = [
     "score_predictions",
     "caption_tokenize",
     "caption_scores",
+    "coco_scorers",
 ]
 
 #: Accepted values of ``answer_processing`` (how ground-truth answers are normalised).
@@ -316,7 +317,9 @@ _CAPTION_INSTALL = (
 )
 
 
-def _coco_scorers():
+def coco_scorers() -> tuple[type, type]:
+    """pycocoevalcap's ``Bleu`` and ``Cider`` classes; ImportError naming the package (and how
+    to install it) when it is missing."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -359,7 +362,7 @@ def caption_scores(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[
             )
         res[i] = [" ".join(caption_tokenize(pred))]
         gts[i] = [" ".join(caption_tokenize(r)) for r in image_refs]
-    Bleu, Cider = _coco_scorers()
+    Bleu, Cider = coco_scorers()
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     out: dict[str, float | int] = {f"bleu_{k + 1}": 100.0 * float(b) for k, b in enumerate(bleu)}

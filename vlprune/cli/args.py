@@ -1,0 +1,280 @@
+"""The argparse helpers shared by the commands: value parsers (``--merge-r``,
+``--prune-keep``, ``--visual-keep``, ``--batch-size``, ``--setting``, ``--dtype``), the model
+and reduction option groups, and the settings (:class:`vlprune.eval.sweep.Setting` rows) a
+command line asks for."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..eval.sweep import Setting
+from ..models import HF_SHAPES, LLAVA_SHAPES, ModelBuildError, build_model
+
+#: the ``--model`` of bench and describe when none is given
+DEFAULT_MODEL = "vit_base_patch16_224"
+
+
+def parse_merge_list(text: str) -> list:
+    """``"0,8,16"`` -> ``[0, 8, 16]``; an item ``R:INFLECT`` is ToMe's ``(r, inflection)``."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            if ":" in item:
+                r, inflect = item.split(":", 1)
+                out.append((int(r), float(inflect)))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad merge-r item {item!r}: use comma-separated ints, or R:INFLECTION (e.g. 16:0.5)"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("--merge-r needs at least one value")
+    return out
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (float32, float16, bfloat16)."""
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; allowed: {sorted(table)}")
+    return table[name]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and how it is built and run (bench, describe)."""
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="timm model name; open_clip:<config> (e.g. open_clip:ViT-B-16); "
+                   f"hf_clip:<shape> ({', '.join(HF_SHAPES['hf_clip'])}) or hf_siglip:<shape> "
+                   f"({', '.join(HF_SHAPES['hf_siglip'])}) for Hugging Face towers built from "
+                   f"a config; llava:<shape> ({', '.join(LLAVA_SHAPES)}) for a LLaVA model "
+                   f"built from a config (language-model depth reduced, see --llm-layers); all "
+                   f"with random weights (default: {DEFAULT_MODEL})")
+    p.add_argument("--tower", choices=("image", "text"), default="image",
+                   help="which tower of an open_clip / hf_clip / hf_siglip model to run "
+                   "(default: image); text runs full-length random texts")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--llm-layers", type=int, default=None,
+                   help="llava: language-model layers built (default: the shape's reduced depth, "
+                   "4 for 1.5-7b, whose checkpoint has 32); widths stay the real ones")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="llava: vision-tower layers built (default: the real depth)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", type=parse_dtype, default=torch.float32, help="float32, float16, bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def parse_float_list(text: str) -> list[float]:
+    """``"0.7,0.5"`` -> ``[0.7, 0.5]``."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_keep_list(text: str) -> list[int | float]:
+    """``"192,0.25"`` -> ``[192, 0.25]`` (ints stay counts, other numbers are ratios)."""
+    out: list[int | float] = []
+    for v in text.split(","):
+        v = v.strip()
+        if not v:
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            try:
+                out.append(float(v))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--visual-keep needs at least one value")
+    return out
+
+
+def parse_batch_list(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``: distinct batch sizes >= 1 (a list needs a llava: model)."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        out = [int(v) for v in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad batch size list {text!r}: use comma-separated ints >= 1, e.g. 8 or 1,8"
+        ) from None
+    if not out or any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"bad batch size list {text!r}: every batch size must be >= 1")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"bad batch size list {text!r}: a batch size is repeated")
+    return out
+
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    """``"3,6,9"`` -> ``(3, 6, 9)``."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def parse_setting(text: str) -> dict:
+    """``"prune_keep=0.7 prune_layers=3,6 merge_r=8"`` -> ReductionConfig keywords."""
+    import ast
+
+    from ..config import ReductionConfig
+
+    out = {}
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in ReductionConfig.field_names():
+            import difflib
+
+            names = list(ReductionConfig.field_names())
+            close = difflib.get_close_matches(key, names, n=3) if sep else []
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            what = f"unknown key {key!r}{hint}" if sep else "not KEY=VALUE"
+            raise argparse.ArgumentTypeError(
+                f"bad setting item {item!r}: {what}; use KEY=VALUE with KEY in {names}"
+            )
+        try:
+            val = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            val = value  # a bare word, e.g. prune_score=cls_attn
+        if key == "prune_layers" and isinstance(val, int):
+            val = (val,)
+        if key == "merge_r" and isinstance(val, tuple) and len(val) != 2:
+            val = list(val)
+        out[key] = val
+    if not out:
+        raise argparse.ArgumentTypeError("empty --setting")
+    return out
+
+
+def add_reduction_args(p: argparse.ArgumentParser, many: bool, *, visual: bool = True,
+                        setting: bool = True) -> None:
+    """The reduction options; ``visual=False`` leaves out the llava-only ones and
+    ``setting=False`` the free-form ``--setting`` (a command adding its own)."""
+    rows = " (one row each)" if many else ""
+    p.add_argument("--merge-r", type=parse_merge_list, default=None,
+                   help=f"ToMe r values{rows}, e.g. 0,8,16; R:INFLECTION for a ramp (16:0.5)")
+    p.add_argument("--prune-keep", type=parse_float_list, default=None,
+                   help=f"pruning keep rates in (0, 1]{rows}, e.g. 0.7,0.5")
+    p.add_argument("--prune-layers", type=parse_int_tuple, default=None,
+                   help="layers that prune (default: a quarter, half, three quarters in)")
+    p.add_argument("--prune-score", default="cls_attn",
+                   help="cls_attn, cls_attn_vnorm, key_norm, attn_entropy, diversity, random")
+    p.add_argument("--prune-fuse", action="store_true", help="fuse dropped tokens into one (EViT)")
+    p.add_argument("--prune-recycle", action="store_true",
+                   help="merge dropped tokens into their most similar kept token")
+    p.add_argument("--prune-seed", type=int, default=0, help="seed of the random score")
+    if visual:
+        p.add_argument("--visual-keep", type=parse_keep_list, default=None,
+                       help=f"llava: visual tokens kept per image{rows}, counts or ratios, e.g. "
+                       "192,128,64 (default on llava: 192,128,64 for bench, 64 for describe)")
+        p.add_argument("--visual-score", default="cls_attn",
+                       help="llava: how visual tokens are ranked: cls_attn, random, diversity, "
+                       "pool")
+    else:
+        p.set_defaults(visual_keep=None, visual_score="cls_attn")
+    if many and setting:
+        p.add_argument("--setting", action="append", type=parse_setting, default=[],
+                       metavar='"KEY=VALUE ..."',
+                       help="one more row from ReductionConfig fields, e.g. "
+                       '"prune_keep=0.7 prune_layers=3 merge_r=8"; repeatable')
+
+
+def prune_options(args: argparse.Namespace) -> dict:
+    """The shared --prune-* options; refused without --prune-keep (they would do nothing)."""
+    prune = dict(
+        prune_layers=args.prune_layers, prune_score=args.prune_score, prune_fuse=args.prune_fuse,
+        prune_recycle=args.prune_recycle, prune_seed=args.prune_seed,
+    )
+    defaults = dict(prune_layers=None, prune_score="cls_attn", prune_fuse=False,
+                    prune_recycle=False, prune_seed=0)
+    if not args.prune_keep and prune != defaults:
+        stray = sorted("--" + k.replace("_", "-") for k in prune if prune[k] != defaults[k])
+        raise SystemExit(f"{', '.join(stray)} given without --prune-keep: they would be ignored")
+    return prune
+
+
+def settings_from_args(args: argparse.Namespace, default_merge: list,
+                       default_visual: list | None = None) -> list:
+    """The rows asked for on the command line (merge rows, prune rows, visual-token rows,
+    free-form rows); with none, ``default_visual`` visual rows when given, else merge rows."""
+    prune = prune_options(args)
+    if args.visual_score != "cls_attn" and not args.visual_keep:
+        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
+    rows = [Setting.of(merge_r=r) for r in (args.merge_r or [])]
+    rows += [Setting.of(visual_keep=k, visual_score=args.visual_score)
+             for k in (args.visual_keep or [])]
+    rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
+    rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
+    if not rows and default_visual is not None:
+        return [Setting.of(visual_keep=k, visual_score="cls_attn") for k in default_visual]
+    return rows or [Setting.of(merge_r=r) for r in default_merge]
+
+
+def parse_named_setting(text: str) -> tuple[str | None, dict]:
+    """``"name=hybrid prune_keep=0.7 merge_r=8"`` -> ``("hybrid", {...})``.
+
+    ``name=`` is optional and names the row's method (its curve in the plot; settings sharing
+    a name form one curve); the other items are :func:`parse_setting`'s.
+    """
+    name, rest = None, []
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if key == "name" and sep:
+            if not value or name is not None:
+                raise argparse.ArgumentTypeError(
+                    f"bad setting {text!r}: give one non-empty name=LABEL (no spaces)"
+                )
+            name = value
+        else:
+            rest.append(item)
+    if not rest:
+        raise argparse.ArgumentTypeError(
+            f"setting {text!r} has no KEY=VALUE item besides name=; e.g. "
+            '"name=hybrid prune_keep=0.7 prune_layers=3 merge_r=8"'
+        )
+    try:
+        return name, parse_setting(" ".join(rest))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (and name=LABEL to name the row's method)") from None
+
+
+def eval_settings_from_args(args: argparse.Namespace,
+                            default_merge: list) -> tuple[list, dict[str, str]]:
+    """The rows of an ``eval`` command and the method (curve) of each named one.
+
+    Merge and prune rows as in :func:`settings_from_args`, then one row per ``--setting``
+    (labelled ``NAME: <config>`` when named). ``default_merge`` rows only when nothing at
+    all is asked for. Repeated rows are refused.
+    """
+    named = list(getattr(args, "setting", []) or [])
+    rest = argparse.Namespace(**{**vars(args), "setting": []})
+    rows = settings_from_args(rest, default_merge=[] if named else default_merge)
+    methods: dict[str, str] = {}
+    for name, kw in named:
+        row = Setting.of(**kw)
+        if name:
+            row = Setting(f"{name}: {row.label}", row.config)
+            methods[row.label] = name
+        rows.append(row)
+    labels = [r.label for r in rows]
+    dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if dupes:
+        raise SystemExit(f"setting(s) asked for twice: {dupes}; give each once")
+    return rows, methods
+
+
+def model_from_args(args: argparse.Namespace):
+    """The ``--model`` of bench / describe, built (:func:`vlprune.models.build_model`); a
+    model that cannot be built exits with its message."""
+    try:
+        return build_model(args.model, args.img_size, args.device, args.dtype, args.tower,
+                           args.llm_layers, args.vision_layers)
+    except ModelBuildError as e:
+        raise SystemExit(str(e)) from e
