@@ -116,7 +116,7 @@ def test_kept_tokens_are_the_most_attended(model):
     scores = att[:, :, -1].mean(dim=1)  # last prompt token (left padding), heads averaged
     vlprune.patch(model, llm_layer=1, llm_keep=5)
     _logits(model, inputs)
-    kept = model.__dict__["_vlprune_llm"].kept
+    kept = model.__dict__["_vlprune_llm"].call().kept
     for b in range(ids.shape[0]):
         vis = (ids[b] == IMAGE_ID).nonzero()[:, 0]
         want = vis[scores[b, vis].topk(5).indices].sort().values
@@ -134,7 +134,7 @@ def test_positions(model, renumber):
     vlprune.patch(model, llm_layer=1, llm_keep=4, llm_renumber_positions=renumber)
     with _LayerInputs(model) as rec:
         out = _generate(model, inputs)
-    kept = model.__dict__["_vlprune_llm"].kept[0]
+    kept = model.__dict__["_vlprune_llm"].call().kept[0]
     rotary = model.model.language_model.rotary_emb
     pre, step = rec.calls[1][0], rec.calls[1][1]
     want = torch.arange(R) if renumber else kept

@@ -116,13 +116,10 @@ def _features(model, pixels, **kw):
 
 
 def _records(model, pixels):
-    ctx = model._vlprune
-    ctx.set_record([])
-    try:
+    records = []
+    with model._vlprune.scoped("record", records):
         _features(model, pixels)
-        return list(ctx.record)
-    finally:
-        ctx.set_record(None)
+    return records
 
 
 def _check_schedule(model, pixels, reduce_layers: int, feats, hidden) -> None:

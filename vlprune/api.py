@@ -97,19 +97,18 @@ def get_config(model: nn.Module) -> ReductionConfig:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the original computation inside the block (for A/B comparisons in one process)."""
+    """Run the original computation inside the block (for A/B comparisons in one process).
+
+    Only forwards of the calling thread (or asyncio task) run unreduced: other threads using
+    the same model at the same time keep reducing."""
     ctx = _context(model)
-    previous = [c.enabled for c in ctx.contexts()]
-    ctx.set_enabled(False)
-    try:
+    with ctx.scoped("disabled", True):
         yield model
-    finally:
-        for c, was in zip(ctx.contexts(), previous):
-            c.enabled = was
 
 
 def get_source(model: nn.Module, tower: str | None = None) -> Tensor:
-    """``(B, N, N0)`` map of which input tokens each output token of the last forward holds.
+    """``(B, N, N0)`` map of which input tokens each output token of the last forward holds
+    (the last forward of the calling thread).
 
     Needs ``trace_source=True``. Row sums are the token sizes; columns sum to 1. On a model
     with a text tower name the tower (``"image"`` or ``"text"``; a text model alone needs
@@ -163,7 +162,7 @@ def set_guide(
             )
     if project is not None and not callable(project):
         raise TypeError(f"project must be a callable (features -> guide space), got {type(project).__name__}")
-    guided[0].guide_embeds = None if embeddings is None else embeddings.detach()
+    guided[0].guide = None if embeddings is None else embeddings.detach()
     guided[0].guide_project = None if embeddings is None else project
     return model
 
@@ -248,19 +247,19 @@ def describe(
         inputs = adapter.example_input(model, batch_size, input_size)
     was_training = model.training
     model.eval()
-    ctx.set_record([])
+    layers: list[LayerRecord] = []
     try:
         with torch.no_grad():
+            with ctx.scoped("record", layers):  # this thread's forward only
+                if flops:
+                    n = count_flops(lambda: run_model(model, inputs))
+                else:
+                    run_model(model, inputs)
+                    n = n_base = None
             if flops:
-                n = count_flops(lambda: run_model(model, inputs))
                 with disabled(model):
                     n_base = count_flops(lambda: run_model(model, inputs))
-            else:
-                run_model(model, inputs)
-                n = n_base = None
-        layers = list(ctx.record)
     finally:
-        ctx.set_record(None)
         model.train(was_training)
     return Description(
         family=ctx.family,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .core.scores import SCORE_NAMES as PRUNE_SCORES
+from .core.select import count_or_ratio
 
 MergeSchedule = Union[int, tuple, list]  # noqa: UP007 (runtime alias on 3.10)
 
@@ -361,19 +362,7 @@ class ReductionConfig:
     def _validate_visual(self) -> None:
         keep = self.visual_keep
         if keep is not None:
-            if _is_int(keep):
-                if keep < 1:
-                    raise ValueError(
-                        f"visual_keep={keep} keeps no token; give an int count >= 1 or a float "
-                        "ratio in (0, 1]"
-                    )
-                self.visual_keep = int(keep)
-            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
-                self.visual_keep = float(keep)
-            else:
-                raise ValueError(
-                    f"visual_keep must be an int count >= 1 or a float ratio in (0, 1], got {keep!r}"
-                )
+            self.visual_keep = count_or_ratio(keep, "visual_keep", "visual tokens each image keeps")
         if self.visual_score not in VISUAL_SCORES:
             raise ValueError(f"unknown visual_score {self.visual_score!r}; allowed: {list(VISUAL_SCORES)}")
         if not _is_int(self.visual_seed):
@@ -418,19 +407,8 @@ class ReductionConfig:
                 f"llm_layer must be an int >= 1 (a decoder layer of the language model), got {layer!r}"
             )
         if keep is not None:
-            if _is_int(keep):
-                if keep < 1:
-                    raise ValueError(
-                        f"llm_keep={keep} keeps no token; give an int count >= 1 or a float ratio "
-                        "in (0, 1]"
-                    )
-                self.llm_keep = int(keep)
-            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
-                self.llm_keep = float(keep)
-            else:
-                raise ValueError(
-                    f"llm_keep must be an int count >= 1 or a float ratio in (0, 1], got {keep!r}"
-                )
+            self.llm_keep = count_or_ratio(
+                keep, "llm_keep", "visual tokens each image keeps inside the language model")
         if not isinstance(self.llm_renumber_positions, bool):
             raise ValueError(
                 f"llm_renumber_positions must be True or False, got {self.llm_renumber_positions!r}"
@@ -450,20 +428,8 @@ class ReductionConfig:
     def _validate_temporal(self) -> None:
         keep, thr = self.temporal_keep, self.temporal_threshold
         if keep is not None:
-            if _is_int(keep):
-                if keep < 1:
-                    raise ValueError(
-                        f"temporal_keep={keep} keeps no token of a frame; give an int count >= 1 "
-                        "or a float ratio in (0, 1]"
-                    )
-                self.temporal_keep = int(keep)
-            elif isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 1.0:
-                self.temporal_keep = float(keep)
-            else:
-                raise ValueError(
-                    f"temporal_keep must be an int count >= 1 or a float ratio in (0, 1] (tokens "
-                    f"each frame after the first keeps), got {keep!r}"
-                )
+            self.temporal_keep = count_or_ratio(
+                keep, "temporal_keep", "tokens each frame after the first keeps")
         if thr is not None:
             if not (isinstance(thr, numbers.Real) and not isinstance(thr, bool) and -1.0 <= thr <= 1.0):
                 raise ValueError(

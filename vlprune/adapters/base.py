@@ -1,13 +1,16 @@
-"""What every adapter shares: the per-model context, class swapping for undo, the registry.
+"""What every adapter shares: the per-model settings, class swapping for undo, the registry.
 
-A patched model holds one :class:`PatchContext` (attribute ``_vlprune`` on the root module);
-every patched submodule holds a reference to the same object (``_vlprune_ctx``). Patching
+A patched model holds one :class:`PatchContext`, its settings (attribute ``_vlprune`` on the
+root module); every patched submodule holds a reference to the same object
+(``_vlprune_ctx``). The state of a forward in flight is per call, not per model: see
+:mod:`vlprune.adapters.call`. Patching
 swaps an instance's class for a dynamic subclass of that very class (so ``isinstance`` keeps
 working and no parameter changes) and remembers the original for :func:`restore`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from abc import ABC, abstractmethod
@@ -18,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReductionConfig, parse_prune_schedule, parse_schedule
-from ..core.scores import AttnInputs
 from ..core.state import TokenState
+from .call import CallState, current, lookup, new_key, scoped, start
 
 ATTR = "_vlprune"
 _ORIG_CLASS = "_vlprune_orig_class"
@@ -41,41 +44,48 @@ class LayerRecord:
     tower: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchContext:
-    """Settings and per-forward state of one patched model."""
+    """The settings of one patched model (or of one of its towers).
+
+    Set by ``patch`` and ``configure`` and shared by every caller of the model. The state of
+    a forward in flight is not here: :attr:`call` reaches it (:mod:`vlprune.adapters.call`),
+    in the calling thread / task only, so one patched model serves concurrent forwards.
+    """
 
     config: ReductionConfig
     family: str
     num_layers: int
-    enabled: bool = True
     schedule: list[int] = field(default_factory=list)  # merge r per layer
     prune_schedule: list[float | None] = field(default_factory=list)  # keep rate per layer
-    state: TokenState | None = None
-    # A patched attention module hands its q, k, v to its block, only when asked for.
-    capture: bool = False
-    attn: AttnInputs | None = None
-    # Size bias for attention modules that take no per-key mask (nn.MultiheadAttention).
-    pending_bias: Tensor | None = None
-    generator: torch.Generator | None = None
-    # describe(): when a list, each reduction point appends a LayerRecord.
-    record: list[LayerRecord] | None = None
     # Two-tower models: the root context holds one child context per tower ("image",
     # "text"), each with its tower's config (ReductionConfig.for_tower); num_layers is 0.
     children: dict[str, PatchContext] = field(default_factory=dict)
     tower: str = ""
     # Cross-modal guidance: the modality guiding this tower's pruning ("text" or "image"),
-    # the guiding embeddings (T, E) of the current forward, and the tower's own head that
-    # maps token features (B, N, C) to that embedding space.
+    # the tower's own head that maps token features (B, N, C) to that embedding space, and
+    # the guiding embeddings (T, E) set by set_guide for forwards with one modality (a
+    # forward with both modalities guides with its own, for that call only: `guide_embeds`).
     guided_by: str | None = None
-    guide_embeds: Tensor | None = None
     project: Callable[[Tensor], Tensor] | None = None
+    guide: Tensor | None = None
     # set_guide(..., project=...): a map from the tower's feature space to the guide's space,
     # applied after ``project`` (an image-only model aligned to a text encoder, LiT-style).
     guide_project: Callable[[Tensor], Tensor] | None = None
+    # identifies this context's call state (a copy of the model gets a new key)
+    key: int = field(default_factory=new_key, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.refresh()
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "key":
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        new.key = new_key()
+        return new
 
     def refresh(self) -> None:
         """Resolve the per-layer schedules from the config (after patch or configure)."""
@@ -93,13 +103,37 @@ class PatchContext:
         """This context and its towers' contexts."""
         return [self, *self.children.values()]
 
-    def set_enabled(self, enabled: bool) -> None:
-        for c in self.contexts():
-            c.enabled = enabled
+    # -- the calling thread's view ---------------------------------------------------------
 
-    def set_record(self, record: list[LayerRecord] | None) -> None:
-        for c in self.contexts():
-            c.record = record
+    @property
+    def call(self) -> CallState:
+        """The state of this context's current (or latest) forward in the calling thread."""
+        return current(self.key)
+
+    @property
+    def state(self) -> TokenState | None:
+        """The token state of the calling thread's current (or latest) forward."""
+        return self.call.state
+
+    @property
+    def enabled(self) -> bool:
+        """False inside ``vlprune.disabled(model)`` (in the thread that entered it)."""
+        return not lookup(self.key, "disabled", False)
+
+    @property
+    def record(self) -> list[LayerRecord] | None:
+        """The list ``describe`` collects this thread's layer records in, or ``None``."""
+        return lookup(self.key, "record")
+
+    @property
+    def guide_embeds(self) -> Tensor | None:
+        """The guiding embeddings of this call: a two-tower forward's own, else set_guide's."""
+        return lookup(self.key, "guide", self.guide)
+
+    def scoped(self, name: str, value) -> contextlib.AbstractContextManager:
+        """Set ``name`` for this context and its towers, in the calling thread only, for a
+        ``with`` block (``disabled``, ``record``)."""
+        return scoped([c.key for c in self.contexts()], name, value)
 
     @property
     def reduces(self) -> bool:
@@ -113,27 +147,19 @@ class PatchContext:
         return self.schedule[layer] > 0 or (keep is not None and keep < 1.0)
 
     def begin(self, num_protected: int) -> TokenState | None:
-        """Start the token state of a new forward pass."""
-        self.attn = None
-        self.capture = False
-        self.pending_bias = None
+        """Start the call state of a new forward pass in the calling thread."""
+        call = start(self.key)
         if not self.enabled:
-            self.state = None
             return None
-        self.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
+        call.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
         if self.config.prune_score == "random" and any(k is not None for k in self.prune_schedule):
-            self.generator = torch.Generator().manual_seed(self.config.prune_seed)
-        return self.state
-
-    def take_attn(self) -> AttnInputs:
-        attn, self.attn = self.attn, None
-        if attn is None:
-            raise RuntimeError("the patched attention module did not hand over its inputs")
-        return attn
+            call.generator = torch.Generator().manual_seed(self.config.prune_seed)
+        return call.state
 
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
-        if self.record is not None and self.enabled:
-            self.record.append(
+        record = self.record
+        if record is not None and self.enabled:
+            record.append(
                 LayerRecord(
                     layer, tokens_in, tokens_out, self.schedule[layer], self.prune_schedule[layer],
                     self.tower,

@@ -177,7 +177,7 @@ class _BertModelMixin(RootMixin):
                 inputs_embeds: Tensor | None = None, **kwargs):
         ctx: PatchContext = self._vlprune.children["text"]
         if not ctx.reduces:
-            ctx.state = None
+            ctx.call.state = None
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                    token_type_ids=token_type_ids, position_ids=position_ids,
                                    inputs_embeds=inputs_embeds, **kwargs)
@@ -245,9 +245,10 @@ class _LayerMixin:
             out = super().forward(hidden_states, bias, **kwargs)
             ctx.log(layer, n_in, out.shape[1])
             return out
-        ctx.capture = True
+        call = ctx.call
+        call.capture = True
         x, _ = self.attention(hidden_states, bias, **kwargs)
-        x = reduce_step(ctx, layer, x, ctx.take_attn(), cls_index=0)
+        x = reduce_step(ctx, layer, x, call.take_attn(), cls_index=0)
         chunking = sys.modules[self._vlprune_upstream].apply_chunking_to_forward
         out = chunking(self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, x)
         state = ctx.state
@@ -265,9 +266,10 @@ class _SelfAttentionMixin:
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
-        if not ctx.capture:
+        call = ctx.call
+        if not call.capture:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        ctx.capture = False
+        call.capture = False
         for name in ("cache", "past_key_values", "encoder_hidden_states"):
             if kwargs.pop(name, None) is not None:
                 raise ValueError(f"{name} is not available while a BERT-style encoder reduces tokens")
@@ -279,7 +281,7 @@ class _SelfAttentionMixin:
         query = self.query(hidden_states).view(*hidden_shape).transpose(1, 2)
         key = self.key(hidden_states).view(*hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(*hidden_shape).transpose(1, 2)
-        ctx.attn = AttnInputs(q=query, k=key, v=value, scale=self.scaling, bias=attention_mask)
+        call.attn = AttnInputs(q=query, k=key, v=value, scale=self.scaling, bias=attention_mask)
         attention_interface = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, upstream.eager_attention_forward
         )

@@ -51,6 +51,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .call import lookup, scoped
 from .hf_common import (
     BIAS_IMPLEMENTATIONS,
     register_output_capture,
@@ -193,9 +194,9 @@ def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext, mixin: type | Non
     call reads) replaces the tower's default mixin.
     """
     module_name, prefix = _upstream(tower)
-    mixin = _VisionTowerMixin if mixin is None else mixin
-    if not issubclass(mixin, _VisionTowerMixin):
-        raise TypeError(f"mixin must subclass {_VisionTowerMixin.__qualname__}, got {mixin!r}")
+    mixin = VisionTowerMixin if mixin is None else mixin
+    if not issubclass(mixin, VisionTowerMixin):
+        raise TypeError(f"mixin must subclass {VisionTowerMixin.__qualname__}, got {mixin!r}")
     swap_class(tower, mixin, ctx, num_protected=int(_has_class_token(tower)))
     register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
@@ -206,7 +207,7 @@ def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext, mixin: type | Non
         swap_class(head, _PoolingHeadMixin, ctx)
 
 
-class _VisionTowerMixin(RootMixin):
+class VisionTowerMixin(RootMixin):
     """Patched ``CLIPVisionModel`` / ``SiglipVisionModel``: starts the token state."""
 
     @property
@@ -248,13 +249,13 @@ class _EncoderLayerMixin:
                 "follow the merged tokens); run inside `with vlprune.disabled(model):`"
             )
         n_in = hidden_states.shape[1]
-        ctx.capture = reduce
-        ctx.pending_bias = bias
+        call = ctx.call
+        call.capture, call.pending_bias = reduce, bias
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
         x = residual + hidden_states
         if reduce:
-            x = reduce_step(ctx, layer, x, ctx.take_attn())
+            x = reduce_step(ctx, layer, x, call.take_attn())
         x = x + self.mlp(self.layer_norm2(x))
         ctx.log(layer, n_in, x.shape[1])
         return x
@@ -266,10 +267,11 @@ class _AttentionMixin:
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
-        bias, capture = ctx.pending_bias, ctx.capture
+        call = ctx.call
+        bias, capture = call.pending_bias, call.capture
         if bias is None and not capture:
             return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
-        ctx.pending_bias, ctx.capture = None, False
+        call.pending_bias, call.capture = None, False
         impl = self.config._attn_implementation
         if bias is not None and impl not in BIAS_IMPLEMENTATIONS:
             raise ValueError(_bias_refusal(impl))
@@ -283,7 +285,7 @@ class _AttentionMixin:
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if capture:
-            ctx.attn = AttnInputs(q=queries, k=keys, v=values, scale=self.scale, bias=mask)
+            call.attn = AttnInputs(q=queries, k=keys, v=values, scale=self.scale, bias=mask)
         attention_interface = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
             impl, upstream.eager_attention_forward
         )
@@ -426,7 +428,7 @@ class _TextTowerMixin(RootMixin):
         if cached is not None:
             return cached
         if not ctx.reduces:
-            ctx.state = None
+            ctx.call.state = None
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -459,12 +461,11 @@ class _TextTowerMixin(RootMixin):
 
 
 def _take_cached(ctx: PatchContext, key: tuple):
-    """The output a guided forward computed for exactly these inputs, once."""
-    cached = ctx.__dict__.get("cached")
-    if cached is None:
+    """The output a guided forward of this thread computed for exactly these inputs, once."""
+    cached = lookup(ctx.key, "cached")
+    if not cached:
         return None
-    ctx.__dict__["cached"] = None
-    inputs, out = cached
+    inputs, out = cached.pop()
     if len(inputs) != len(key) or any(a is not b for a, b in zip(inputs, key)):
         return None
     return type(out)(**out)  # a shallow copy: callers may reassign its fields
@@ -516,7 +517,6 @@ class _TwoTowerMixin(RootMixin):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                    attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         tower_kw = {k: v for k, v in kwargs.items() if k != "return_loss"}
-        before = guided.guide_embeds
         if guided.tower == "image":
             key = (input_ids, attention_mask)
             out = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -533,14 +533,11 @@ class _TwoTowerMixin(RootMixin):
             if hasattr(self, "visual_projection"):
                 embeds = self.visual_projection(embeds)
             leader = ctx.children["image"]
-        guided.guide_embeds = embeds.detach()
-        leader.__dict__["cached"] = (key, out)
-        try:
+        # this call's guide and the leading tower's output, in this thread only
+        with scoped([guided.key], "guide", embeds.detach()), \
+                scoped([leader.key], "cached", [(key, out)]):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                    attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        finally:
-            guided.guide_embeds = before
-            leader.__dict__["cached"] = None
 
     def _vlprune_project_text(self, x: Tensor) -> Tensor:
         x = self.text_model._vlprune_project(x)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import DEFAULT_TEXT_PROTECT_LAST, ReductionConfig
+from ..core.select import count_of
 from ..core.visual import (
     dominant_contextual,
     image_text_alignment,
@@ -65,7 +66,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
-from .llava_llm import FastVLayerMixin, LLMState, check_decoder_layers
+from .llava_llm import FastVLayerMixin, FastVPoint, check_decoder_layers
 from .llava_tower import (
     TOWER_OPTIONS,
     check_llava_tower,
@@ -98,7 +99,7 @@ def llava_family(model: nn.Module) -> str | None:
     return None
 
 
-def _vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
+def vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
     """Projected tokens of one crop (the patch grid, plus the class token for ``full``): the
     tokens of one LLaVA-1.5 image, the base image of an anyres one."""
     vcfg = model.config.vision_config
@@ -110,14 +111,7 @@ def _vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
 
 def visual_keep_count(keep: int | float, num_tokens: int, name: str = "visual_keep") -> int:
     """Tokens one image keeps: an int count as is, a ratio as ``ceil(ratio * n)`` (>= 1)."""
-    if isinstance(keep, float):
-        return min(num_tokens, max(1, math.ceil(keep * num_tokens)))
-    if keep > num_tokens:
-        raise ValueError(
-            f"{name}={keep} but an image gives only {num_tokens} visual tokens; give a count "
-            f"<= {num_tokens} or a ratio in (0, 1]"
-        )
-    return keep
+    return count_of(keep, num_tokens, name, "an image gives only {n} visual tokens")
 
 
 def _vision_inner(model: nn.Module) -> nn.Module:
@@ -352,8 +346,9 @@ class _LlavaMixin(RootMixin):
             else:  # diversity
                 s = visual_diversity_scores(f, k, prot)
             kept.append(f[select_visual(s, k, prot)])
-        if ctx.record is not None and enc.feats:
-            ctx.record.append(LayerRecord(0, enc.lens[0], kept[0].shape[0], 0, None, "visual"))
+        record = ctx.record
+        if record is not None and enc.feats:
+            record.append(LayerRecord(0, enc.lens[0], kept[0].shape[0], 0, None, "visual"))
         return kept
 
     def _vlprune_pool(self, f: Tensor, k: int) -> Tensor:
@@ -442,8 +437,9 @@ class _LlavaMixin(RootMixin):
             kept = [torch.cat([k, pooled[v, -1:]]) for v, k in enumerate(kept)]
         lens = [pooled.shape[1]] * V
         ctx: PatchContext = self._vlprune
-        if ctx.record is not None and kept:
-            ctx.record.append(LayerRecord(0, lens[0], kept[0].shape[0], 0, None, "video"))
+        record = ctx.record
+        if record is not None and kept:
+            record.append(LayerRecord(0, lens[0], kept[0].shape[0], 0, None, "video"))
         return kept, lens
 
     def _vlprune_text_embeds(self, input_ids: Tensor, attention_mask: Tensor | None,
@@ -548,7 +544,7 @@ class _LlavaMixin(RootMixin):
             if tower is not None and tower.reduces:
                 # merged in the tower: the prompt still holds each image's full span
                 strategy = image_kwargs.get("vision_feature_select_strategy")
-                enc.lens = [_vision_tokens(self, strategy)] * len(enc.feats)
+                enc.lens = [vision_tokens(self, strategy)] * len(enc.feats)
             rows = self._vlprune_span_rows(input_ids, self.config.image_token_id, enc.lens)
             need_text = ((cfg.visual_score == "text" and not cfg.visual_is_identity)
                          or not cfg.text_keep_is_identity)
@@ -579,7 +575,7 @@ class _LlavaMixin(RootMixin):
     # -- entry points --------------------------------------------------------------------
 
     def _vlprune_llm_begin(self, named: dict) -> None:
-        st: LLMState = self.__dict__["_vlprune_llm"]
+        st = self.__dict__["_vlprune_llm"].call()
         cache = named.get("cache", named.get("past_key_values"))
         if cache is not None and cache.get_seq_length():
             return  # a decode step: the prefill's selection stands
@@ -615,7 +611,7 @@ class _LlavaMixin(RootMixin):
                                  "mm_encoder_outputs, not both")
             self._vlprune_prepare(named)
         if llm:
-            st: LLMState = self.__dict__["_vlprune_llm"]
+            st = self.__dict__["_vlprune_llm"].call()
             if not self._vlprune_llm_active():
                 st.reset()
             else:
@@ -732,7 +728,7 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
             f"(inside the vision tower) to patch {type(model).__name__}"
         )
     n = tower_tokens_per_image(model, config)
-    n = _vision_tokens(model) if n is None else n
+    n = vision_tokens(model) if n is None else n
     if config.llm_keep is not None:
         layers = _llm_layers(model)
         if not 0 < config.llm_layer < len(layers):
@@ -769,7 +765,7 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
                 f"visual_score='pool' pools one square patch grid; {type(model).__name__} packs "
                 "crops of different shapes with row-end tokens: use another visual_score"
             )
-        grid = _vision_tokens(model, "default")
+        grid = vision_tokens(model, "default")
         if model.config.vision_feature_select_strategy != "default" or math.isqrt(grid) ** 2 != grid:
             raise ValueError("visual_score='pool' needs a square patch grid without the class token")
         if visual_keep_count(config.visual_keep, n) != n // 4:
@@ -811,10 +807,7 @@ class LlavaAdapter(Adapter):
         if cfg.llm_keep is None:
             return
         lm = model.model.language_model
-        state = LLMState(
-            cfg.llm_layer, lambda n: visual_keep_count(ctx.config.llm_keep, n, "llm_keep"),
-            getattr(lm, "rotary_emb", None),
-        )
+        state = FastVPoint(ctx, cfg.llm_layer, getattr(lm, "rotary_emb", None), visual_keep_count)
         model.__dict__["_vlprune_llm"] = state
         for i, layer in enumerate(_llm_layers(model)[cfg.llm_layer:]):
             swap_class(layer, FastVLayerMixin, ctx, llm=state, first=i == 0)
@@ -827,7 +820,7 @@ class LlavaAdapter(Adapter):
         (LLaVA-1.5 layout; anyres families get one base-size image each)."""
         device, dtype = device_dtype(model)
         size = input_size or self.default_input_size(model)
-        n = _vision_tokens(model)
+        n = vision_tokens(model)
         image_id = model.config.image_token_id
         vocab = model.config.text_config.vocab_size
         text = torch.randint(0, vocab, (batch_size, 8), device=device)

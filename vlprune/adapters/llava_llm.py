@@ -9,7 +9,8 @@ receives, for the last prompt row only, so the layers keep their fast attention 
 Wiring (transformers >= 5; Llama, Mistral and Qwen2 decoder layers):
 
 * The LLaVA root marks the image placeholder positions of a prefill (a forward whose cache
-  is empty) in a :class:`LLMState` shared with the patched layers ``>= llm_layer``.
+  is empty) in the call state of the thread (:class:`FastVCall`), read by the patched layers
+  ``>= llm_layer``.
 * At prefill, layer ``llm_layer`` ranks the visual tokens and stores the kept positions
   (B, R) of every row; each patched layer index-selects the hidden states (first one only),
   the rotary ``(cos, sin)``, ``position_ids`` and the rows and columns of the 4D mask it gets.
@@ -27,6 +28,8 @@ Wiring (transformers >= 5; Llama, Mistral and Qwen2 decoder layers):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -39,13 +42,35 @@ _DECODER_LAYERS = (
 )
 
 
-class LLMState:
-    """Per-forward state of the pruning inside the language model (shared by the layers)."""
+class FastVPoint:
+    """Where and how much FastV prunes in one patched LLaVA (settings, shared by the layers);
+    :meth:`call` is the calling thread's :class:`FastVCall`."""
 
-    def __init__(self, layer: int, keep_count, rotary: nn.Module | None):
+    def __init__(self, ctx: PatchContext, layer: int, rotary: nn.Module | None,
+                 count: Callable[[int | float, int, str], int]):
+        self.ctx = ctx  # the root context (settings); its call state carries FastVCall
         self.layer = layer
-        self.keep_count = keep_count  # tokens per image -> kept per image
         self.rotary = rotary
+        self.count = count  # (llm_keep, tokens, name) -> kept tokens
+
+    def keep_count(self, tokens: int) -> int:
+        """Visual tokens an image of ``tokens`` keeps under the current ``llm_keep``."""
+        return self.count(self.ctx.config.llm_keep, tokens, "llm_keep")
+
+    def call(self) -> FastVCall:
+        """This thread's FastV state: armed at a prefill, read by the decode steps after it."""
+        parts = self.ctx.call.parts
+        st = parts.get("fastv")
+        if st is None:
+            st = parts["fastv"] = FastVCall()
+        return st
+
+
+class FastVCall:
+    """Per-call state of the pruning inside the language model: set at one prefill, used by
+    every decode step of the same ``generate`` (in the same thread)."""
+
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
@@ -171,8 +196,8 @@ def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last:
 class FastVLayerMixin:
     """A decoder layer at or after ``llm_layer`` that runs on the kept tokens only."""
 
-    def _vlprune_select(self, x: Tensor, position_embeddings) -> Tensor:
-        st: LLMState = self._vlprune_llm
+    def _vlprune_select(self, x: Tensor, position_embeddings, st: FastVCall) -> Tensor:
+        point: FastVPoint = self._vlprune_llm
         B, L = st.visual.shape
         scores = last_token_attention(self, x, position_embeddings, st.last, st.valid)
         keep = ~st.visual
@@ -181,7 +206,7 @@ class FastVLayerMixin:
             vis = st.visual[b].nonzero()[:, 0]
             n_kept = 0
             for span in vis.split(st.row_lens[b]):  # each image keeps its own budget
-                k = st.keep_count(span.shape[0])
+                k = point.keep_count(span.shape[0])
                 keep[b, span[scores[b, span].topk(k).indices]] = True
                 n_kept += k
             kept_visual.append(n_kept)
@@ -199,17 +224,19 @@ class FastVLayerMixin:
         st.shift = dropped.cumsum(dim=1).gather(1, st.kept)
         st.dropped = dropped.sum(dim=1, keepdim=True)
         ctx: PatchContext = self._vlprune_ctx
-        if ctx.record is not None:
-            ctx.record.append(LayerRecord(st.layer, sum(st.row_lens[0]), kept_visual[0], 0, None, "llm"))
+        record = ctx.record
+        if record is not None:
+            record.append(LayerRecord(point.layer, sum(st.row_lens[0]), kept_visual[0], 0, None, "llm"))
         return st.kept
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs):
-        st: LLMState = self._vlprune_llm
+        point: FastVPoint = self._vlprune_llm
+        st = point.call()
         ctx: PatchContext = self._vlprune_ctx
         if ctx.enabled and st.prefill and position_embeddings is not None:
             if self._vlprune_first and hidden_states.shape[1] == st.length:
-                hidden_states = _take_seq(hidden_states, self._vlprune_select(hidden_states, position_embeddings))
+                hidden_states = _take_seq(hidden_states, self._vlprune_select(hidden_states, position_embeddings, st))
             if st.kept is not None and position_embeddings[0].shape[1] == st.length:
                 idx = st.kept
                 attention_mask = _take_mask(attention_mask, idx, idx)
@@ -217,7 +244,7 @@ class FastVLayerMixin:
                     position_ids = _take_seq(position_ids, idx)
                 if ctx.config.llm_renumber_positions and position_ids is not None:
                     position_ids = position_ids - st.shift
-                    position_embeddings = st.rotary(hidden_states, position_ids)
+                    position_embeddings = point.rotary(hidden_states, position_ids)
                 else:
                     position_embeddings = tuple(_take_seq(t, idx) for t in position_embeddings)
         elif ctx.enabled and not st.prefill and st.kept is not None:
@@ -228,7 +255,7 @@ class FastVLayerMixin:
                 attention_mask = _take_mask(attention_mask, None, torch.cat([st.kept, after], dim=1))
             if ctx.config.llm_renumber_positions and position_ids is not None:
                 position_ids = _rows(position_ids, st.dropped.shape[0]) - st.dropped
-                position_embeddings = st.rotary(hidden_states, position_ids)
+                position_embeddings = point.rotary(hidden_states, position_ids)
         # the cache and the rest pass through under whatever names this transformers uses
         return super().forward(
             hidden_states, attention_mask=attention_mask, position_ids=position_ids,

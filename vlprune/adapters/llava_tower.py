@@ -41,7 +41,7 @@ from ..core.scores import NEEDS_CLASS_TOKEN
 from ..core.select import keep_count
 from ..merging import max_merge
 from .base import PatchContext, UnsupportedModelError, class_path_in_mro, hf_image_input_size
-from .hf_clip import _VisionTowerMixin, check_hf_vision_tower, patch_hf_vision_tower, vision_tower
+from .hf_clip import VisionTowerMixin, check_hf_vision_tower, patch_hf_vision_tower, vision_tower
 
 _LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
 _ANYRES = {
@@ -313,7 +313,7 @@ def tower_tokens_per_image(model: nn.Module, config: ReductionConfig,
     return tokens - (1 if strategy == "default" else 0)
 
 
-class _LlavaTowerMixin(_VisionTowerMixin):
+class _LlavaTowerMixin(VisionTowerMixin):
     """Patched vision tower of a LLaVA: refuses a call that reads a hidden state the schedule
     reduces after (LLaVA's ``get_image_features`` passes ``vision_feature_layer`` as
     ``output_hidden_states``), then runs as the CLIP / SigLIP tower adapter."""

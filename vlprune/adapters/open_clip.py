@@ -35,6 +35,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .call import scoped
 from .step import enter_block, reduce_step
 from .text import TextLayout, random_ids, start_text
 
@@ -59,7 +60,8 @@ class _VisionMixin(RootMixin):
 
     def _global_pool(self, x: Tensor):
         ctx: PatchContext = self._vlprune
-        size = ctx.state.size if ctx.enabled and ctx.state is not None else None
+        state = ctx.state if ctx.enabled else None
+        size = state.size if state is not None else None
         if self.pool_type != "avg" or size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
             return super()._global_pool(x)
         s = size[:, 1:]
@@ -86,11 +88,11 @@ class _BlockMixin:
                 "run inside `with vlprune.disabled(model):`"
             )
         n_in = q_x.shape[1]
-        ctx.capture = reduce
-        ctx.pending_bias = bias
+        call = ctx.call
+        call.capture, call.pending_bias = reduce, bias
         x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x)))
         if reduce:
-            x = reduce_step(ctx, layer, x, ctx.take_attn())
+            x = reduce_step(ctx, layer, x, call.take_attn())
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
         ctx.log(layer, n_in, x.shape[1])
         return x
@@ -106,10 +108,11 @@ class _MHAMixin:
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
-        bias, capture = ctx.pending_bias, ctx.capture
+        call = ctx.call
+        bias, capture = call.pending_bias, call.capture
         if bias is None and not capture:
             return super().forward(query, key, value, *args, **kwargs)
-        ctx.pending_bias, ctx.capture = None, False
+        call.pending_bias, call.capture = None, False
         if key is not query or value is not query:
             raise ValueError("vlprune's patched attention handles self-attention only")
         B, N, C = query.shape
@@ -118,7 +121,7 @@ class _MHAMixin:
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         if capture:
-            ctx.attn = AttnInputs(q=q, k=k, v=v, scale=D**-0.5, bias=bias)
+            call.attn = AttnInputs(q=q, k=k, v=v, scale=D**-0.5, bias=bias)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )
@@ -243,7 +246,7 @@ class _TextTransformerMixin(RootMixin):
     def forward(self, text: Tensor):
         ctx: PatchContext = self._vlprune_ctx
         if not ctx.reduces:
-            ctx.state = None
+            ctx.call.state = None
             return super().forward(text)
         if self.cls_emb is not None:
             raise ValueError("a text tower with an appended class token (CoCa) cannot reduce tokens")
@@ -285,7 +288,7 @@ class _ClipMixin(RootMixin):
             return super().encode_text(text, normalize=normalize)
         ctx: PatchContext = self._vlprune.children["text"]
         if not ctx.reduces:
-            ctx.state = None
+            ctx.call.state = None
             return super().encode_text(text, normalize=normalize)
         # follows CLIP.encode_text of open_clip_torch 3.3.0
         cast_dtype = self.transformer.get_cast_dtype()
@@ -321,15 +324,12 @@ def guided_forward(model: nn.Module, forward, image, text):
     guided = next((c for c in ctx.children.values() if c.guided_by), None)
     if guided is None or not guided.reduces or image is None or text is None:
         return forward(image=image, text=text)
-    before = guided.guide_embeds
     inputs = {"image": image, "text": text}
     lead = "text" if guided.tower == "image" else "image"  # the guiding modality runs first
     first = forward(**{**inputs, guided.tower: None})
-    guided.guide_embeds = _features(first, f"{lead}_features", 0 if lead == "image" else 1).detach()
-    try:
+    embeds = _features(first, f"{lead}_features", 0 if lead == "image" else 1).detach()
+    with scoped([guided.key], "guide", embeds):  # this call's guide, in this thread only
         second = forward(**{**inputs, lead: None})
-    finally:
-        guided.guide_embeds = before
     img_out, txt_out = (second, first) if lead == "text" else (first, second)
     if isinstance(img_out, dict):
         return {**img_out, "text_features": txt_out["text_features"]}

@@ -68,7 +68,8 @@ def guided_scores(ctx: PatchContext, x: Tensor) -> Tensor:
 
 def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
     """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
-    state = ctx.state
+    call = ctx.call
+    state = call.state
     cfg = ctx.config
     P = state.num_protected
     r = ctx.schedule[layer]
@@ -82,7 +83,7 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
         else:
             scores = compute_scores(
                 cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
-                generator=ctx.generator, valid=valid,
+                generator=call.generator, valid=valid,
             )
         mode = cfg.prune_mode
         if mode == "recycle" or r > 0:

@@ -67,13 +67,14 @@ class _ViTMixin(RootMixin):
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         ctx: PatchContext = self._vlprune
-        size = ctx.state.size if ctx.enabled and ctx.state is not None else None
+        state = ctx.state if ctx.enabled else None
+        size = state.size if state is not None else None
         if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
             # the attention pool weighs tokens as block attention does (a fused token is one)
-            attn_size = size if ctx.state.attn_size is None else ctx.state.attn_size
+            attn_size = size if state.attn_size is None else state.attn_size
             bias = size_bias(attn_size[:, start:], x.dtype) if ctx.config.prop_attn else None
             return self.attn_pool(x[:, start:], attn_mask=bias)
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -108,10 +109,11 @@ class _BlockMixin:
                 "have to follow the merged tokens); run inside `with vlprune.disabled(model):`"
             )
         n_in = x.shape[1]
-        ctx.capture = reduce
+        call = ctx.call
+        call.capture = reduce
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
         if reduce:
-            x = reduce_step(ctx, layer, x, ctx.take_attn())
+            x = reduce_step(ctx, layer, x, call.take_attn())
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         ctx.log(layer, n_in, x.shape[1])
         return x
@@ -122,9 +124,10 @@ class _AttentionMixin:
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
-        if not ctx.capture:
+        call = ctx.call
+        if not call.capture:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        ctx.capture = False
+        call.capture = False
         # Follows timm/layers/attention.py::Attention.forward (timm 1.0.31) without the causal
         # branch (refused by the block), and hands q, k, v to the block for scoring.
         B, N, _ = x.shape
@@ -133,7 +136,7 @@ class _AttentionMixin:
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        ctx.attn = AttnInputs(q=q, k=k, v=v, scale=self.scale, bias=attn_mask)
+        call.attn = AttnInputs(q=q, k=k, v=v, scale=self.scale, bias=attn_mask)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0

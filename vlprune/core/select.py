@@ -14,6 +14,8 @@ shapes stay static for ``torch.compile``.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +23,37 @@ from torch import Tensor
 from .plan import Plan, take_tokens
 
 MODES = ("drop", "fuse", "recycle")
+
+
+def count_or_ratio(value: Any, name: str, what: str = "") -> int | float:
+    """Validate a budget given as an ``int`` count (>= 1) or a ``float`` ratio in (0, 1]:
+    returns it as ``int`` or ``float``; raises ``ValueError`` naming ``name`` and what is
+    allowed (``what`` says what is counted, e.g. "tokens each frame keeps")."""
+    about = f" ({what})" if what else ""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(
+                f"{name}={value} keeps no token; give an int count >= 1 or a float ratio in (0, 1]"
+            )
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 < value <= 1.0:
+        return float(value)
+    raise ValueError(f"{name} must be an int count >= 1 or a float ratio in (0, 1]{about}, got {value!r}")
+
+
+def count_of(keep: int | float, num_tokens: int, name: str = "keep",
+             have: str = "there are only {n} tokens") -> int:
+    """Tokens a budget keeps of ``num_tokens``: an int count as is (refused above
+    ``num_tokens``, the error saying ``have``), a float ratio as ``ceil(ratio * n)`` (at
+    least one)."""
+    if isinstance(keep, float):
+        return min(num_tokens, max(1, math.ceil(keep * num_tokens)))
+    if keep > num_tokens:
+        raise ValueError(
+            f"{name}={keep} but {have.format(n=num_tokens)}; give a count <= {num_tokens} or a "
+            "ratio in (0, 1]"
+        )
+    return int(keep)
 
 
 def keep_count(num_tokens: int, num_protected: int, keep: float) -> int:

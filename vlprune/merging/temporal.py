@@ -30,7 +30,6 @@ merging (:func:`~vlprune.merging.bipartite_soft_matching`) inside every frame.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..core.plan import Plan
+from ..core.select import count_of, count_or_ratio
 from .bipartite import bipartite_soft_matching, max_merge
 
 MATCH_MODES = ("position", "global")
@@ -92,9 +92,7 @@ class TemporalResult:
 
 def temporal_keep_count(keep: int | float, num_tokens: int) -> int:
     """Tokens a frame ``t >= 1`` keeps: an int count as is, a ratio ``ceil(keep * n)`` (>= 1)."""
-    if isinstance(keep, float):
-        return min(num_tokens, max(1, math.ceil(keep * num_tokens)))
-    return int(keep)
+    return count_of(keep, num_tokens, "keep", "a frame has only {n} tokens")
 
 
 def _check(x, keep, threshold, spatial_r, sizes, metric, match) -> None:
@@ -111,14 +109,8 @@ def _check(x, keep, threshold, spatial_r, sizes, metric, match) -> None:
         raise ValueError(f"spatial_r must be an int >= 0, got {spatial_r!r}")
     n = N - min(int(spatial_r), max_merge(N))
     if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-            raise ValueError(f"keep must be an int count or a float ratio in (0, 1], got {keep!r}")
-        if isinstance(keep, numbers.Integral):
-            if not 1 <= keep <= n:
-                raise ValueError(f"keep={keep} out of range: each frame has {n} tokens "
-                                 f"(after spatial merging); give a count in 1..{n} or a ratio in (0, 1]")
-        elif not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep={keep!r} out of range: give a float ratio in (0, 1] or an int count")
+        count_of(count_or_ratio(keep, "keep", "tokens each frame after the first keeps"), n,
+                 "keep", "each frame has only {n} tokens (after spatial merging)")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not -1.0 <= threshold <= 1.0):
         raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold!r}")
