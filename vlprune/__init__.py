@@ -7,10 +7,8 @@
     vlprune.unpatch(model)             # the original model back
 """
 
-__version__ = "0.1.0"
-
-from .adapters import UnsupportedModelError, supported_text  # noqa: E402
-from .api import (  # noqa: E402
+from .adapters import UnsupportedModelError, supported_text
+from .api import (
     Description,
     configure,
     describe,
@@ -22,10 +20,12 @@ from .api import (  # noqa: E402
     set_guide,
     unpatch,
 )
-from .config import ReductionConfig, parse_schedule  # noqa: E402
-from .merging import TemporalResult, temporal_merge  # noqa: E402
+from .config import ReductionConfig, parse_schedule
+from .merging import TemporalResult, temporal_merge
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "Description",
     "ReductionConfig",
     "TemporalResult",

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from .core.scores import SCORE_NAMES as PRUNE_SCORES
 from .core.select import count_or_ratio
+from .version import __version__
 
 MergeSchedule = Union[int, tuple, list]  # noqa: UP007 (runtime alias on 3.10)
 
@@ -295,8 +296,6 @@ class ReductionConfig:
         if self.family is not None and not isinstance(self.family, str):
             raise ValueError(f"family must be a string or None, got {self.family!r}")
         if not self.version:
-            from vlprune import __version__
-
             self.version = __version__
 
     def _validate_prune(self) -> None:

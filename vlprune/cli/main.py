@@ -37,7 +37,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The ``vlprune`` parser with every command."""
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="vlprune", description="Training-free token reduction for vision transformers."

@@ -17,7 +17,7 @@ __all__ = ["environment", "load_warning", "machine_load", "sync"]
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts stored beside every result."""
-    from .. import __version__
+    from ..version import __version__
 
     env: dict[str, Any] = {
         "vlprune": __version__,
