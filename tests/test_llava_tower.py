@@ -1,7 +1,7 @@
 """Merging and pruning inside the vision tower of a LLaVA-1.5 (transformers
 LlavaForConditionalGeneration with a CLIP or SigLIP tower), on tiny random models.
 
-The first part drives :mod:`vlprune.adapters.llava_tower` directly (the way the root LLaVA
+The first part drives :mod:`vlprune.adapters.llava.tower` directly (the way the root LLaVA
 adapter wires it) and reads ``get_image_features``. The part marked INTEGRATION goes through
 ``vlprune.patch(llava, merge_r=...)`` and needs the LLaVA adapter to call the module.
 """
@@ -16,7 +16,7 @@ import torch
 from helpers import expected_tokens_out, vlprune_attrs
 
 import vlprune
-from vlprune.adapters.llava_tower import (
+from vlprune.adapters.llava.tower import (
     check_llava_tower,
     llava_context,
     patch_llava_tower,

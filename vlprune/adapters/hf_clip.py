@@ -22,7 +22,7 @@ Refused: proportional attention with an attention implementation other than ``ea
 encoder layers, attention modules or pooling heads other than the upstream ones, gradient
 checkpointing while reducing. This adapter matches the vision models only, not a whole
 ``CLIPModel`` / ``SiglipModel`` (patch ``model.vision_model``); adapters of two-tower models
-and LLaVA (:mod:`vlprune.adapters.llava_tower`) reuse :func:`check_hf_vision_tower` and
+and LLaVA (:mod:`vlprune.adapters.llava.tower`) reuse :func:`check_hf_vision_tower` and
 :func:`patch_hf_vision_tower` for the image tower.
 
 transformers is imported lazily: ``import vlprune`` does not need it.

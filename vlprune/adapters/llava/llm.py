@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import LayerRecord, PatchContext, UnsupportedModelError
+from ..base import LayerRecord, PatchContext, UnsupportedModelError
 
 _DECODER_LAYERS = (
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
@@ -128,6 +128,17 @@ class FastVCall:
     def end(self) -> None:
         """The prefill forward is over: later forwards with a cache are decode steps."""
         self.prefill = False
+
+
+def llm_layers(model: nn.Module):
+    """The decoder layers of a LLaVA's language model (``model.model.language_model.layers``)."""
+    lm = getattr(model.model, "language_model", None)
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"llm_keep needs a decoder-only language model with .layers, got {type(lm).__name__}"
+        )
+    return layers
 
 
 def check_decoder_layers(layers) -> None:

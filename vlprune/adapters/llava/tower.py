@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import ReductionConfig, default_prune_layers, parse_prune_schedule, parse_schedule
-from ..core.scores import NEEDS_CLASS_TOKEN
-from ..core.select import keep_count
-from ..merging import max_merge
-from .base import PatchContext, UnsupportedModelError, class_path_in_mro, hf_image_input_size
-from .hf_clip import VisionTowerMixin, check_hf_vision_tower, patch_hf_vision_tower, vision_tower
+from ...config import ReductionConfig, default_prune_layers, parse_prune_schedule, parse_schedule
+from ...core.scores import NEEDS_CLASS_TOKEN
+from ...core.select import keep_count
+from ...merging import max_merge
+from ..base import PatchContext, UnsupportedModelError, class_path_in_mro, hf_image_input_size
+from ..hf_clip import VisionTowerMixin, check_hf_vision_tower, patch_hf_vision_tower, vision_tower
 
 _LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
 _ANYRES = {

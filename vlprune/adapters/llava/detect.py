@@ -1,0 +1,158 @@
+"""Which LLaVA family a model is, its geometry, and the patch-time checks.
+
+Owns family detection (:func:`llava_family`), the token counts of one image
+(:func:`vision_tokens`, :func:`visual_keep_count`), where the vision tower's encoder layers
+are (:func:`encoder_layers`, :func:`has_class_token`) and :func:`check_llava`, which refuses
+a :class:`~vlprune.config.ReductionConfig` the model cannot run before anything is patched.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ...config import ReductionConfig
+from ...core.select import count_of
+from ..base import UnsupportedModelError, class_path_in_mro, hf_image_input_size
+from .llm import check_decoder_layers, llm_layers
+from .tower import TOWER_OPTIONS, check_llava_tower, tower_requested, tower_tokens_per_image
+
+_FAMILIES = {
+    "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration": "llava",
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextForConditionalGeneration":
+        "llava_next",
+    "transformers.models.llava_onevision.modeling_llava_onevision."
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "transformers.models.llava_next_video.modeling_llava_next_video."
+    "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+}
+# visual_score values that read the vision tower's attention at the feature layer
+ATTN_SCORES = ("cls_attn", "dominant_contextual")
+_VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")
+
+
+def llava_family(model: nn.Module) -> str | None:
+    """``llava``, ``llava_next``, ``llava_onevision``, ``llava_next_video`` or None."""
+    mro = class_path_in_mro(model)
+    for path, name in _FAMILIES.items():
+        if path in mro:
+            return name
+    return None
+
+
+def vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
+    """Projected tokens of one crop (the patch grid, plus the class token for ``full``): the
+    tokens of one LLaVA-1.5 image, the base image of an anyres one."""
+    vcfg = model.config.vision_config
+    _, h, w = hf_image_input_size(vcfg)
+    n = (h // vcfg.patch_size) * (w // vcfg.patch_size)
+    strategy = strategy or model.config.vision_feature_select_strategy
+    return n + (1 if strategy == "full" else 0)
+
+
+def visual_keep_count(keep: int | float, num_tokens: int, name: str = "visual_keep") -> int:
+    """Tokens one image keeps: an int count as is, a ratio as ``ceil(ratio * n)`` (>= 1)."""
+    return count_of(keep, num_tokens, name, "an image gives only {n} visual tokens")
+
+
+def _vision_inner(model: nn.Module) -> nn.Module:
+    tower = getattr(model.model, "vision_tower", None)
+    return getattr(tower, "vision_model", tower)
+
+
+def encoder_layers(model: nn.Module):
+    """The vision tower's encoder layers (``encoder.layers``, or under ``vision_model``)."""
+    layers = getattr(getattr(_vision_inner(model), "encoder", None), "layers", None)
+    if layers is None:
+        tower = getattr(model.model, "vision_tower", None)
+        raise UnsupportedModelError(
+            f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP- or SigLIP-like "
+            "tower with encoder.layers"
+        )
+    return layers
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """True when the vision tower's embeddings prepend a class token."""
+    emb = getattr(_vision_inner(model), "embeddings", None)
+    return hasattr(emb, "class_embedding")
+
+
+def check_llava(model: nn.Module, config: ReductionConfig) -> None:
+    """Raise unless ``model`` can run ``config`` (before anything is patched)."""
+    family = llava_family(model)
+    anyres = family != "llava"
+    other = [
+        n for n in ReductionConfig.field_names()
+        if not n.startswith(("visual_", "llm_", "temporal_"))
+        and n not in ("family", "text_keep", "text_protect_last", *TOWER_OPTIONS)
+        and getattr(config, n) != getattr(ReductionConfig(), n)
+    ]
+    if other:
+        raise ValueError(
+            f"{', '.join(other)} not supported on {type(model).__name__}; use visual_keep, "
+            "visual_score (reduction before the language model), text_keep (prompt dropping), "
+            "llm_layer, llm_keep (pruning inside it) and temporal_keep / temporal_threshold "
+            "(videos)"
+        )
+    temporal = [n for n in ("temporal_keep", "temporal_threshold") if getattr(config, n) is not None]
+    if temporal and family not in _VIDEO_FAMILIES:
+        raise ValueError(
+            f"{', '.join(temporal)} merge video frames over time; {type(model).__name__} takes no "
+            "videos (LlavaNextVideoForConditionalGeneration and "
+            "LlavaOnevisionForConditionalGeneration do)"
+        )
+    check_llava_tower(model, config)  # merge_r / prune_*: refused on anyres families
+    if not config.has_visual_settings and not tower_requested(config):
+        raise ValueError(
+            "give visual_keep (an int count or a float ratio in (0, 1]), text_keep, llm_layer "
+            "and llm_keep, temporal_keep or temporal_threshold (videos), or merge_r / prune_keep "
+            f"(inside the vision tower) to patch {type(model).__name__}"
+        )
+    n = tower_tokens_per_image(model, config)
+    n = vision_tokens(model) if n is None else n
+    if config.llm_keep is not None:
+        layers = llm_layers(model)
+        if not 0 < config.llm_layer < len(layers):
+            raise ValueError(
+                f"llm_layer={config.llm_layer} out of range: the language model has "
+                f"{len(layers)} decoder layers, give 1..{len(layers) - 1}"
+            )
+        check_decoder_layers(layers[config.llm_layer:])
+        if not anyres:
+            per_image = n if config.visual_keep is None else visual_keep_count(config.visual_keep, n)
+            if isinstance(config.llm_keep, int) and config.llm_keep > per_image:
+                raise ValueError(
+                    f"llm_keep={config.llm_keep} but each image enters the language model with "
+                    f"only {per_image} visual tokens"
+                )
+    if config.visual_keep is None:
+        return
+    layers = encoder_layers(model)
+    if config.visual_score in ATTN_SCORES:
+        layer = layers[0]
+        attn = getattr(layer, "self_attn", None)
+        if not (hasattr(layer, "layer_norm1") and all(
+            hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads")
+        )):
+            raise UnsupportedModelError(
+                f"visual_score={config.visual_score!r} needs CLIP- or SigLIP-style encoder layers "
+                "(layer_norm1, self_attn.q_proj/k_proj); use 'text', 'diversity' or 'random'"
+            )
+    if not anyres and isinstance(config.visual_keep, int):
+        visual_keep_count(config.visual_keep, n)
+    if config.visual_score == "pool":
+        if anyres:
+            raise ValueError(
+                f"visual_score='pool' pools one square patch grid; {type(model).__name__} packs "
+                "crops of different shapes with row-end tokens: use another visual_score"
+            )
+        grid = vision_tokens(model, "default")
+        if model.config.vision_feature_select_strategy != "default" or math.isqrt(grid) ** 2 != grid:
+            raise ValueError("visual_score='pool' needs a square patch grid without the class token")
+        if visual_keep_count(config.visual_keep, n) != n // 4:
+            raise ValueError(
+                f"visual_score='pool' averages 2x2 patches: visual_keep must be {n // 4} (or 0.25) "
+                f"for {n} tokens per image, got {config.visual_keep!r}"
+            )

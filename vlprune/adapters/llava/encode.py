@@ -1,0 +1,148 @@
+"""Encoding the images of one call: the vision tower and projector run once, and what the
+scores need is captured on the way.
+
+Owns :class:`Encoded` (per image: projected tokens, scores, protected row-end tokens, span
+lengths) and :func:`encode_images`: ``get_image_features`` with a pre-hook on the feature
+layer (its input, from which the class-token attention row or the mean received attention is
+recomputed, :func:`tower_attention`) and, on anyres families, a record of the model's own
+``pack_image_features`` call, replayed by :func:`pack_like` so per-crop scores and row-end
+marks line up with the packed features.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from .detect import encoder_layers, has_class_token
+
+
+class Encoded:
+    """What one image-encoding pass gives: per image its projected tokens, their scores, the
+    protected (row-end) tokens, and the tokens each image's placeholder span holds."""
+
+    def __init__(self, feats: list[Tensor], scores: list[Tensor] | None,
+                 protect: list[Tensor | None]):
+        self.feats = feats
+        self.scores = scores
+        self.protect = protect
+        self.lens = [f.shape[0] for f in feats]
+
+
+def _feature_layer_index(layer: int, num_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[layer]`` (-1: the embeddings)."""
+    idx = layer % (num_layers + 1) if layer < 0 else layer
+    return idx - 1
+
+
+def tower_attention(layer: nn.Module, x: Tensor, class_token: bool) -> Tensor:
+    """Per-crop token scores (C, N) from the input ``x`` (C, N, D) of a CLIP/SigLIP encoder
+    layer, heads averaged, recomputed from the layer's pre-norm and q/k projections: the class
+    token's attention row, or (no class token) the mean attention each token receives."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    C, N, _ = h.shape
+    H = attn.num_heads
+    scale = getattr(attn, "scale", (h.shape[-1] // H) ** -0.5)
+    k = attn.k_proj(h).view(C, N, H, -1).transpose(1, 2).float()
+    if class_token:
+        q = attn.q_proj(h[:, :1]).view(C, 1, H, -1).transpose(1, 2).float()
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    out = []
+    for c in range(C):  # one crop at a time: an (H, N, N) matrix, not (C, H, N, N)
+        q = attn.q_proj(h[c]).view(N, H, -1).transpose(0, 1).float()
+        out.append(((q * scale) @ k[c].transpose(-2, -1)).softmax(dim=-1).mean(dim=(0, 1)))
+    return torch.stack(out)
+
+
+def image_kwargs(model: nn.Module, named: dict) -> dict:
+    """The arguments of ``get_image_features`` besides the pixels, taken out of ``named``."""
+    params = inspect.signature(model.model.get_image_features).parameters
+    out = {}
+    for name in params:
+        if name not in ("pixel_values", "kwargs", "self") and name in named:
+            value = named.pop(name)
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
+                  need_attn: bool) -> Encoded:
+    """Run the vision tower and projector of ``model`` once; record what scoring needs."""
+    mcfg = model.config
+    layer = image_kwargs.get("vision_feature_layer", mcfg.vision_feature_layer)
+    strategy = image_kwargs.get("vision_feature_select_strategy",
+                                getattr(mcfg, "vision_feature_select_strategy", "default"))
+    captured: dict[str, Tensor] = {}
+    handle = None
+    if need_attn:
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"visual_score={model._vlprune.config.visual_score!r} reads the tower's attention "
+                f"at one vision_feature_layer, got a list {list(layer)}; use visual_score "
+                "'text', 'diversity' or 'random'"
+            )
+        layers = encoder_layers(model)
+        idx = _feature_layer_index(layer, len(layers))
+        if idx < 0:
+            raise ValueError("attention scores need a vision_feature_layer after the embeddings")
+
+        def hook(module, args, kwargs):
+            captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layers[idx].register_forward_pre_hook(hook, with_kwargs=True)
+    inner = model.model
+    packs: list[tuple] = []
+    pack = getattr(inner, "pack_image_features", None)
+    if pack is not None:
+        def record(*a, **kw):
+            packs.append((a, kw))
+            return pack(*a, **kw)
+
+        inner.pack_image_features = record
+    try:
+        out = inner.get_image_features(pixel_values=pixel_values, **image_kwargs, return_dict=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+        if pack is not None:
+            del inner.pack_image_features
+    feats = list(out.pooler_output)
+    protect: list[Tensor | None] = [None] * len(feats)
+    scores = None
+    if packs:
+        row_end = pack_like(pack, packs[0], None, feats)
+        protect = [r.bool() for r in row_end]
+    if need_attn:
+        crop = tower_attention(layers[idx], captured["x"], has_class_token(model))
+        if strategy == "default" and has_class_token(model):
+            crop = crop[:, 1:]
+        scores = pack_like(pack, packs[0], crop, feats) if packs else list(crop)
+    return Encoded(feats, scores, protect)
+
+
+def pack_like(pack, call: tuple, per_crop: Tensor | None, feats: list[Tensor]) -> list[Tensor]:
+    """Pack per-crop values (C, T) the way the recorded ``pack_image_features`` call packed
+    the features; ``None`` packs zeros with ones at the row-end (``image_newline``) places."""
+    a, kw = call
+    sig = inspect.signature(pack)
+    bound = sig.bind(*a, **kw)
+    crops = bound.arguments["image_features"]
+    counts = [c.shape[0] for c in crops]
+    device = crops[0].device
+    if per_crop is None:
+        per_crop = torch.zeros(sum(counts), crops[0].shape[1], device=device)
+        newline = torch.ones(1, device=device)
+    else:
+        newline = torch.full((1,), float("inf"), device=device)
+    bound.arguments["image_features"] = list(per_crop.float()[..., None].split(counts))
+    if "image_newline" in sig.parameters:
+        bound.arguments["image_newline"] = newline
+    packed, _ = pack(*bound.args, **bound.kwargs)
+    packed = [p[:, 0] for p in packed]
+    if [p.shape[0] for p in packed] != [f.shape[0] for f in feats]:
+        raise RuntimeError("packed scores do not line up with the packed features")
+    return packed

@@ -1,0 +1,242 @@
+"""The patched LLaVA root: its ``forward`` and ``generate`` entry points.
+
+Owns :class:`LlavaMixin` (the class swapped onto the root model), :func:`mixin_for` (one
+mixin per family whose ``forward`` shows that family's signature) and the orchestration of a
+call (:func:`prepare_call`): encode the images once, select, merge videos over time, drop
+prompt tokens, rewrite ``input_ids`` and the aligned sequences with one keep mask, and hand
+the kept features to upstream as ``mm_encoder_outputs``. ``generate`` does the rewrite once,
+runs upstream ``generate`` on the shorter prompt (so the KV cache holds the shorter sequence)
+and returns the caller's prompt followed by the generated tokens. With FastV on, the forward
+also arms the calling thread's :class:`~vlprune.adapters.llava.llm.FastVCall` at a prefill.
+
+Nothing a call computes is kept on the model: the selection lives in the call's arguments,
+FastV's kept columns in the call state of the thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from ..base import PatchContext, RootMixin
+from .detect import ATTN_SCORES, vision_tokens
+from .encode import encode_images, image_kwargs
+from .rewrite import rewrite_sequences, span_keep, span_rows, text_drop, text_embeds
+from .select import select_images
+from .video import merge_videos, video_kwargs
+
+
+def _rewrites(model: nn.Module) -> bool:
+    """True when the prompt must change: fewer visual tokens (in the tower or after it) or
+    fewer prompt tokens."""
+    ctx: PatchContext = model._vlprune
+    cfg = ctx.config
+    tower = ctx.children.get("image") if ctx.children else None
+    return ctx.enabled and (
+        not (cfg.visual_is_identity and cfg.text_keep_is_identity)
+        or (tower is not None and tower.reduces)
+    )
+
+
+def _video_rewrites(model: nn.Module) -> bool:
+    """True when videos are merged over time (their placeholder spans shrink)."""
+    return model._vlprune.enabled and not model._vlprune.config.temporal_is_identity
+
+
+def _llm_active(model: nn.Module) -> bool:
+    return model._vlprune.enabled and not model._vlprune.config.llm_is_identity
+
+
+def bind_forward(model: nn.Module, args, kwargs) -> dict:
+    """Upstream ``forward``'s arguments by name (extra keyword arguments merged in)."""
+    upstream = type(model).__bases__[-1].forward
+    sig = inspect.signature(upstream)
+    bound = sig.bind(model, *args, **kwargs).arguments
+    named = {}
+    for name, value in bound.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif name != "self":
+            named[name] = value
+    return named
+
+
+def prepare_call(model: nn.Module, named: dict) -> None:
+    """Encode the images (and, with temporal reduction, the videos) of a call, select, and
+    rewrite its arguments ``named`` in place (pixels and image arguments out,
+    ``mm_encoder_outputs`` in)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ctx: PatchContext = model._vlprune
+    cfg = ctx.config
+    input_ids = named.get("input_ids")
+    if input_ids is None:
+        raise ValueError(
+            "vlprune on a LLaVA model needs input_ids (to find the image placeholders), not "
+            "inputs_embeds"
+        )
+    mm = dict(named.get("mm_encoder_outputs") or {})
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    videos = named.get("pixel_values_videos")
+    merge = videos is not None and videos.shape[0] > 0 and _video_rewrites(model)
+    # the tower arguments images and videos share, before images take them
+    vid_kwargs = video_kwargs(model, named) if merge else {}
+    pixel_values = named.pop("pixel_values", None)
+    kept, rows, positions = [], [], None
+    mask = named.get("attention_mask")
+    if pixel_values is not None and pixel_values.shape[0] > 0:
+        img_kwargs = image_kwargs(model, named)
+        need_attn = not cfg.visual_is_identity and cfg.visual_score in ATTN_SCORES
+        enc = encode_images(model, pixel_values, img_kwargs, need_attn)
+        tower = ctx.children.get("image") if ctx.children else None
+        if tower is not None and tower.reduces:
+            # merged in the tower: the prompt still holds each image's full span
+            strategy = img_kwargs.get("vision_feature_select_strategy")
+            enc.lens = [vision_tokens(model, strategy)] * len(enc.feats)
+        rows = span_rows(input_ids, model.config.image_token_id, enc.lens)
+        need_text = ((cfg.visual_score == "text" and not cfg.visual_is_identity)
+                     or not cfg.text_keep_is_identity)
+        positions, embs = (text_embeds(model, input_ids, mask, rows) if need_text
+                           else (None, None))
+        kept = select_images(ctx, enc, [embs[r] if embs else None for r in rows])
+        keep &= span_keep(input_ids, model.config.image_token_id, enc.lens,
+                          [k.shape[0] for k in kept])
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept])
+    if merge:
+        named.pop("pixel_values_videos")
+        vids, lens = merge_videos(model, videos, vid_kwargs)
+        video_id = model.config.video_token_id
+        span_rows(input_ids, video_id, lens, "video")
+        keep &= span_keep(input_ids, video_id, lens, [v.shape[0] for v in vids])
+        # one (1, total, D) tensor: NeXT-Video iterates and flattens it, OneVision flattens it
+        mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(vids)[None])
+    if kept and not cfg.text_keep_is_identity:
+        keep &= ~text_drop(model, cfg, input_ids, mask, positions, kept, rows)
+    seqs = {n: named.get(n) for n in ("attention_mask", "position_ids", "labels") if n in named}
+    named.update(rewrite_sequences(model, input_ids, keep, seqs))
+    named["mm_encoder_outputs"] = mm
+    if named.get("pixel_values_videos") is not None:
+        # upstream refuses raw video pixels next to mm_encoder_outputs: encode the videos
+        # (unchanged) the way generate does, so they ride along as features too
+        model._prepare_multimodal_encoder_kwargs_for_generation(named)
+
+
+def _llm_begin(model: nn.Module, named: dict) -> None:
+    """Arm FastV for a prefill (a forward with an empty cache) of ``named``; a decode step
+    keeps the prefill's selection."""
+    st = model.__dict__["_vlprune_llm"].call()
+    cache = named.get("cache", named.get("past_key_values"))
+    if cache is not None and cache.get_seq_length():
+        return  # a decode step: the prefill's selection stands
+    input_ids = named.get("input_ids")
+    mm = named.get("mm_encoder_outputs") or {}
+    if input_ids is None or mm.get("image") is None:
+        st.reset()
+        return
+    lens = [f.shape[0] for f in mm["image"].pooler_output]
+    st.begin(input_ids, named.get("attention_mask"), model.config.image_token_id, lens)
+
+
+class LlavaMixin(RootMixin):
+    """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens."""
+
+    def forward(self, *args, **kwargs):
+        named = bind_forward(self, args, kwargs)
+        cfg = self._vlprune.config
+        llm = "_vlprune_llm" in self.__dict__
+        if cfg.llm_keep is not None and (not llm or self.__dict__["_vlprune_llm"].layer != cfg.llm_layer):
+            raise ValueError(
+                "llm_layer (or turning llm_keep on) cannot be changed by configure(): the decoder "
+                "layers are patched at patch time; call vlprune.patch() again"
+            )
+        pixels = named.get("pixel_values")
+        has_pixels = pixels is not None and pixels.shape[0] > 0
+        videos = named.get("pixel_values_videos")
+        has_videos = videos is not None and videos.shape[0] > 0
+        images_run = has_pixels and (_rewrites(self) or (llm and _llm_active(self)))
+        if images_run or (has_videos and _video_rewrites(self)):
+            if named.get("inputs_embeds") is not None:
+                raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image "
+                                 "and video placeholders), not inputs_embeds")
+            mm = named.get("mm_encoder_outputs") or {}
+            if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
+                raise ValueError("pass either pixel_values (pixel_values_videos) or "
+                                 "mm_encoder_outputs, not both")
+            prepare_call(self, named)
+        if llm:
+            st = self.__dict__["_vlprune_llm"].call()
+            if not _llm_active(self):
+                st.reset()
+            else:
+                if named.get("labels") is not None:
+                    raise ValueError(
+                        "llm_keep drops visual tokens inside the language model, so the logits "
+                        "no longer line up with labels; compute the loss unpatched or without llm_keep"
+                    )
+                _llm_begin(self, named)
+        try:
+            return super().forward(**named)
+        finally:
+            if llm:
+                st.end()
+
+    def generate(self, inputs=None, *args, **kwargs):
+        if self.__dict__.get("_vlprune_llm") is not None and _llm_active(self):
+            gen_cfg = kwargs.get("generation_config") or self.generation_config
+            beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
+            if beams > 1:
+                raise ValueError(
+                    "llm_keep keeps per-row kept-token maps for the pruned cache layers, which beam "
+                    "search would reorder; use num_beams=1"
+                )
+        pixel_values = kwargs.get("pixel_values")
+        videos = kwargs.get("pixel_values_videos")
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        has_videos = videos is not None and videos.shape[0] > 0
+        if not ((has_pixels and _rewrites(self)) or (has_videos and _video_rewrites(self))):
+            return super().generate(inputs, *args, **kwargs)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image and "
+                             "video placeholders)")
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
+            raise ValueError("pass either pixel_values (pixel_values_videos) or mm_encoder_outputs, "
+                             "not both")
+        named = dict(kwargs, input_ids=input_ids)
+        with torch.no_grad():
+            prepare_call(self, named)
+        new_ids = named.pop("input_ids")
+        named = {k: v for k, v in named.items() if v is not None or k in kwargs}
+        out = super().generate(new_ids, *args, **named)
+        # give back the caller's prompt, followed by what was generated
+        seq = out if isinstance(out, Tensor) else out.sequences
+        n_ret = seq.shape[0] // input_ids.shape[0]
+        prompt = input_ids.repeat_interleave(n_ret, dim=0).to(seq.device)
+        full = torch.cat([prompt, seq[:, new_ids.shape[1]:]], dim=1)
+        if isinstance(out, Tensor):
+            return full
+        out.sequences = full
+        return out
+
+
+_FAMILY_MIXINS: dict[type, type] = {}
+
+
+def mixin_for(cls: type) -> type:
+    """:class:`LlavaMixin` whose ``forward`` shows the signature of ``cls.forward`` (which
+    ``generate`` reads to validate and route its arguments)."""
+    mixin = _FAMILY_MIXINS.get(cls)
+    if mixin is None:
+        def forward(self, *args, **kwargs):
+            return LlavaMixin.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(cls.forward)
+        forward.__doc__ = cls.forward.__doc__
+        mixin = type(f"_LlavaMixin_{cls.__name__}", (LlavaMixin,),
+                     {"forward": forward, "__module__": __name__})
+        _FAMILY_MIXINS[cls] = mixin
+    return mixin
