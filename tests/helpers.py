@@ -1,5 +1,6 @@
-"""What the adapter test files share: the reduction settings every image tower runs, the
-token count each layer must give, and small model probes."""
+"""What the adapter test files share: the reduction settings every image tower runs (the
+shared tester, tests/adapter_tester.py, runs them), the token count each layer must give, and
+small model probes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ SETTINGS = {
     "random": dict(prune_keep=0.4, prune_layers=(1,), prune_score="random", prune_seed=3),
     "hybrid": dict(prune_keep=0.7, prune_layers=(1,), merge_r=2),
 }
-IDENTITY = ("r0", "keep1")  # settings that remove no token
 
 
 def expected_tokens_out(n_in: int, P: int, keep: float | None, r: int, mode: str) -> int:

@@ -1,13 +1,12 @@
-"""One shared invariants tester for every adapter (tiny random timm and open_clip models x
-settings), then family-specific behaviour and errors."""
+"""timm ViTs and open_clip image towers: the tiny random models registered with the shared
+tester (tests/adapter_tester.py), then family-specific behaviour and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import IDENTITY, SETTINGS, expected_tokens_out, module_calls, vlprune_attrs
+from adapter_tester import AdapterTester, Family, Tower
+from helpers import SETTINGS, module_calls
 
 import vlprune
 from vlprune.core.select import keep_count
@@ -55,19 +54,6 @@ def _blocks(model):
     return model.blocks if hasattr(model, "blocks") else model.transformer.resblocks
 
 
-def _has_class_token(model):
-    return getattr(model, "cls_token", True) is not None
-
-
-
-def _settings(model, name):
-    """The setting's keywords; class-token scores fall back to attn_entropy without one."""
-    kw = dict(SETTINGS[name])
-    if kw.get("prune_keep") is not None and not _has_class_token(model):
-        kw.setdefault("prune_score", "attn_entropy")
-    return kw
-
-
 def _build(name, seed=0):
     torch.manual_seed(seed)
     return MODELS[name]().eval()
@@ -82,71 +68,28 @@ def model_name(request):
     return request.param
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("batch", [1, 3])
-def test_invariants(model_name, setting, batch):
-    model = _build(model_name)
-    x = _x(batch)
-    classes = {n: type(m) for n, m in model.named_modules()}
-    keys = list(model.state_dict())
-    kw = _settings(model, setting)
-    with torch.no_grad():
-        ref = model(x)
-        vlprune.patch(model, trace_source=True, **kw)
-        out = model(x)
-        assert out.shape == ref.shape and torch.isfinite(out).all()
-        if setting in IDENTITY:
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-        with vlprune.disabled(model):
-            torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+def _towers(model, x):
+    n = (x.shape[-2] // 16) * (x.shape[-1] // 16)
+    return {"image": Tower(_num_protected(model), [n] * x.shape[0], len(_blocks(model)))}
 
-        # tokens per layer follow the schedules (prune first, then merge, r capped)
-        P = _num_protected(model)
-        cfg = model._vlprune.config
-        desc = vlprune.describe(model, x, flops=False)
-        assert len(desc.layers) == len(_blocks(model))
-        for lr, r, keep in zip(desc.layers, model._vlprune.schedule, model._vlprune.prune_schedule):
-            assert (lr.merge_r, lr.prune_keep) == (r, keep)
-            assert lr.tokens_out == expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
-        for prev, nxt in zip(desc.layers, desc.layers[1:]):
-            assert nxt.tokens_in == prev.tokens_out
-        if cfg.merge_r:
-            assert model._vlprune.schedule == vlprune.parse_schedule(cfg.merge_r, len(_blocks(model)))
 
-        # sizes count the input tokens a token holds; protected tokens hold only themselves
-        model(x)
-        state = model._vlprune.state
-        n0 = desc.layers[0].tokens_in
-        if state.source is not None:
-            source = vlprune.get_source(model)
-            assert torch.equal(source[:, :P, :], torch.eye(n0)[:P].expand(batch, P, n0))
-            assert torch.equal(source[:, P:, :P], torch.zeros(batch, source.shape[1] - P, P))
-            assert bool((source.sum(dim=1) <= 1).all())  # no input token counted twice
-            if state.size is not None:
-                assert torch.allclose(source.sum(-1, keepdim=True), state.size)
-            if cfg.prune_keep is None or cfg.prune_mode != "drop":
-                assert torch.allclose(state.size.sum(dim=(1, 2)), torch.full((batch,), float(n0)))
+def _family(name):
+    # class-token scores fall back to attn_entropy on the models without a class token
+    no_cls = name in ("test_vit2_reg_avg_ls", "test_vit3_map")
+    settings = {
+        s: {**kw, "prune_score": "attn_entropy"} if no_cls and "prune_keep" in kw and "prune_score" not in kw else kw
+        for s, kw in SETTINGS.items()
+    }
+    return Family(
+        build=lambda: _build(name), inputs=lambda batch, seed: _x(batch, seed), settings=settings,
+        identity={"r0": 0.0, "keep1": 1e-5}, towers=_towers, concurrency=("hybrid", "fuse"),
+    )
 
-        # patch twice == patch once
-        vlprune.patch(model, trace_source=True, **kw)
-        torch.testing.assert_close(model(x), out, atol=0, rtol=0)
-        assert type(model).__bases__[-1] is classes[""]  # not wrapped twice
 
-        # deepcopy gives an independent patched model with the same outputs
-        clone = copy.deepcopy(model)
-        torch.testing.assert_close(clone(x), out, atol=0, rtol=0)
-        assert clone._vlprune is not model._vlprune
-        assert _blocks(clone)[0]._vlprune_ctx is clone._vlprune
-        vlprune.configure(clone, prop_attn=not cfg.prop_attn)
-        assert model._vlprune.config == cfg
+class TestTimmOpenClipVisual(AdapterTester):
+    """The shared checks (tests/adapter_tester.py) on every model above."""
 
-        # unpatch restores classes, outputs, state_dict keys, and leaves nothing behind
-        vlprune.unpatch(model)
-        assert {n: type(m) for n, m in model.named_modules()} == classes
-        assert list(model.state_dict()) == keys
-        assert vlprune_attrs(model) == []
-        assert not vlprune.is_patched(model)
-        torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+    families = {name: _family(name) for name in MODELS}
 
 
 def test_merging_changes_tokens_and_outputs(model_name):

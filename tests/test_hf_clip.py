@@ -1,13 +1,13 @@
-"""Hugging Face CLIP / SigLIP image towers (transformers 5.x): the shared invariants on tiny
-random models (eager and sdpa attention), size-weighted pooling, outputs and errors."""
+"""Hugging Face CLIP / SigLIP image towers (transformers 5.x): tiny random models (eager and
+sdpa attention) registered with the shared tester (tests/adapter_tester.py), then
+size-weighted pooling, outputs and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import IDENTITY, SETTINGS, expected_tokens_out, module_calls, vlprune_attrs
+from adapter_tester import AdapterTester, Family, Tower
+from helpers import SETTINGS, module_calls, vlprune_attrs
 
 import vlprune
 from vlprune.adapters.base import find_adapter
@@ -57,14 +57,6 @@ def _num_protected(model):
     return 1 if hasattr(_tower(model).embeddings, "class_embedding") else 0
 
 
-def _settings(model, name):
-    """The setting's keywords; class-token scores fall back to attn_entropy without one."""
-    kw = dict(SETTINGS[name])
-    if kw.get("prune_keep") is not None and not _num_protected(model):
-        kw.setdefault("prune_score", "attn_entropy")
-    return kw
-
-
 def _pooled(out):
     """The model's image feature: image_embeds (with projection) or pooler_output."""
     return out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
@@ -75,75 +67,34 @@ def model_name(request):
     return request.param
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("batch", [1, 3])
-def test_invariants(model_name, setting, batch):
-    model = _build(model_name)
-    x = _x(batch)
-    classes = {n: type(m) for n, m in model.named_modules()}
-    keys = list(model.state_dict())
-    kw = _settings(model, setting)
-    with torch.no_grad():
-        ref = model(x)
-        vlprune.patch(model, trace_source=True, **kw)
-        out = model(x)
-        feat = _pooled(out)
-        assert feat.shape == _pooled(ref).shape and torch.isfinite(feat).all()
-        if setting in IDENTITY:
-            torch.testing.assert_close(feat, _pooled(ref), atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=0)
-        with vlprune.disabled(model):
-            torch.testing.assert_close(_pooled(model(x)), _pooled(ref), atol=0, rtol=0)
+def _towers(model, x):
+    n = (x.shape[-2] // 16) * (x.shape[-1] // 16)
+    return {"image": Tower(_num_protected(model), [n] * x.shape[0], len(_tower(model).encoder.layers))}
 
-        # tokens per layer follow the schedules; last_hidden_state is the reduced sequence
-        P = _num_protected(model)
-        ctx = model._vlprune
-        cfg = ctx.config
-        desc = vlprune.describe(model, x, flops=False)
-        assert len(desc.layers) == len(_tower(model).encoder.layers)
-        assert desc.layers[0].tokens_in == 36 + P
-        for lr, r, keep in zip(desc.layers, ctx.schedule, ctx.prune_schedule):
-            assert (lr.merge_r, lr.prune_keep) == (r, keep)
-            assert lr.tokens_out == expected_tokens_out(lr.tokens_in, P, keep, r, cfg.prune_mode)
-        for prev, nxt in zip(desc.layers, desc.layers[1:]):
-            assert nxt.tokens_in == prev.tokens_out
-        assert out.last_hidden_state.shape[1] == desc.layers[-1].tokens_out
 
-        # sizes count the input tokens a token holds
-        model(x)
-        state = ctx.state
-        n0 = desc.layers[0].tokens_in
-        if state.source is not None:
-            source = vlprune.get_source(model)
-            assert torch.equal(source[:, :P, :], torch.eye(n0)[:P].expand(batch, P, n0))
-            assert bool((source.sum(dim=1) <= 1).all())
-            if state.size is not None:
-                assert torch.allclose(source.sum(-1, keepdim=True), state.size)
-            if cfg.prune_keep is None or cfg.prune_mode != "drop":
-                assert torch.allclose(state.size.sum(dim=(1, 2)), torch.full((batch,), float(n0)))
+def _last_hidden_state_is_the_reduced_sequence(model, x, out, desc):
+    assert out.last_hidden_state.shape[1] == desc.layers[-1].tokens_out
 
-        # patch twice == patch once
-        vlprune.patch(model, trace_source=True, **kw)
-        torch.testing.assert_close(_pooled(model(x)), feat, atol=0, rtol=0)
-        tower = _tower(model)
-        assert type(tower).__bases__[-1] is classes["vision_model" if tower is not model else ""]
-        assert type(model) is classes[""] or type(model).__bases__[-1] is classes[""]
 
-        # deepcopy gives an independent patched model with the same outputs
-        clone = copy.deepcopy(model)
-        torch.testing.assert_close(_pooled(clone(x)), feat, atol=0, rtol=0)
-        assert clone._vlprune is not ctx
-        assert _tower(clone).encoder.layers[0]._vlprune_ctx is clone._vlprune
-        vlprune.configure(clone, prop_attn=not cfg.prop_attn)
-        assert model._vlprune.config == cfg
+def _family(name):
+    # SigLIP has no class token: class-token scores fall back to attn_entropy
+    no_cls = name.startswith("siglip")
+    settings = {
+        s: {**kw, "prune_score": "attn_entropy"} if no_cls and "prune_keep" in kw and "prune_score" not in kw else kw
+        for s, kw in SETTINGS.items()
+    }
+    return Family(
+        build=lambda: _build(name), inputs=lambda batch, seed: _x(batch, seed), settings=settings,
+        identity={"r0": 0.0, "keep1": 1e-5}, towers=_towers,
+        outputs=lambda out, x: [_pooled(out), out.last_hidden_state], same_shape=(0,),
+        check=_last_hidden_state_is_the_reduced_sequence, concurrency=("hybrid",),
+    )
 
-        # unpatch restores classes, outputs, state_dict keys, and leaves nothing behind
-        vlprune.unpatch(model)
-        assert {n: type(m) for n, m in model.named_modules()} == classes
-        assert list(model.state_dict()) == keys
-        assert vlprune_attrs(model) == []
-        assert not vlprune.is_patched(model)
-        torch.testing.assert_close(_pooled(model(x)), _pooled(ref), atol=0, rtol=0)
+
+class TestHFClipVision(AdapterTester):
+    """The shared checks (tests/adapter_tester.py) on every model above."""
+
+    families = {name: _family(name) for name in MODELS}
 
 
 def test_merging_changes_tokens_and_outputs(model_name):
@@ -230,7 +181,7 @@ def test_siglip_head_weighs_merged_tokens_by_size():
         with vlprune.disabled(model):
             expected = head(repeated)
             unweighted = head(tokens)
-        ctx.state = TokenState(num_protected=0, size=counts.unsqueeze(-1).float())
+        ctx.call.state = TokenState(num_protected=0, size=counts.unsqueeze(-1).float())
         pooled = head(tokens)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pooled, unweighted, atol=1e-3)
