@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import vlprune_attrs
+from adapter_tester import AdapterTester, Family, Tower
 
 import vlprune
 from vlprune.core.ragged import _keep_counts
@@ -78,37 +78,54 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_no_reduction_and_unpatch_are_exact(family):
-    build, pad = FAMILIES[family]
-    model = build()
-    ids, mask = _batch(pad_id=pad)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask)
-        classes = {n: type(m) for n, m in model.named_modules()}
-        keys = list(model.state_dict())
-        vlprune.patch(model, merge_r=0)
-        out = model(input_ids=ids, attention_mask=mask)
-        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-        # keep 1.0 runs the reduced path (mask from the token state): same values at real tokens
-        vlprune.patch(model, prune_keep=1.0)
-        out = model(input_ids=ids, attention_mask=mask)
-        real = mask.bool()
-        torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
-        vlprune.patch(model, prune_keep=0.5, merge_r=1)
-        reduced = model(input_ids=ids, attention_mask=mask)
-        assert reduced.last_hidden_state.shape == ids.shape + (32,)  # full output: input shape
-        assert not torch.allclose(reduced.last_hidden_state[real], ref.last_hidden_state[real])
-        with vlprune.disabled(model):
-            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref.last_hidden_state)
-        vlprune.unpatch(model)
-        out = model(input_ids=ids, attention_mask=mask)
-    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-    assert torch.equal(out.pooler_output, ref.pooler_output)
-    assert {n: type(m) for n, m in model.named_modules()} == classes
-    assert list(model.state_dict()) == keys
-    assert not vlprune_attrs(model)
+# --- the shared checks (tests/adapter_tester.py) on padded batches ----------------------------
+
+
+def _inputs(pad):
+    def inputs(batch, seed):
+        lengths = tuple(LENGTHS[(seed + i) % len(LENGTHS)] for i in range(batch))
+        ids, mask = _batch(lengths, pad_id=pad, seed=seed)
+        return dict(input_ids=ids, attention_mask=mask)
+
+    return inputs
+
+
+def _real_outputs(out, inputs):
+    """The real positions of the full-length output (padding positions are zero when
+    reducing, upstream's values otherwise), and the pooled output."""
+    return [out.last_hidden_state[inputs["attention_mask"].bool()], out.pooler_output]
+
+
+def _towers(model, inputs):
+    """[CLS] and the closing [SEP] are protected; the other real tokens of each row."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return {"text": Tower(2, (mask.sum(1) - 2).tolist(), LAYERS, ids.shape[1])}
+
+
+def _full_length_output(model, inputs, out, desc):
+    assert out.last_hidden_state.shape == (*inputs["input_ids"].shape, 32)
+
+
+COMMON = {
+    "r0": dict(merge_r=0),
+    "keep1": dict(prune_keep=1.0, prune_layers=(1, 2)),
+    "merge": SETTINGS["merge"],
+    "prune": dict(prune_keep=0.5, prune_layers=(1,)),
+    "recycle": SETTINGS["recycle"],
+    "hybrid": SETTINGS["hybrid"],
+    "text_options": SETTINGS["text_options"],
+}
+
+
+class TestBertCommon(AdapterTester):
+    families = {
+        name: Family(
+            build=build, inputs=_inputs(pad), settings=COMMON, identity={"r0": 0.0, "keep1": 1e-5},
+            towers=_towers, outputs=_real_outputs, check=_full_length_output,
+            concurrency=("merge", "hybrid"),
+        )
+        for name, (build, pad) in FAMILIES.items()
+    }
 
 
 @pytest.mark.parametrize("output", ["full", "compact"])

@@ -1,19 +1,18 @@
-"""Text towers and two-tower models (open_clip CLIP / CustomTextCLIP / TextTransformer):
-the invariants tester for models that take text, padded-batch independence, per-row token
-counts, cross-modal guidance and the errors."""
+"""Text towers and two-tower models (open_clip CLIP / CustomTextCLIP / TextTransformer,
+Hugging Face CLIP / SigLIP): tiny random models registered with the shared tester
+(tests/adapter_tester.py), then padded-batch independence, per-row token counts, cross-modal
+guidance and the errors."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import vlprune_attrs
+from adapter_tester import AdapterTester, Family, Tower
 
 import vlprune
-from vlprune.core.ragged import _keep_counts
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -32,7 +31,7 @@ def _text_cfg(**kw):
 
 
 @dataclass
-class Family:
+class TextFamily:
     """How to build a tiny model and feed it texts (rows of token ids of different lengths)."""
 
     build: Callable[[], torch.nn.Module]
@@ -157,13 +156,13 @@ def _hf_clip_text_argmax():
 
 
 FAMILIES = {
-    "clip": Family(_clip, True),
-    "custom_bidir": Family(_custom_bidir, True, pad_id=1, causal=False),
-    "text_padmask": Family(_text_padmask, False, causal=False, pad_mask=True),
-    "text_eos": Family(_text_eos, False),
-    "hf_clip": Family(_hf_clip, True, pad_id=VOCAB - 1, hf=True),
-    "hf_siglip": Family(_hf_siglip, True, pad_id=1, causal=False, hf=True, class_token=False),
-    "hf_clip_text_argmax": Family(_hf_clip_text_argmax, False, pad_id=0, hf=True),
+    "clip": TextFamily(_clip, True),
+    "custom_bidir": TextFamily(_custom_bidir, True, pad_id=1, causal=False),
+    "text_padmask": TextFamily(_text_padmask, False, causal=False, pad_mask=True),
+    "text_eos": TextFamily(_text_eos, False),
+    "hf_clip": TextFamily(_hf_clip, True, pad_id=VOCAB - 1, hf=True),
+    "hf_siglip": TextFamily(_hf_siglip, True, pad_id=1, causal=False, hf=True, class_token=False),
+    "hf_clip_text_argmax": TextFamily(_hf_clip_text_argmax, False, pad_id=0, hf=True),
 }
 
 SETTINGS = {
@@ -184,7 +183,7 @@ SETTINGS = {
 IDENTITY = ("r0", "keep1")
 
 
-def _settings(family: Family, name: str):
+def _settings(family: TextFamily, name: str):
     kw = dict(SETTINGS[name])
     if not family.two_towers:
         if name.startswith("guide"):
@@ -198,10 +197,6 @@ def _settings(family: Family, name: str):
     return kw
 
 
-def _run(model, inputs):
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
@@ -212,49 +207,47 @@ def _build(name, seed=0):
     return FAMILIES[name].build().eval()
 
 
-# guidance needs both towers: text models alone run every other setting
-CASES = [(f, s) for f in FAMILIES for s in SETTINGS if _settings(FAMILIES[f], s) is not None]
+def _lengths(batch, seed):
+    """``batch`` text lengths from LENGTHS, starting at index ``seed`` (seed 1, batch 3: the
+    longest, a middle and the shortest text)."""
+    return tuple(LENGTHS[(seed + i) % len(LENGTHS)] for i in range(batch))
 
 
-@pytest.mark.parametrize("family, setting", CASES)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_invariants(family, setting, batch):
-    fam = FAMILIES[family]
-    kw = _settings(fam, setting)
-    model = _build(family)
-    inputs = fam.inputs(LENGTHS[:batch])
-    classes = {n: type(m) for n, m in model.named_modules()}
-    keys = list(model.state_dict())
-    _flat = fam.outputs
-    with torch.no_grad():
-        ref = _flat(_run(model, inputs))
-        vlprune.patch(model, **kw)
-        out = _flat(_run(model, inputs))
-        assert [o.shape for o in out] == [r.shape for r in ref]
-        assert all(torch.isfinite(o).all() for o in out)
-        if setting in IDENTITY:
-            for o, r in zip(out, ref):
-                torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
-        else:
-            assert any(not torch.allclose(o, r, atol=1e-6) for o, r in zip(out, ref))
-        with vlprune.disabled(model):
-            for o, r in zip(_flat(_run(model, inputs)), ref):
-                torch.testing.assert_close(o, r, atol=0, rtol=0)
+def _towers(fam: TextFamily, image_layers: int, text_layers: int):
+    """Protected tokens: the pooled token, and BOS in causal towers; an image tower's class
+    token (SigLIP: none). Real text tokens per row: ``_real_counts``."""
 
-        vlprune.patch(model, **kw)  # patch twice == patch once
-        for o, r in zip(_flat(_run(model, inputs)), out):
-            torch.testing.assert_close(o, r, atol=0, rtol=0)
-        clone = copy.deepcopy(model)
-        for o, r in zip(_flat(_run(clone, inputs)), out):
-            torch.testing.assert_close(o, r, atol=0, rtol=0)
-        assert clone._vlprune is not model._vlprune
+    def towers(model, inputs):
+        ids = inputs if isinstance(inputs, torch.Tensor) else inputs.get("text", inputs.get("input_ids"))
+        P = 2 if fam.causal else 1
+        out = {"text": Tower(P, _real_counts(fam, ids, P).tolist(), text_layers, ids.shape[1])}
+        if fam.two_towers:
+            n = (IMG // 16) ** 2
+            out["image"] = Tower(1 if fam.class_token else 0, [n] * ids.shape[0], image_layers)
+        return out
 
-        vlprune.unpatch(model)
-        assert {n: type(m) for n, m in model.named_modules()} == classes
-        assert list(model.state_dict()) == keys
-        assert vlprune_attrs(model) == []
-        for o, r in zip(_flat(_run(model, inputs)), ref):
-            torch.testing.assert_close(o, r, atol=0, rtol=0)
+    return towers
+
+
+def _family(name: str) -> Family:
+    fam = FAMILIES[name]
+    return Family(
+        build=lambda: _build(name),
+        inputs=lambda batch, seed: fam.inputs(_lengths(batch, seed), seed=seed - 1),
+        settings={s: _settings(fam, s) for s in SETTINGS},
+        identity={"r0": 0.0, "keep1": 1e-5},
+        towers=_towers(fam, image_layers=3, text_layers=4),
+        outputs=lambda out, inputs: fam.outputs(out),
+        changes_atol=1e-6,
+        concurrency=("hybrid", "guide_text") if fam.two_towers else ("hybrid",),
+    )
+
+
+class TestTextTowers(AdapterTester):
+    """The shared checks (tests/adapter_tester.py) on every text family above: padded
+    batches of texts of different lengths."""
+
+    families = {name: _family(name) for name in FAMILIES}
 
 
 @pytest.mark.parametrize(
@@ -276,41 +269,13 @@ def test_padded_text_does_not_depend_on_batch_neighbours(family, setting):
             torch.testing.assert_close(reordered.roll(-i, dims=0), batched, atol=2e-5, rtol=1e-4)
 
 
-def _real_counts(fam: Family, ids: torch.Tensor, P: int) -> torch.Tensor:
+def _real_counts(fam: TextFamily, ids: torch.Tensor, P: int) -> torch.Tensor:
     """Real tokens per row that are not protected, as the text path defines them."""
     if fam.causal:  # up to the EOT
         return (ids == VOCAB - 1).int().argmax(dim=-1) + 1 - P
     if fam.pad_mask:
         return (ids != fam.pad_id).sum(dim=1) - P
     return torch.full((ids.shape[0],), CTX - P)
-
-
-@pytest.mark.parametrize("setting", ["text_only_r3", "text_prune", "hybrid"])
-def test_text_tokens_per_layer_follow_per_row_budgets(family, setting):
-    """Each row removes its own budget of real tokens; the batch keeps the largest row."""
-    fam = FAMILIES[family]
-    model = _build(family)
-    vlprune.patch(model, **_settings(fam, setting))
-    ids = fam.ids(LENGTHS)
-    inputs = fam.inputs(LENGTHS)
-    desc = vlprune.describe(model, inputs, flops=False)
-    text = [lr for lr in desc.layers if lr.tower == "text"]
-    ctx = model._vlprune.children["text"]
-    P = ctx.state.num_protected
-    n = _real_counts(fam, ids, P)
-    assert text[0].tokens_in == P + int(n.max())  # padding beyond the longest row is cut
-    for lr in text:
-        keep, r = lr.prune_keep, lr.merge_r
-        if keep is not None and keep < 1.0:
-            n = _keep_counts(n, keep)
-        if r:
-            n = n - torch.clamp(n // 2, max=r)
-        assert lr.tokens_out == P + int(n.max())
-    # every real token is counted once: sizes of real tokens add up to the row's length
-    state = ctx.state
-    if state.size is not None and setting == "text_only_r3":
-        real_size = (state.size.squeeze(-1) * state.valid).sum(dim=1)
-        torch.testing.assert_close(real_size, (_real_counts(fam, ids, P) + P).float())
 
 
 def test_causal_positions_hold_after_merging():
