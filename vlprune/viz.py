@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,12 @@ def _record(model: nn.Module, x: Tensor, layers: Sequence[int] | None,
     fused: dict[int, Tensor] = {}
     prefix: list[int] = []
 
+    caller = threading.get_ident()
+
     def hook(layer: int):
         def record(module: nn.Module, args: Any, out: Any) -> None:
+            if threading.get_ident() != caller:  # another thread's forward of the same model
+                return
             state = ctx.state
             if state is None:
                 raise RuntimeError("the forward ran with reduction disabled: nothing to record")
