@@ -231,12 +231,25 @@ def swap_class(module: nn.Module, mixin: type, ctx: PatchContext, **attrs) -> No
     module.__class__ = new_cls
 
 
+def add_pre_hook(module: nn.Module, hook: Callable, ctx: PatchContext) -> None:
+    """Register a forward pre-hook (with kwargs) on ``module`` for the life of the patch:
+    :func:`restore` removes it. The hook finds ``ctx`` in ``module._vlprune_hook_ctx`` (a
+    deepcopy of the model then reaches the copy's settings)."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    module.__dict__.setdefault("_vlprune_hook_ids", []).append(handle.id)
+    module.__dict__["_vlprune_hook_ctx"] = ctx
+
+
 def restore(model: nn.Module) -> None:
-    """Undo every :func:`swap_class` below (and including) ``model``; drop our attributes."""
+    """Undo every :func:`swap_class` and :func:`add_pre_hook` below (and including)
+    ``model``; drop our attributes."""
     for module in model.modules():
         orig = module.__dict__.get(_ORIG_CLASS)
         if orig is not None:
             module.__class__ = orig
+        for hook_id in module.__dict__.get("_vlprune_hook_ids", ()):
+            module._forward_pre_hooks.pop(hook_id, None)
+            module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
         for key in [k for k in module.__dict__ if k.startswith(ATTR)]:
             del module.__dict__[key]
 

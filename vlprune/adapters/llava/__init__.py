@@ -58,6 +58,7 @@ from ..base import (
     swap_class,
 )
 from .detect import check_llava, encoder_layers, llava_family, vision_tokens, visual_keep_count
+from .encode import install_captures
 from .llm import FastVLayerMixin, FastVPoint, llm_layers
 from .model import LlavaMixin, mixin_for
 from .tower import llava_context, patch_llava_tower
@@ -100,6 +101,7 @@ class LlavaAdapter(Adapter):
         swap_class(model, mixin_for(type(model)), ctx)
         model.__dict__["_vlprune"] = ctx
         patch_llava_tower(model, ctx)
+        install_captures(model, ctx)
         cfg = ctx.config
         if cfg.llm_keep is None:
             return

@@ -7,6 +7,10 @@ layer (its input, from which the class-token attention row or the mean received 
 recomputed, :func:`tower_attention`) and, on anyres families, a record of the model's own
 ``pack_image_features`` call, replayed by :func:`pack_like` so per-crop scores and row-end
 marks line up with the packed features.
+
+Both captures are installed once, at patch time (:func:`install_captures`), and write only
+into the calling thread's own record (a value scoped to this call, :mod:`..call`): other
+threads encoding with the same model at the same time neither see nor disturb it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from ..base import add_pre_hook, swap_class
+from ..call import lookup, scoped
 from .detect import encoder_layers, has_class_token
 
 
@@ -69,6 +75,51 @@ def image_kwargs(model: nn.Module, named: dict) -> dict:
     return out
 
 
+class _Capture:
+    """What one call's encoding records: the input of one encoder layer, the pack calls."""
+
+    def __init__(self, layer: nn.Module | None):
+        self.layer = layer
+        self.x: Tensor | None = None
+        self.packs: list[tuple] = []
+
+
+def _capture_input(module: nn.Module, args, kwargs) -> None:
+    cap = lookup(module.__dict__["_vlprune_hook_ctx"].key, "encode")
+    if cap is not None and cap.layer is module:
+        cap.x = args[0] if args else kwargs["hidden_states"]
+
+
+class _PackRouteMixin:
+    """The inner LLaVA model whose ``pack_image_features`` calls are recorded for the call
+    that asked (the upstream method runs unchanged)."""
+
+    def pack_image_features(self, *args, **kwargs):
+        cap = lookup(self._vlprune_ctx.key, "encode")
+        if cap is not None:
+            cap.packs.append((args, kwargs))
+        return super().pack_image_features(*args, **kwargs)
+
+
+def install_captures(model: nn.Module, ctx) -> None:
+    """Patch time: a pre-hook on every vision encoder layer, and (anyres families) the inner
+    model's ``pack_image_features`` routed through a hooked module; both record only into a
+    call that asked (:func:`encode_images`)."""
+    for layer in encoder_layers(model):
+        add_pre_hook(layer, _capture_input, ctx)
+    inner = model.model
+    pack = getattr(inner, "pack_image_features", None)
+    if pack is not None:
+        swap_class(inner, _PackRouteMixin, ctx)
+
+
+def upstream_pack(inner: nn.Module):
+    """The upstream ``pack_image_features`` of the inner model, bound (its signature is the
+    one :func:`pack_like` binds against)."""
+    cls = inner.__dict__.get("_vlprune_orig_class", type(inner))
+    return cls.pack_image_features.__get__(inner)
+
+
 def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
                   need_attn: bool) -> Encoded:
     """Run the vision tower and projector of ``model`` once; record what scoring needs."""
@@ -76,8 +127,7 @@ def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
     layer = image_kwargs.get("vision_feature_layer", mcfg.vision_feature_layer)
     strategy = image_kwargs.get("vision_feature_select_strategy",
                                 getattr(mcfg, "vision_feature_select_strategy", "default"))
-    captured: dict[str, Tensor] = {}
-    handle = None
+    layers = idx = None
     if need_attn:
         if not isinstance(layer, int):
             raise ValueError(
@@ -89,35 +139,22 @@ def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
         idx = _feature_layer_index(layer, len(layers))
         if idx < 0:
             raise ValueError("attention scores need a vision_feature_layer after the embeddings")
-
-        def hook(module, args, kwargs):
-            captured["x"] = args[0] if args else kwargs["hidden_states"]
-
-        handle = layers[idx].register_forward_pre_hook(hook, with_kwargs=True)
     inner = model.model
-    packs: list[tuple] = []
-    pack = getattr(inner, "pack_image_features", None)
-    if pack is not None:
-        def record(*a, **kw):
-            packs.append((a, kw))
-            return pack(*a, **kw)
-
-        inner.pack_image_features = record
-    try:
+    cap = _Capture(layers[idx] if need_attn else None)
+    with scoped([model._vlprune.key], "encode", cap):  # this call's record, this thread only
         out = inner.get_image_features(pixel_values=pixel_values, **image_kwargs, return_dict=True)
-    finally:
-        if handle is not None:
-            handle.remove()
-        if pack is not None:
-            del inner.pack_image_features
     feats = list(out.pooler_output)
     protect: list[Tensor | None] = [None] * len(feats)
     scores = None
+    packs = cap.packs
+    pack = upstream_pack(inner) if packs else None
     if packs:
         row_end = pack_like(pack, packs[0], None, feats)
         protect = [r.bool() for r in row_end]
     if need_attn:
-        crop = tower_attention(layers[idx], captured["x"], has_class_token(model))
+        if cap.x is None:
+            raise RuntimeError(f"encoder layer {idx} of the vision tower did not run")
+        crop = tower_attention(layers[idx], cap.x, has_class_token(model))
         if strategy == "default" and has_class_token(model):
             crop = crop[:, 1:]
         scores = pack_like(pack, packs[0], crop, feats) if packs else list(crop)
