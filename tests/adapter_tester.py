@@ -228,6 +228,11 @@ def _contexts(model: nn.Module) -> set[int]:
     return {id(m.__dict__[k]) for m in model.modules() for k in ("_vlprune", "_vlprune_ctx") if k in m.__dict__}
 
 
+def _tree(ctx) -> set[int]:
+    """The root context and its towers' contexts, recursively."""
+    return {id(ctx)}.union(*(_tree(c) for c in getattr(ctx, "children", {}).values()))
+
+
 def check_tokens(fam: Family, model: nn.Module, kw: dict, inputs: Any):
     """Tokens per layer follow the schedules (through ``describe``); returns the description
     and the towers."""
@@ -349,6 +354,7 @@ def check_invariants(case: Case) -> None:
         clone = copy.deepcopy(model)
         assert_same(read(clone), out, 0.0, "deepcopy vs original")
         assert not _contexts(clone) & _contexts(model), "the copy shares a context with the original"
+        assert _contexts(clone) <= _tree(clone._vlprune), "a module of the copy holds a foreign context"
         vlprune.configure(clone, **fam.other)
         assert vlprune.get_config(model) == cfg, "configuring the copy changed the original"
         del clone

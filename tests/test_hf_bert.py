@@ -128,6 +128,24 @@ class TestBertCommon(AdapterTester):
     }
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_positions_are_upstream_when_nothing_reduces(family):
+    """The shared tester compares real positions; here the padding positions too: bit-exact
+    with r=0, under ``disabled`` and after ``unpatch``."""
+    build, pad = FAMILIES[family]
+    model = build()
+    ids, mask = _batch(pad_id=pad)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        vlprune.patch(model, merge_r=0)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+        vlprune.patch(model, prune_keep=0.5, prune_layers=(1,), merge_r=1)
+        with vlprune.disabled(model):
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+        vlprune.unpatch(model)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+
+
 @pytest.mark.parametrize("output", ["full", "compact"])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("family", FAMILIES)
