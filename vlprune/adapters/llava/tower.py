@@ -5,8 +5,8 @@ LLaVA reads one hidden state of its vision tower (``config.vision_feature_layer`
 ``hidden_states[-2]``, the output of encoder layer ``num_layers - 2``), drops the class token
 (``vision_feature_select_strategy="default"``) or not (``"full"``) and projects the tokens for
 the language model. This module runs the HF CLIP / SigLIP image adapter
-(:func:`~vlprune.adapters.hf_clip.patch_hf_vision_tower`) inside that tower, with the schedule
-mapped onto the encoder layers *before* the first layer LLaVA reads:
+(:func:`~vlprune.adapters.hf_clip.vision.patch_hf_vision_tower`) inside that tower, with the
+schedule mapped onto the encoder layers *before* the first layer LLaVA reads:
 
 * ``merge_r`` (an int, an ``(r, inflection)`` ramp or a per-layer list) and ``prune_layers``
   (default: EViT's placement) span those layers only. The layer LLaVA reads and the later ones
@@ -41,7 +41,12 @@ from ...core.scores import NEEDS_CLASS_TOKEN
 from ...core.select import keep_count
 from ...merging import max_merge
 from ..base import PatchContext, UnsupportedModelError, class_path_in_mro, hf_image_input_size
-from ..hf_clip import VisionTowerMixin, check_hf_vision_tower, patch_hf_vision_tower, vision_tower
+from ..hf_clip.vision import (
+    VisionTowerMixin,
+    check_hf_vision_tower,
+    patch_hf_vision_tower,
+    vision_tower,
+)
 
 _LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
 _ANYRES = {
