@@ -59,21 +59,26 @@ HF_SHAPES = {
 # LLaVA models built from configs: the vision tower, projector and language-model widths of
 # the public checkpoints; the language model is built shallower (``llm_layers``) so that a
 # prefill fits a CPU run. The real depth is in ``real_llm_layers``.
+def _llava_shape(vision: dict, text: dict, **rest: int) -> dict:
+    """A LLaVA-1.5 shape: ``vision`` on the 336 px / patch 14 grid (576 visual tokens),
+    ``text`` a Llama padding with id 0, ``rest`` the image token and the depths."""
+    return dict(vision=dict(vision, patch_size=14, image_size=336),
+                text=dict(text, pad_token_id=0), **rest)
+
+
 LLAVA_SHAPES = {
-    "1.5-7b": dict(  # CLIP ViT-L/14-336 (576 visual tokens) + a Llama-2-7B-shaped LLM
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, patch_size=14, image_size=336, projection_dim=768),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                  pad_token_id=0),
+    "1.5-7b": _llava_shape(  # CLIP ViT-L/14-336 + a Llama-2-7B-shaped LLM
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+             num_attention_heads=16, projection_dim=768),
+        dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
         image_token_index=32000, llm_layers=4, real_llm_layers=32,
     ),
-    "tiny": dict(  # the same 336 px / patch 14 grid (576 visual tokens), tiny widths: tests
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, patch_size=14, image_size=336, projection_dim=32),
-        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
-                  pad_token_id=0),
+    "tiny": _llava_shape(  # the same grid, tiny widths: tests
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             projection_dim=32),
+        dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=320, max_position_embeddings=1024),
         image_token_index=300, llm_layers=2, real_llm_layers=2,
     ),
 }

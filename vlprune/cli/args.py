@@ -1,15 +1,21 @@
 """The argparse helpers shared by the commands: value parsers (``--merge-r``,
-``--prune-keep``, ``--visual-keep``, ``--batch-size``, ``--setting``, ``--dtype``), the model
-and reduction option groups, and the settings (:class:`vlprune.eval.sweep.Setting` rows) a
-command line asks for."""
+``--prune-keep``, ``--visual-keep``, ``--batch-size``, ``--setting``, ``--dtype``; comma lists:
+:func:`parse_list`), the model
+and reduction option groups, the settings (:class:`vlprune.eval.sweep.Setting` rows) a
+command line asks for, and the closing output of the eval commands
+(:func:`print_sweep_result`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from ..eval.sweep import Setting
+from ..eval.sweep import OutputPaths, Setting, Sweep
 from ..models import HF_SHAPES, LLAVA_SHAPES, ModelBuildError, build_model
 
 #: the ``--model`` of bench and describe when none is given
@@ -69,31 +75,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
+def parse_list(text: str, convert: Callable[[str], Any], bad: str,
+               empty: str | None = None) -> list:
+    """The comma-separated items of ``text`` (blank ones skipped) through ``convert``; an
+    item it refuses (ValueError) raises ArgumentTypeError(``bad``), and no item at all
+    ArgumentTypeError(``empty``) when ``empty`` is given."""
+    try:
+        out = [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(bad) from None
+    if not out and empty is not None:
+        raise argparse.ArgumentTypeError(empty)
+    return out
+
+
 def parse_float_list(text: str) -> list[float]:
     """``"0.7,0.5"`` -> ``[0.7, 0.5]``."""
+    return parse_list(text, float, f"expected comma-separated numbers, got {text!r}")
+
+
+def _count_or_ratio(text: str) -> int | float:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return float(text)
 
 
 def parse_keep_list(text: str) -> list[int | float]:
     """``"192,0.25"`` -> ``[192, 0.25]`` (ints stay counts, other numbers are ratios)."""
-    out: list[int | float] = []
-    for v in text.split(","):
-        v = v.strip()
-        if not v:
-            continue
-        try:
-            out.append(int(v))
-        except ValueError:
-            try:
-                out.append(float(v))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("--visual-keep needs at least one value")
-    return out
+    return parse_list(text, _count_or_ratio, f"expected comma-separated numbers, got {text!r}",
+                      empty="--visual-keep needs at least one value")
 
 
 def parse_batch_list(text: str) -> list[int]:
@@ -114,10 +125,7 @@ def parse_batch_list(text: str) -> list[int]:
 
 def parse_int_tuple(text: str) -> tuple[int, ...]:
     """``"3,6,9"`` -> ``(3, 6, 9)``."""
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    return tuple(parse_list(text, int, f"expected comma-separated layer indices, got {text!r}"))
 
 
 def parse_setting(text: str) -> dict:
@@ -278,3 +286,21 @@ def model_from_args(args: argparse.Namespace):
                            args.llm_layers, args.vision_layers)
     except ModelBuildError as e:
         raise SystemExit(str(e)) from e
+
+
+def print_sweep_result(sweep: Sweep, table: Sequence[tuple[str, str, str]], paths: OutputPaths,
+                       head: Mapping[str, Any], keys: Sequence[str], also: str = "") -> None:
+    """The end of an eval command: the sweep's ``table``, the files written (``also`` after
+    them) on stderr, then ``--result`` and one JSON line: ``head`` and, per setting, its
+    ``keys`` (floats rounded to 4 places)."""
+    print(sweep.table(table))
+    written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
+    print(f"wrote {', '.join(written)}{also}", file=sys.stderr)
+    print("--result")
+    print(json.dumps({
+        **head,
+        "rows": {
+            r["setting"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in keys}
+            for r in sweep.rows
+        },
+    }))

@@ -5,8 +5,6 @@ finished setting, the final table and the ``--result`` JSON)."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,7 +17,13 @@ from ..eval.distributed import DistContext, init_distributed
 from ..eval.image_data import check_labels, eval_transform, resolve_eval_config
 from ..eval.imagenet import build_classifier, eval_imagenet, num_classes_of, open_dataset
 from ..eval.sweep import Setting, output_paths, slug
-from .args import add_reduction_args, eval_settings_from_args, parse_dtype, parse_named_setting
+from .args import (
+    add_reduction_args,
+    eval_settings_from_args,
+    parse_dtype,
+    parse_named_setting,
+    print_sweep_result,
+)
 
 
 def cmd(args: argparse.Namespace) -> int:
@@ -230,19 +234,8 @@ def run(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) -> i
         on_row=show,
     )
     if ctx.is_main:
-        print(sweep.table(TABLE))
-        written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
-        print(f"wrote {', '.join(written)}", file=sys.stderr)
-        print("--result")
-        print(json.dumps({
-            "model": args.model,
-            "images": len(dataset),
-            "rows": {
-                r["setting"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
-                               for k in ("top1", "top5", "agreement", "img_per_s",
-                                         "gflops_per_img", "n", "skipped")}
-                for r in sweep.rows
-            },
-        }))
+        print_sweep_result(sweep, TABLE, paths, {"model": args.model, "images": len(dataset)},
+                           ("top1", "top5", "agreement", "img_per_s", "gflops_per_img", "n",
+                            "skipped"))
     ctx.close()
     return 0

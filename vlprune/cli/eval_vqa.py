@@ -6,8 +6,6 @@ the run around :func:`vlprune.eval.vqa.eval_vqa` / :func:`vlprune.eval.caption.e
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import textwrap
 import warnings
 from collections.abc import Mapping
@@ -38,6 +36,7 @@ from .args import (
     parse_dtype,
     parse_keep_list,
     parse_named_setting,
+    print_sweep_result,
 )
 
 #: the values of ``--task``
@@ -348,21 +347,9 @@ def run_vqa(args: Any) -> int:
                          answer_processing=processing, **common)
         table, keys = TABLE, ("vqa_accuracy", "exact_match")
     if ctx.is_main:
-        print(sweep.table(table))
-        written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
-        print(f"wrote {', '.join(written)} and {predictions}/", file=sys.stderr)
-        print("--result")
-        print(json.dumps({
-            "model": args.model,
-            "task": args.task,
-            noun: len(records),
-            "rows": {
-                r["setting"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
-                               for k in (*keys, "agreement", "visual_tokens",
-                                         "gflops_prefill", "prefill_ms", "decode_tok_s", "n",
-                                         "skipped")}
-                for r in sweep.rows
-            },
-        }))
+        print_sweep_result(sweep, table, paths,
+                           {"model": args.model, "task": args.task, noun: len(records)},
+                           (*keys, "agreement", "visual_tokens", "gflops_prefill", "prefill_ms",
+                            "decode_tok_s", "n", "skipped"), also=f" and {predictions}/")
     ctx.close()
     return 0

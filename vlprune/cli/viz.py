@@ -14,6 +14,7 @@ from ..adapters import UnsupportedModelError
 from ..core.scores import SCORE_NAMES
 from ..eval.weights import load_weights
 from ..viz import COLOR_MODES, DEFAULT_MODEL, visualize
+from .args import parse_int_tuple, parse_list
 
 
 def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
@@ -32,22 +33,14 @@ def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
 
 
 def _keep_value(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad --prune-keep {text!r}: a rate in (0, 1], or one per --prune-layers entry (0.7,0.5)"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("--prune-keep needs a value")
-    return values[0] if len(values) == 1 else values
+    """``"0.7"`` -> 0.7; ``"0.7,0.5"`` -> one rate per ``--prune-layers`` entry."""
+    values = parse_list(text, float, f"bad --prune-keep {text!r}: a rate in (0, 1], or one per "
+                        "--prune-layers entry (0.7,0.5)", empty="--prune-keep needs a value")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    values = parse_int_tuple(text)
     if not values:
         raise argparse.ArgumentTypeError("expected at least one layer index")
     return values
@@ -64,6 +57,22 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                      help="local checkpoint (.npz, .safetensors, .pth) loaded into the model")
     src.add_argument("--pretrained", action="store_true",
                      help="timm's pretrained weights (downloads from the Hugging Face hub)")
+    _add_setting_arguments(parser)
+    parser.add_argument("--layers", type=_int_list, default=None,
+                        help="blocks shown, comma-separated (default: four evenly spaced, the "
+                        "last included)")
+    parser.add_argument("--colors", choices=COLOR_MODES, default="mean",
+                        help="mean: each group in its mean colour (ToMe's picture); palette: "
+                        "a qualitative colour per group over the image")
+    parser.add_argument("--out", "-o", default="viz.png", help="PNG written (default: viz.png)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    return parser
+
+
+def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The one reduction setting drawn: unlike the rows of the other commands, ``--merge-r``
+    and ``--prune-keep`` take one value or a per-layer list, and fuse / recycle exclude each
+    other."""
     parser.add_argument("--merge-r", type=_merge_value, default=None,
                         help="ToMe r per layer: an int, R:INFLECTION, or a per-layer list")
     parser.add_argument("--prune-keep", type=_keep_value, default=None,
@@ -77,15 +86,6 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                       help="fuse the dropped tokens into one token (EViT)")
     mode.add_argument("--prune-recycle", action="store_true",
                       help="merge each dropped token into its most similar kept token")
-    parser.add_argument("--layers", type=_int_list, default=None,
-                        help="blocks shown, comma-separated (default: four evenly spaced, the "
-                        "last included)")
-    parser.add_argument("--colors", choices=COLOR_MODES, default="mean",
-                        help="mean: each group in its mean colour (ToMe's picture); palette: "
-                        "a qualitative colour per group over the image")
-    parser.add_argument("--out", "-o", default="viz.png", help="PNG written (default: viz.png)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    return parser
 
 
 def _setting_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ..api import describe
 from .flops import count_flops
 from .machine import environment, load_warning, sync
 from .memory import peak_memory
-from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar
+from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar, with_baseline
 
 
 @dataclass
@@ -190,10 +190,7 @@ def run_bench(
     """
     if batch_size < 1 or rounds < 1 or iters < 1 or warmup < 0:
         raise ValueError("batch_size, rounds and iters must be >= 1 and warmup >= 0")
-    settings = [Setting(BASELINE, None)] + [s for s in settings if s.config is not None]
-    labels = [s.label for s in settings]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicate settings: {labels}")
+    settings = with_baseline(settings)
     from ..adapters.base import device_dtype, find_adapter
 
     model.eval()

@@ -32,7 +32,7 @@ from .generation import (
     check_records,
     run_sweep,
 )
-from .sweep import OutputPaths, PlotSpec, Setting, Sweep
+from .sweep import OutputPaths, Setting, Sweep
 from .vlm import CAPTION_INSTRUCTION, Prompter
 from .vqa_data import CaptionRecord
 from .vqa_metric import caption_scores, caption_tokenize, coco_scorers
@@ -71,6 +71,10 @@ class CaptionEval(GenerationEval):
     task = "caption"
     noun = "images"
     id_field = "image_id"
+    columns = CAPTION_COLUMNS
+    compare = CAPTION_COMPARE
+    kind = "eval_caption"
+    metric = ("cider", "CIDEr")
 
     def __init__(self, model: nn.Module, processor: Any, records: Sequence[CaptionRecord],
                  **kwargs: Any) -> None:
@@ -89,6 +93,9 @@ class CaptionEval(GenerationEval):
 
     def normalize(self, text: str) -> str:
         return " ".join(caption_tokenize(text))
+
+    def task_meta(self) -> dict[str, Any]:
+        return {"caption_metric": caption_metric_name()}
 
     def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
         return caption_scores(preds, [self.records[i].captions for i in index])
@@ -137,10 +144,5 @@ def eval_captions(model: nn.Module, processor: Any, records: Sequence[CaptionRec
                          batch_size=batch_size, max_new_tokens=max_new_tokens,
                          prompter=prompter, strict=strict, progress=progress,
                          predictions=predictions, unreadable=unreadable)
-    spec = PlotSpec(y="cider", ylabel="CIDEr",
-                    panels=(("gflops_prefill", "prefill GFLOPs / sample"),
-                            ("prefill_ms", "prefill ms / batch")))
     return run_sweep(runner, settings, paths=paths, meta=meta, methods=methods, title=title,
-                  on_row=on_row, task_meta={"caption_metric": caption_metric_name()},
-                  spec=spec, columns=CAPTION_COLUMNS, compare=CAPTION_COMPARE,
-                  kind="eval_caption")
+                     on_row=on_row)

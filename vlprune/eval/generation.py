@@ -116,6 +116,9 @@ COST_COMPARE = {
     "speedup": ("prefill_ms", "inverse"),
     "flops_ratio": ("gflops_prefill", "inverse"),
 }
+
+#: the cost panels of both tasks' plots (column, axis label)
+_COST_PANELS = (("gflops_prefill", "prefill GFLOPs / sample"), ("prefill_ms", "prefill ms / batch"))
 _SHOWN_SKIPPED = 5
 
 
@@ -216,9 +219,10 @@ class GenerationEval(ABC):
     per evaluated record in data order: ``index``, the fields of :meth:`prediction_fields`,
     ``agrees`` (same normalised output as unpatched)) and ``skipped.jsonl``.
 
-    A task subclass sets :attr:`task`, :attr:`noun` and :attr:`id_field` and implements
+    A task subclass sets :attr:`task`, :attr:`noun`, :attr:`id_field` and what its sweep
+    writes (:attr:`columns`, :attr:`compare`, :attr:`kind`, :attr:`metric`), implements
     :meth:`default_prompter`, :meth:`prompt`, :meth:`normalize`, :meth:`score` and
-    :meth:`prediction_fields`.
+    :meth:`prediction_fields`, and may add facts to the results (:meth:`task_meta`).
     """
 
     #: the task's name (a :data:`TASKS` value)
@@ -227,6 +231,14 @@ class GenerationEval(ABC):
     noun = "questions"
     #: the record attribute that names it in ``skipped.jsonl`` and the predictions
     id_field = "question_id"
+    #: the sweep's columns, in order
+    columns: tuple[str, ...] = ()
+    #: the columns computed against the unpatched row (:class:`~vlprune.eval.sweep.Sweep`)
+    compare: Mapping[str, tuple[str, str]] = COST_COMPARE
+    #: the ``kind`` of the results file
+    kind = ""
+    #: the plotted metric: column and axis label
+    metric = ("", "")
 
     def __init__(self, model: nn.Module, processor: Any, records: Sequence[Record], *,
                  ctx: DistContext | None = None, batch_size: int = 8, max_new_tokens: int = 16,
@@ -307,6 +319,10 @@ class GenerationEval(ABC):
     def prompt_description(self) -> str:
         """The prompt as stored with the results."""
         return self.prompter.describe()
+
+    def task_meta(self) -> dict[str, Any]:
+        """The task's own facts stored with the results (after ``max_new_tokens``)."""
+        return {}
 
     # -- setup --------------------------------------------------------------------------
 
@@ -534,25 +550,26 @@ def write_lines(path: Path, lines: Sequence[str]) -> None:
 
 
 def run_sweep(runner: GenerationEval, settings: Sequence[Setting], *, paths: OutputPaths | None,
-           meta: Mapping[str, Any] | None, methods: Mapping[str, str] | None, title: str,
-           on_row: Callable[[dict[str, Any]], None] | None, task_meta: Mapping[str, Any],
-           spec: PlotSpec, columns: Sequence[str], compare: Mapping[str, tuple[str, str]],
-           kind: str) -> Sweep:
+              meta: Mapping[str, Any] | None, methods: Mapping[str, str] | None, title: str,
+              on_row: Callable[[dict[str, Any]], None] | None) -> Sweep:
     """Prepare ``runner``, measure every setting's costs, then run the sweep (``meta`` gets
-    the run's facts: task, counts, prompt, device, timing)."""
+    the run's facts: task, counts, prompt, device, timing; the plot is the task's metric
+    against the prefill costs)."""
     ctx = runner.ctx
     runner.prepare()
     runner.costs(settings)
     full_meta = {**(meta or {}), "task": runner.task, runner.noun: len(runner.records),
                  "batch_size": runner.batch_size, "max_new_tokens": runner.max_new_tokens,
-                 **task_meta, "prompt": runner.prompt_description(),
+                 **runner.task_meta(), "prompt": runner.prompt_description(),
                  "prompt_source": runner.prompter.kind, "world_size": ctx.world_size,
                  "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
                  "threads": torch.get_num_threads(), "timing": TIMING}
     if runner.predictions is not None:
         full_meta["predictions_dir"] = str(runner.predictions)
-    spec.title = title or str(full_meta.get("model", ""))
-    sweep = Sweep(paths or OutputPaths(), meta=full_meta, plot=spec, compare=compare,
-                  columns=columns, write=ctx.is_main, kind=kind)
+    y, ylabel = runner.metric
+    spec = PlotSpec(y=y, ylabel=ylabel, panels=_COST_PANELS,
+                    title=title or str(full_meta.get("model", "")))
+    sweep = Sweep(paths or OutputPaths(), meta=full_meta, plot=spec, compare=runner.compare,
+                  columns=runner.columns, write=ctx.is_main, kind=runner.kind)
     sweep.run(settings, runner, methods=methods, on_row=on_row)
     return sweep

@@ -50,15 +50,7 @@ from .image_data import (
 )
 from .machine import sync
 from .memory import peak_memory
-from .sweep import (
-    BASELINE,
-    OutputPaths,
-    PlotSpec,
-    Setting,
-    Sweep,
-    apply_setting,
-    progress_bar,
-)
+from .sweep import BASELINE, OutputPaths, PlotSpec, Setting, Sweep, apply_setting, progress_bar
 
 __all__ = [
     "COLUMNS",

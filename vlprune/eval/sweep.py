@@ -71,6 +71,7 @@ __all__ = [
     "plot_sweep",
     "progress_bar",
     "slug",
+    "with_baseline",
 ]
 
 #: the label of the unpatched row, the reference of every relative column
@@ -139,6 +140,17 @@ def apply_setting(model: nn.Module, setting: Setting) -> None:
             unpatch(model)
     else:
         patch(model, setting.config)
+
+
+def with_baseline(settings: Sequence[Setting]) -> list[Setting]:
+    """The unpatched :data:`BASELINE` setting, then those of ``settings`` that reduce; a label
+    given twice raises a ValueError."""
+    settings = [Setting(BASELINE, None)] + [s for s in settings if s.config is not None]
+    labels = [s.label for s in settings]
+    dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if dupes:
+        raise ValueError(f"duplicate settings: {dupes}; each setting may appear once")
+    return settings
 
 
 def config_dict(setting: Setting) -> dict[str, Any] | None:
@@ -360,11 +372,7 @@ class Sweep:
         print it). Labels must be unique. Exceptions (also ``KeyboardInterrupt``) leave the
         finished rows on disk with ``complete: false`` and the error, then propagate.
         """
-        settings = [Setting(BASELINE, None)] + [s for s in settings if s.config is not None]
-        labels = [s.label for s in settings]
-        dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
-        if dupes:
-            raise ValueError(f"duplicate settings: {dupes}; each setting may appear once")
+        settings = with_baseline(settings)
         self.env = environment()
         self.rows, self.complete, self.error = [], False, None
         methods = methods or {}

@@ -46,7 +46,7 @@ from .bench import BenchResult, plot_speedup, run_fields
 from .flops import count_flops
 from .machine import load_warning, sync
 from .memory import peak_memory
-from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar
+from .sweep import BASELINE, Setting, apply_setting, config_dict, progress_bar, with_baseline
 
 __all__ = ["GenerateClock", "VlmBenchResult", "VlmBenchRow", "llava_prompts", "llm_lengths",
            "run_vlm_bench"]
@@ -335,10 +335,7 @@ def run_vlm_bench(
     sizes = _batch_sizes(batch_size)
     if rounds < 1 or iters < 1 or warmup < 0 or new_tokens < 0:
         raise ValueError("rounds and iters must be >= 1; warmup, new_tokens >= 0")
-    settings = [Setting(BASELINE, None)] + [s for s in settings if s.config is not None]
-    labels = [s.label for s in settings]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicate settings: {labels}")
+    settings = with_baseline(settings)
     if getattr(model, "_vlprune", None) is not None:
         raise ValueError("run_vlm_bench needs an unpatched model")
     from ..adapters.base import device_dtype

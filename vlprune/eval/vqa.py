@@ -30,7 +30,7 @@ from torch import nn
 
 from .distributed import DistContext
 from .generation import COST_COLUMNS, COST_COMPARE, GenerationEval, check_records, run_sweep
-from .sweep import OutputPaths, PlotSpec, Setting, Sweep
+from .sweep import OutputPaths, Setting, Sweep
 from .vlm import Prompter
 from .vqa_data import VQARecord
 from .vqa_metric import (
@@ -64,6 +64,10 @@ class VQAEval(GenerationEval):
     task = "vqa"
     noun = "questions"
     id_field = "question_id"
+    columns = COLUMNS
+    compare = COMPARE
+    kind = "eval_vqa"
+    metric = ("vqa_accuracy", "VQA accuracy (%)")
 
     def __init__(self, model: nn.Module, processor: Any, records: Sequence[VQARecord], *,
                  answer_processing: str = "official", **kwargs: Any) -> None:
@@ -82,6 +86,9 @@ class VQAEval(GenerationEval):
 
     def normalize(self, text: str) -> str:
         return normalize_answer(text)
+
+    def task_meta(self) -> dict[str, Any]:
+        return {"answer_processing": self.answer_processing}
 
     def score(self, index: Sequence[int], preds: Sequence[str]) -> dict[str, Any]:
         truth = [self.records[i].answers for i in index]
@@ -118,9 +125,5 @@ def eval_vqa(model: nn.Module, processor: Any, records: Sequence[VQARecord],
                      max_new_tokens=max_new_tokens, answer_processing=answer_processing,
                      prompter=prompter, strict=strict, progress=progress,
                      predictions=predictions, unreadable=unreadable)
-    spec = PlotSpec(y="vqa_accuracy", ylabel="VQA accuracy (%)",
-                    panels=(("gflops_prefill", "prefill GFLOPs / sample"),
-                            ("prefill_ms", "prefill ms / batch")))
     return run_sweep(runner, settings, paths=paths, meta=meta, methods=methods, title=title,
-                  on_row=on_row, task_meta={"answer_processing": answer_processing},
-                  spec=spec, columns=COLUMNS, compare=COMPARE, kind="eval_vqa")
+                     on_row=on_row)

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,12 +439,19 @@ def _load_gqa(path: Path, data: dict, images: Path | None, image_pattern: str | 
 # JSONL
 # ---------------------------------------------------------------------------------------------
 
-def _load_jsonl(path: Path, images: Path | None, limit: int | None) -> list[VQARecord]:
+def _jsonl_entries(path: Path, images: Path | None, limit: int | None, *, captions: bool
+                   ) -> Iterator[tuple[int, str, dict, Path]]:
+    """``(line number, where, object, image path)`` for every non-blank line of a question
+    (``captions=False``) or caption JSONL file, at most ``limit`` of them (checked before a
+    line is parsed; the caller makes one record of every entry, or raises). Raises a
+    ValueError naming the line when it is not JSON, lacks ``image`` or holds the other kind
+    of record. Relative image paths are under ``images`` (default: the file's folder)."""
+    accepted = _CAPTION_ACCEPTED if captions else _ACCEPTED
     base = images if images is not None else path.parent
-    records = []
+    n = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
+            if limit is not None and n >= limit:
                 break
             if not line.strip():
                 continue
@@ -452,27 +459,43 @@ def _load_jsonl(path: Path, images: Path | None, limit: int | None) -> list[VQAR
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e}); {_ACCEPTED}") from e
+                raise ValueError(f"{where} is not valid JSON ({e}); {accepted}") from e
             image = _need(obj, "image", str, where)
-            if isinstance(obj, dict) and "question" not in obj and _has_caption(obj):
+            has_question, has_caption = "question" in obj, _has_caption(obj)
+            if captions and has_question and not has_caption:
+                raise ValueError(f"{where} has a question and no caption: the file "
+                                 f"{_IS_QUESTIONS}; {accepted}")
+            if not captions and has_caption and not has_question:
                 raise ValueError(f"{where} has a caption and no question: the file "
-                                 f"{_IS_CAPTIONS}; {_ACCEPTED}")
-            question = _need(obj, "question", str, where)
-            if "answers" in obj:
-                answers = _need(obj, "answers", list, where)
-                if not answers:
-                    raise ValueError(f"{where}: 'answers' is empty")
-                for j, a in enumerate(answers):
-                    if not isinstance(a, str):
-                        raise ValueError(f"{where}: answers[{j}] must be str, got {a!r}")
-            elif "answer" in obj:
-                answers = [_need(obj, "answer", str, where)]
-            else:
-                raise ValueError(f"{where}: needs 'answers' (list of str) or 'answer' (str); "
-                                 f"keys present: {sorted(obj)}")
-            qid = _need(obj, "question_id", (int, str), where) if "question_id" in obj \
-                else lineno
-            records.append(VQARecord(qid, base / image, question, list(answers)))
+                                 f"{_IS_CAPTIONS}; {accepted}")
+            n += 1
+            yield lineno, where, obj, base / image
+
+
+def _strings(obj: dict, many: str, one: str, where: str) -> list[str]:
+    """The non-empty list of str under key ``many``, or the one str under ``one``, as a list;
+    neither key: a ValueError naming both."""
+    if many in obj:
+        values = _need(obj, many, list, where)
+        if not values:
+            raise ValueError(f"{where}: {many!r} is empty")
+        for j, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: {many}[{j}] must be str, got {v!r}")
+        return list(values)
+    if one in obj:
+        return [_need(obj, one, str, where)]
+    raise ValueError(f"{where}: needs {many!r} (list of str) or {one!r} (str); "
+                     f"keys present: {sorted(obj)}")
+
+
+def _load_jsonl(path: Path, images: Path | None, limit: int | None) -> list[VQARecord]:
+    records = []
+    for lineno, where, obj, image in _jsonl_entries(path, images, limit, captions=False):
+        question = _need(obj, "question", str, where)
+        answers = _strings(obj, "answers", "answer", where)
+        qid = _need(obj, "question_id", (int, str), where) if "question_id" in obj else lineno
+        records.append(VQARecord(qid, image, question, answers))
     return records
 
 
@@ -587,35 +610,9 @@ def _load_coco_captions(path: Path, data: dict, images: Path | None,
 
 def _load_caption_jsonl(path: Path, images: Path | None, limit: int | None
                         ) -> list[CaptionRecord]:
-    base = images if images is not None else path.parent
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e}); {_CAPTION_ACCEPTED}") from e
-            image = _need(obj, "image", str, where)
-            if "captions" in obj:
-                captions = _need(obj, "captions", list, where)
-                if not captions:
-                    raise ValueError(f"{where}: 'captions' is empty")
-                for j, c in enumerate(captions):
-                    if not isinstance(c, str):
-                        raise ValueError(f"{where}: captions[{j}] must be str, got {c!r}")
-            elif "caption" in obj:
-                captions = [_need(obj, "caption", str, where)]
-            elif "question" in obj:
-                raise ValueError(f"{where} has a question and no caption: the file "
-                                 f"{_IS_QUESTIONS}; {_CAPTION_ACCEPTED}")
-            else:
-                raise ValueError(f"{where}: needs 'captions' (list of str) or 'caption' (str); "
-                                 f"keys present: {sorted(obj)}")
-            image_id = _need(obj, "id", (int, str), where) if "id" in obj else lineno
-            records.append(CaptionRecord(image_id, base / image, list(captions)))
+    for lineno, where, obj, image in _jsonl_entries(path, images, limit, captions=True):
+        captions = _strings(obj, "captions", "caption", where)
+        image_id = _need(obj, "id", (int, str), where) if "id" in obj else lineno
+        records.append(CaptionRecord(image_id, image, captions))
     return records

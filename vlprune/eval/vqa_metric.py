@@ -227,6 +227,22 @@ def exact_match(pred: str, answers: Sequence[str]) -> float:
     return float(normalize_answer(pred) == top)
 
 
+def _paired(preds: Sequence[str], truth: Sequence[Sequence[str]], *, truth_name: str,
+            each: str, pred_noun: str, truth_noun: str) -> tuple[list[str], list[Sequence[str]]]:
+    """``preds`` and the ground truth ``truth`` (the argument ``truth_name``) as lists, checked
+    to pair up one to one and not to be empty; the messages say one prediction is ``each``
+    (``"per question"``) and call the items ``pred_noun`` and ``truth_noun``."""
+    if isinstance(preds, str):
+        raise TypeError(f"preds must be a list of str, one {each}, not one str")
+    preds, truth = list(preds), list(truth)
+    if len(preds) != len(truth):
+        raise ValueError(f"got {len(preds)} {pred_noun}(s) but {len(truth)} {truth_noun}(s); "
+                         "they must pair up one to one")
+    if not preds:
+        raise ValueError(f"no {pred_noun}s to score (preds and {truth_name} are empty)")
+    return preds, truth
+
+
 def score_predictions(preds: Sequence[str], answers_list: Sequence[Sequence[str]], *,
                       answer_processing: str = "official") -> dict[str, float | int]:
     """Mean VQA accuracy and exact match over a set of questions.
@@ -236,17 +252,9 @@ def score_predictions(preds: Sequence[str], answers_list: Sequence[Sequence[str]
     percentages in 0-100, not rounded.
     """
     _check_processing(answer_processing)
-    if isinstance(preds, str):
-        raise TypeError("preds must be a list of str, one per question, not one str")
-    preds = list(preds)
-    answers_list = list(answers_list)
-    if len(preds) != len(answers_list):
-        raise ValueError(
-            f"got {len(preds)} prediction(s) but {len(answers_list)} answer list(s); "
-            "they must pair up one to one"
-        )
-    if not preds:
-        raise ValueError("no predictions to score (preds and answers_list are empty)")
+    preds, answers_list = _paired(preds, answers_list, truth_name="answers_list",
+                                  each="per question", pred_noun="prediction",
+                                  truth_noun="answer list")
     acc = em = 0.0
     for i, (pred, answers) in enumerate(zip(preds, answers_list)):
         try:
@@ -341,17 +349,8 @@ def caption_scores(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[
 
     Raises ImportError naming the package when ``pycocoevalcap`` is not installed.
     """
-    if isinstance(preds, str):
-        raise TypeError("preds must be a list of str, one caption per image, not one str")
-    preds = list(preds)
-    refs = list(refs)
-    if len(preds) != len(refs):
-        raise ValueError(
-            f"got {len(preds)} caption(s) but {len(refs)} reference list(s); "
-            "they must pair up one to one"
-        )
-    if not preds:
-        raise ValueError("no captions to score (preds and refs are empty)")
+    preds, refs = _paired(preds, refs, truth_name="refs", each="caption per image",
+                          pred_noun="caption", truth_noun="reference list")
     res: dict[int, list[str]] = {}
     gts: dict[int, list[str]] = {}
     for i, (pred, image_refs) in enumerate(zip(preds, refs)):
