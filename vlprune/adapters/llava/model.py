@@ -140,6 +140,14 @@ def _llm_begin(model: nn.Module, named: dict) -> None:
     st.begin(input_ids, named.get("attention_mask"), model.config.image_token_id, lens)
 
 
+def _refuse_both(named: dict, has_pixels: bool, has_videos: bool) -> None:
+    """Pixels and precomputed encoder outputs of the same modality cannot come together."""
+    mm = named.get("mm_encoder_outputs") or {}
+    if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
+        raise ValueError("pass either pixel_values (pixel_values_videos) or mm_encoder_outputs, "
+                         "not both")
+
+
 class LlavaMixin(RootMixin):
     """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens."""
 
@@ -161,10 +169,7 @@ class LlavaMixin(RootMixin):
             if named.get("inputs_embeds") is not None:
                 raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image "
                                  "and video placeholders), not inputs_embeds")
-            mm = named.get("mm_encoder_outputs") or {}
-            if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
-                raise ValueError("pass either pixel_values (pixel_values_videos) or "
-                                 "mm_encoder_outputs, not both")
+            _refuse_both(named, has_pixels, has_videos)
             prepare_call(self, named)
         if llm:
             st = self.__dict__["_vlprune_llm"].call()
@@ -202,10 +207,7 @@ class LlavaMixin(RootMixin):
         if input_ids is None:
             raise ValueError("vlprune on a LLaVA model needs input_ids (to find the image and "
                              "video placeholders)")
-        mm = kwargs.get("mm_encoder_outputs") or {}
-        if (has_pixels and mm.get("image") is not None) or (has_videos and mm.get("video") is not None):
-            raise ValueError("pass either pixel_values (pixel_values_videos) or mm_encoder_outputs, "
-                             "not both")
+        _refuse_both(kwargs, has_pixels, has_videos)
         named = dict(kwargs, input_ids=input_ids)
         with torch.no_grad():
             prepare_call(self, named)
