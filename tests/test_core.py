@@ -42,6 +42,59 @@ def test_bipartite_plan_invariants(shape, r, seed):
     assert bool((plan.dst < plan.num_kept).all())
 
 
+# Seven tokens, metric written so that the cosines are easy to check by hand. Parity split
+# over all positions: A = 0, 2, 4, 6 (rows), B = 1, 3, 5 (columns).
+#   row 0 -> 3: 1.0 (0 and 3 are the same vector)
+#   row 2 -> 1: 3/sqrt(13) = .832, -> 3: 0, -> 5: 2/sqrt(13) = .555
+#   row 4 -> 1: 0, -> 3: 1/2, -> 5: 1/sqrt(2) = .707
+#   row 6 -> 1: 0, -> 3: 3/sqrt(20) = .671, -> 5: 1/sqrt(10) = .316
+HAND_METRIC = torch.tensor(
+    [[1, 0, 0, 1], [0, 1, 0, 0], [0, 3, 2, 0], [1, 0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 1, 3]],
+    dtype=torch.float32,
+)
+
+
+@pytest.mark.parametrize(
+    "P, r, keep, src, dst",
+    [
+        # only the class token (0, in A) protected: its row is masked, so its exact twin 3 is
+        # ignored; 2 (best .832 into 1) goes first, then 4 (.707 into 5), then 6 (.671 into 3)
+        (1, 1, [0, 4, 6, 1, 3, 5], [2], [3]),
+        (1, 3, [0, 1, 3, 5], [2, 4, 6], [1, 3, 2]),
+        (1, 9, [0, 1, 3, 5], [2, 4, 6], [1, 3, 2]),  # capped at (7 - 1) // 2 = 3
+        # class (A) and distillation token (1, in B): column 1 is masked too, so 2 falls to
+        # .555 (into 5) and ranks after 4 (.707) and 6 (.671)
+        (2, 1, [0, 1, 2, 6, 3, 5], [4], [5]),
+        (2, 2, [0, 1, 2, 3, 5], [4, 6], [4, 3]),
+        (2, 5, [0, 1, 2, 3, 5], [4, 6], [4, 3]),  # capped at (7 - 2) // 2 = 2
+        # three protected (class + two registers): 0 and 2 masked in A, 1 masked in B
+        (3, 1, [0, 1, 2, 6, 3, 5], [4], [5]),
+        (3, 2, [0, 1, 2, 3, 5], [4, 6], [4, 3]),
+    ],
+)
+def test_bipartite_split_by_parity_by_hand(P, r, keep, src, dst):
+    """ToMe's split: A/B by position parity over all tokens, protected tokens masked where
+    they fall; the plan lists the protected tokens, the unmerged A tokens, then the B tokens."""
+    plan = bipartite_soft_matching(HAND_METRIC[None], r, P)
+    assert plan.keep.tolist() == [keep]
+    assert plan.src.tolist() == [src]
+    assert plan.dst.tolist() == [dst]  # positions in the output (keep)
+    assert plan.src_mask is None
+
+
+def test_bipartite_protected_never_merged_even_when_most_similar():
+    """Protected tokens that form the closest pairs of the sequence (0 == 2 in A, 1 == 3 in B,
+    and 4 == 1 across) are neither merged nor merged into, at the largest r."""
+    e = torch.eye(4)
+    metric = torch.stack([e[0], e[1], e[0], e[1], e[1], e[2], e[2], e[3], e[3]])[None]
+    plan = bipartite_soft_matching(metric, 100, num_protected=4)
+    # A = 0, 2, 4, 6, 8 (0, 2 protected), B = 1, 3, 5, 7 (1, 3 protected); r = (9 - 4) // 2 = 2.
+    # 6 -> 5 and 8 -> 7 are perfect matches; 4 (= e1) matches only the masked 1 and 3: stays
+    assert plan.keep.tolist() == [[0, 1, 2, 3, 4, 5, 7]]
+    pairs = sorted(zip(plan.src.tolist()[0], plan.dst.tolist()[0]))
+    assert pairs == [(6, 5), (8, 6)]  # dst: output positions of 5 and 7
+
+
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, r=st.integers(1, 20), steps=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_sizes_and_sources_conserve_tokens(shape, r, steps, seed):

@@ -1,9 +1,25 @@
 """ToMe bipartite soft matching, expressed as a core :class:`~vlprune.core.Plan`.
 
-The unprotected tokens are split alternately into sets A and B. Each A token finds its most
-similar B token (cosine similarity of the metric, usually head-averaged keys); the ``r`` A
-tokens with the most similar partners are merged into them. The result keeps the protected
-prefix, the unmerged A tokens (in their order) and every B token.
+The split follows ToMe (``tome/merge.py::bipartite_soft_matching``): every token goes to set
+A or B by the parity of its position, A the even positions (0, 2, 4, ...) and B the odd ones,
+over *all* tokens, protected ones included. Each A token finds its most similar B token
+(cosine similarity of the metric, usually head-averaged keys); the ``r`` A tokens with the
+most similar partners are merged into them (ties in that ranking are broken as ToMe's
+``argsort`` breaks them).
+
+Protected tokens (the first ``num_protected``: class, distillation and register tokens) stay
+wherever the parity puts them and are masked there, for any number of them: a protected A
+token's row of similarities is ``-inf`` (it is never merged), a protected B token's column is
+``-inf`` (nothing merges into it). With the class token alone this is ToMe's ``class_token``
+rule, with class and distillation tokens its ``distill_token`` rule; ToMe's timm patch does
+not know register tokens (it would merge them), here they are protected like the class token.
+``r`` is capped at half the unprotected tokens, ``(N - P) // 2``, which never exceeds the
+unprotected A tokens and leaves at least one unprotected B token.
+
+Output order: the protected tokens first, in input order; then the unmerged unprotected A
+tokens and then the unprotected B tokens, each in input order. For ToMe's cases (class token,
+class + distillation token) this is exactly ToMe's order; in general attention does not
+depend on the order, only the protected prefix must stay first.
 """
 
 from __future__ import annotations
@@ -23,26 +39,33 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
     """Plan that merges ``r`` tokens of ``metric`` (B, N, C) into their best partners.
 
     ``r`` is capped at :func:`max_merge`; returns ``None`` when nothing is merged. The first
-    ``num_protected`` tokens are never merged and stay first.
+    ``num_protected`` tokens are never merged nor merged into, and stay first (see the module
+    docstring for the split and the order).
     """
     B, N, _ = metric.shape
-    r = min(int(r), max_merge(N, num_protected))
+    P = min(int(num_protected), N)
+    r = min(int(r), max_merge(N, P))
     if r <= 0:
         return None
-    P = num_protected
+    pa, pb = (P + 1) // 2, P // 2  # protected tokens in A (even positions) and in B (odd)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, P::2], metric[:, P + 1 :: 2]
+        a, b = metric[:, ::2], metric[:, 1::2]
         num_a, num_b = a.shape[1], b.shape[1]
-        best_sim, best_b = (a @ b.transpose(-1, -2)).max(dim=-1)
+        scores = a @ b.transpose(-1, -2)
+        scores[:, :pa, :] = float("-inf")
+        scores[:, :, :pb] = float("-inf")
+        best_sim, best_b = scores.max(dim=-1)
         order = best_sim.argsort(dim=-1, descending=True)
+        # masked rows are -inf and sort last, so the r merged A tokens are all unprotected
         src_a = order[:, :r]
-        unm_a = order[:, r:].sort(dim=-1).values
+        unm_a = order[:, r:].sort(dim=-1).values[:, pa:]  # the protected A rows come first
 
         dev = metric.device
         prefix = torch.arange(P, device=dev).expand(B, P)
-        b_idx = (P + 1 + 2 * torch.arange(num_b, device=dev)).expand(B, num_b)
-        keep = torch.cat([prefix, P + 2 * unm_a, b_idx], dim=1)
-        src = P + 2 * src_a
-        dst = P + (num_a - r) + best_b.gather(1, src_a)
+        b_idx = (1 + 2 * torch.arange(pb, num_b, device=dev)).expand(B, num_b - pb)
+        keep = torch.cat([prefix, 2 * unm_a, b_idx], dim=1)
+        src = 2 * src_a
+        # B token j (j >= pb) sits after the prefix and the unmerged unprotected A tokens
+        dst = P + (num_a - pa - r) + best_b.gather(1, src_a) - pb
     return Plan(keep=keep, src=src, dst=dst, num_tokens=N)
