@@ -128,10 +128,10 @@ def test_prune_plan_invariants(B, N, P, keep, mode, seed):
     size = state.size if state.size is not None else torch.ones(B, out.shape[1], 1, dtype=x.dtype)
     assert torch.allclose(size.sum(dim=1).squeeze(-1), torch.full((B,), float(N), dtype=x.dtype))
     assert torch.allclose(state.source.sum(dim=1), torch.ones(B, N, dtype=x.dtype))
-    if mode == "fuse":  # the last token is the score-weighted mean of the dropped ones
+    if mode == "fuse":  # the last token is the score-weighted sum of the dropped ones (EViT)
         dropped = state.source[:, -1] > 0
-        w = scores * dropped
-        expected = (w.unsqueeze(-1) * x).sum(1) / w.sum(1, keepdim=True)
+        assert dropped.sum(1).tolist() == [n_drop] * B
+        expected = ((scores * dropped).unsqueeze(-1) * x).sum(1)
         torch.testing.assert_close(out[:, -1], expected)
 
 
@@ -148,6 +148,50 @@ def test_prune_plan_errors():
         prune_plan(torch.rand(1, 5), 2, 0, mode="nope")
     with pytest.raises(ValueError, match="metric"):
         prune_plan(torch.rand(1, 5), 2, 0, mode="recycle")
+
+
+def _four_tokens():
+    """A class token and 4 tokens of 2 channels; the class attention (heads averaged) to the
+    class token itself and to tokens 1..4 is 0.2, 0.4, 0.1, 0.25, 0.05."""
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [2.0, -4.0], [0.0, 1.0], [10.0, 20.0]]])
+    attn = torch.tensor([[0.2, 0.4, 0.1, 0.25, 0.05]])
+    return x, attn
+
+
+def test_fused_token_is_evit_attention_weighted_sum_by_hand():
+    x, attn = _four_tokens()
+    # keep 0.5 of 4: tokens 1 (0.4) and 3 (0.25) stay, 2 (0.1) and 4 (0.05) are fused:
+    # 0.1 * (2, -4) + 0.05 * (10, 20) = (0.2 + 0.5, -0.4 + 1.0) = (0.7, 0.6), not renormalised
+    plan = prune_plan(attn, keep_count(5, 1, 0.5), 1, mode="fuse", fuse_weight=attn)
+    state = TokenState(num_protected=1)
+    out = state.compact(plan, x)
+    torch.testing.assert_close(out, torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.6]]]))
+    assert state.size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 2.0]
+    assert state.attn_size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # the sizes the dropped tokens carry add to its size, not to its value
+    state = TokenState(num_protected=1, size=torch.tensor([[[1.0], [1.0], [3.0], [1.0], [2.0]]]))
+    out = state.compact(plan, x)
+    torch.testing.assert_close(out[0, -1], torch.tensor([0.7, 0.6]))
+    assert state.size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 5.0]
+    assert state.attn_size[0, -1, 0].item() == 1.0
+    # one dropped token: it is still scaled by its attention, 0.05 * (10, 20)
+    plan = prune_plan(attn, 3, 1, mode="fuse", fuse_weight=attn)
+    state = TokenState(num_protected=1)
+    out = state.compact(plan, x)
+    assert plan.keep.tolist() == [[0, 1, 2, 3, 4]]
+    torch.testing.assert_close(out[0, -1], torch.tensor([0.5, 1.0]))
+    assert state.attn_size[0, :, 0].tolist() == [1.0] * 5
+
+
+def test_fused_token_without_weights_is_size_weighted_mean_by_hand():
+    x, attn = _four_tokens()
+    # scores that are not class attention (key norm, random, guided) fuse by a mean:
+    # (1 * (2, -4) + 3 * (10, 20)) / 4 = (8, 14) with token 4 holding 3 tokens
+    state = TokenState(num_protected=1, size=torch.tensor([[[1.0], [1.0], [1.0], [1.0], [3.0]]]))
+    out = state.compact(prune_plan(attn, 2, 1, mode="fuse"), x)
+    torch.testing.assert_close(out[0, -1], torch.tensor([8.0, 14.0]))
+    assert state.size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 4.0]
+    assert state.attn_size[0, -1, 0].item() == 1.0
 
 
 def test_fused_token_is_fresh_for_proportional_attention():

@@ -178,8 +178,11 @@ class ReductionConfig:
             ``cls_attn_vnorm`` (times value norm, ATS), ``key_norm``, ``attn_entropy``
             (focused attention rows first), ``diversity`` (max-min farthest-point on keys),
             ``random`` (seeded baseline).
-        prune_fuse: fuse the dropped tokens into one extra token, weighted by their scores
-            (EViT); its size counts the tokens it holds.
+        prune_fuse: fuse the dropped tokens into one extra token (EViT): with the class
+            attention scores (``cls_attn``, ``cls_attn_vnorm``) it is the sum of the dropped
+            tokens, each times its score (EViT's rule, not renormalised); with other scores or
+            ``guide``, their size-weighted mean. Its size counts the tokens it holds; attention
+            treats it as one fresh token.
         prune_recycle: merge each dropped token into its most similar kept token instead of
             dropping it (PruMerge-style).
         prune_seed: seed of the ``random`` score (same seed, same choices every forward).

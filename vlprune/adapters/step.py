@@ -91,8 +91,10 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
         if valid is not None:
             plan = ragged_prune_plan(scores, valid, keep, P, mode=mode, metric=metric)
         else:
-            # attention scores are EViT's fusion weights; other scores fuse by size alone
-            weight = scores if mode == "fuse" and cfg.prune_score in NEEDS_CLASS_TOKEN else None
+            # class-attention scores are EViT's fusion weights (the fused token is their
+            # weighted sum); other scores, guided ones included, fuse by a size-weighted mean
+            attn_scores = ctx.guided_by is None and cfg.prune_score in NEEDS_CLASS_TOKEN
+            weight = scores if mode == "fuse" and attn_scores else None
             plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=weight)
         if plan is not None:
             x = state.compact(plan, x)

@@ -1,9 +1,12 @@
 """Selection rules: turn per-token scores into a compaction :class:`~vlprune.core.Plan`.
 
 * ``drop``: keep the protected prefix and the top-k unprotected tokens (in their order);
-* ``fuse``: also fuse every dropped token into one extra token, averaged with score weights
-  (EViT); its size is the count of tokens it holds, but proportional attention treats it as
-  one fresh token (giving it the weight of all it holds cost 5.8 pt top-1 more on ViT-Ti);
+* ``fuse``: also fuse every dropped token into one extra token, appended last (EViT). With
+  class-attention weights it is EViT's token: the sum of the dropped tokens, each times the
+  class token's attention to it (not renormalised, so it is as small as the attention the
+  dropped tokens got); without weights, the size-weighted mean of the dropped tokens. Its size
+  is the count of tokens it holds, but proportional attention treats it as one fresh token
+  (giving it the weight of all it holds cost 5.8 pt top-1 more on ViT-Ti);
 * ``recycle``: merge every dropped token into its most similar kept token (PruMerge-style),
   sizes carried.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +27,29 @@ from torch import Tensor
 from .plan import Plan, take_tokens
 
 MODES = ("drop", "fuse", "recycle")
+
+
+@dataclass(frozen=True)
+class FusePlan(Plan):
+    """EViT's fusion: the last output token is ``sum_j attn_j * x_j`` over its merge group
+    (``keep[:, -1]`` and every ``src`` token: all the dropped tokens), a weighted sum, not a
+    mean; every other survivor is kept as is. Sizes add up as for any plan, so the fused token
+    counts every input token it holds (``fresh`` makes attention see it as one token).
+
+    ``attn``: ``(B, N, 1)`` weight of each input token (the class token's attention, heads
+    averaged). ``src``/``dst`` describe the group as usual, so the source map, positions and
+    :meth:`~vlprune.core.Plan.index_map` follow the plan unchanged.
+    """
+
+    attn: Tensor | None = None
+
+    def apply(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        group = self.keep[:, -1:] if self.src is None else torch.cat([self.keep[:, -1:], self.src], 1)
+        w = take_tokens(self.attn.to(x.dtype), group)  # (B, D, 1)
+        fused = (take_tokens(x, group) * w).sum(dim=1, keepdim=True)
+        out = torch.cat([take_tokens(x, self.keep[:, :-1]), fused], dim=1)
+        return out, self.accumulate(x.new_ones(*x.shape[:2], 1) if size is None else size)
 
 
 def count_or_ratio(value: Any, name: str, what: str = "") -> int | float:
@@ -73,9 +100,10 @@ def prune_plan(
 ) -> Plan | None:
     """Plan keeping the protected prefix and the ``n_keep`` best-scored other tokens.
 
-    ``metric`` (B, N, C) is needed for ``recycle``; ``fuse_weight`` (B, N), positive, weights
-    the fused average for ``fuse`` (default: the token sizes alone). Returns ``None`` when
-    every token survives.
+    ``metric`` (B, N, C) is needed for ``recycle``. ``fuse_weight`` (B, N), the class
+    token's attention to each token, makes ``fuse`` EViT's: the fused token is the sum of the
+    dropped tokens times their weights (:class:`FusePlan`); without it the fused token is the
+    size-weighted mean of the dropped tokens. Returns ``None`` when every token survives.
     """
     if mode not in MODES:
         raise ValueError(f"unknown selection mode {mode!r}; allowed: {list(MODES)}")
@@ -94,14 +122,15 @@ def prune_plan(
             return Plan(keep=torch.cat([prefix, kept], dim=1), num_tokens=N)
         if mode == "fuse":
             keep = torch.cat([prefix, kept, dropped[:, :1]], dim=1)
-            if n_drop == 1:
+            last = keep.shape[1] - 1
+            src = dropped[:, 1:] if n_drop > 1 else None
+            dst = None if src is None else torch.full_like(src, last)
+            if fuse_weight is not None:
+                return FusePlan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,),
+                                attn=fuse_weight.detach().unsqueeze(-1))
+            if src is None:
                 return Plan(keep=keep, num_tokens=N)
-            src = dropped[:, 1:]
-            dst = torch.full_like(src, keep.shape[1] - 1)
-            weight = None if fuse_weight is None else fuse_weight.detach().clamp_min(1e-6).unsqueeze(-1)
-            return Plan(
-                keep=keep, src=src, dst=dst, weight=weight, num_tokens=N, fresh=(keep.shape[1] - 1,)
-            )
+            return Plan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,))
         if metric is None:
             raise ValueError("mode='recycle' needs the metric (keys) to find similar tokens")
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
