@@ -17,9 +17,10 @@ not know register tokens (it would merge them), here they are protected like the
 unprotected A tokens and leaves at least one unprotected B token.
 
 Output order: the protected tokens first, in input order; then the unmerged unprotected A
-tokens and then the unprotected B tokens, each in input order. For ToMe's cases (class token,
-class + distillation token) this is exactly ToMe's order; in general attention does not
-depend on the order, only the protected prefix must stay first.
+tokens and then the unprotected B tokens, each in input order. With the class token alone
+this is ToMe's order. ToMe's merge puts a distillation token (position 1, in B) first among
+the B tokens, after the unmerged A tokens; here it stays second, where timm's distilled head
+reads it. Attention does not depend on the order; only the protected prefix must stay first.
 """
 
 from __future__ import annotations
