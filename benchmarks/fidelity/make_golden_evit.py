@@ -30,10 +30,8 @@ checkout: not vlprune.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
-import subprocess
 import sys
 import types
 import warnings
@@ -41,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from golden_assets import MODEL, git_commit, load_images, load_timm_model
 
-MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 REPO_URL = "https://github.com/youweiliang/evit"
 KEEP = 0.7
 LAYERS = (3, 6, 9)
@@ -53,16 +51,6 @@ ADAPTATIONS = [
     "work unchanged with timm 1.0.31 (deprecation warnings only); its @register_model "
     "entries overwrite timm's deit_* names in this process only (timm's ViT is built first)",
 ]
-
-
-def git_commit(path: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def import_evit(checkout: Path):
@@ -110,34 +98,6 @@ def run_step(evit, seed: int) -> dict[str, np.ndarray]:
         "fused": out[:, -1].numpy(),
         "keep_rate": np.array(KEEP),
     }
-
-
-def load_timm_model(assets: Path):
-    import timm
-
-    model = timm.create_model(MODEL, pretrained=False)
-    path = assets / MODEL / f"{MODEL}.npz"
-    with np.load(path, allow_pickle=False) as z:
-        sd = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
-    model.load_state_dict(sd, strict=True)
-    return model.eval(), sd
-
-
-def load_images(assets: Path, model, count: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    from PIL import Image
-    from timm.data import create_transform, resolve_data_config
-
-    root = assets / "imagenet-sample"
-    with open(root / "labels.csv", newline="") as f:
-        rows = {row["filename"]: int(row["class_index"]) for row in csv.DictReader(f)}
-    files = sorted(rows)[:count]
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    folder = root / "images" if (root / "images").is_dir() else root
-    xs = []
-    for name in files:
-        with Image.open(folder / name) as im:
-            xs.append(transform(im.convert("RGB")))
-    return files, torch.stack(xs), torch.tensor([rows[n] for n in files])
 
 
 def run_model(evit, assets: Path, count: int) -> tuple[dict[str, np.ndarray], dict]:

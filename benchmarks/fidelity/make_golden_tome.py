@@ -21,56 +21,16 @@ It uses only timm, torch, numpy, PIL and the ToMe checkout: not vlprune.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from golden_assets import MODEL, git_commit, load_images, load_timm_model
 
-MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 REPO_URL = "https://github.com/facebookresearch/ToMe"
-
-
-def git_commit(path: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def load_model(assets: Path):
-    import timm
-
-    model = timm.create_model(MODEL, pretrained=False)
-    path = assets / MODEL / f"{MODEL}.npz"
-    with np.load(path, allow_pickle=False) as z:
-        sd = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-def load_images(assets: Path, model, count: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    from PIL import Image
-    from timm.data import create_transform, resolve_data_config
-
-    root = assets / "imagenet-sample"
-    with open(root / "labels.csv", newline="") as f:
-        rows = {row["filename"]: int(row["class_index"]) for row in csv.DictReader(f)}
-    files = sorted(rows)[:count]
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    folder = root / "images" if (root / "images").is_dir() else root
-    xs = []
-    for name in files:
-        with Image.open(folder / name) as im:
-            xs.append(transform(im.convert("RGB")))
-    return files, torch.stack(xs), torch.tensor([rows[n] for n in files])
 
 
 def main() -> None:
@@ -98,7 +58,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = load_model(args.assets)
+    model, _ = load_timm_model(args.assets)
     files, images, labels = load_images(args.assets, model, args.images)
 
     with torch.no_grad():
