@@ -184,7 +184,9 @@ class ReductionConfig:
             ``guide``, their size-weighted mean. Its size counts the tokens it holds; attention
             treats it as one fresh token.
         prune_recycle: merge each dropped token into its most similar kept token instead of
-            dropping it (PruMerge-style).
+            dropping it ("nearest-kept recycling": a size-weighted merge into the most
+            cosine-similar kept token; not PruMerge, whose LLaVA rule is
+            ``visual_score="prumerge"``).
         prune_seed: seed of the ``random`` score (same seed, same choices every forward).
         text_merge_r: merging in the text tower of a two-tower model (CLIP, SigLIP), or of a
             text model patched alone. ``None`` (default): the text tower uses ``merge_r``.

@@ -7,8 +7,9 @@
   dropped tokens got); without weights, the size-weighted mean of the dropped tokens. Its size
   is the count of tokens it holds, but proportional attention treats it as one fresh token
   (giving it the weight of all it holds cost 5.8 pt top-1 more on ViT-Ti);
-* ``recycle``: merge every dropped token into its most similar kept token (PruMerge-style),
-  sizes carried.
+* ``recycle``: nearest-kept recycling: merge every dropped token into its most similar kept
+  token, sizes carried (PruMerge's own rule, a k-NN attention-weighted update of each kept
+  token, differs).
 
 Token counts depend only on the input length and the keep rate (top-k, no thresholds), so
 shapes stay static for ``torch.compile``.
