@@ -220,3 +220,32 @@ def test_schedule_longer_than_model_is_an_error():
 def test_config_replace_unknown_name():
     with pytest.raises(TypeError, match="known settings"):
         ReductionConfig().replace(merge_rr=3)
+
+
+def _merge_pairs(plan, row: int) -> set[tuple[int, int]]:
+    """(merged token, token it merged into) in input positions, for one row of a plan."""
+    mask = plan.src_mask[row] if plan.src_mask is not None else torch.ones_like(plan.src[row], dtype=torch.bool)
+    src = plan.src[row][mask].tolist()
+    dst = plan.keep[row][plan.dst[row][mask]].tolist()
+    return set(zip(src, dst))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 30), min_size=1, max_size=3), P=st.integers(0, 3),
+       r=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_ragged_bipartite_matches_dense_per_row(lengths, P, r, seed):
+    """Each row of a padded batch (protected prefix, real tokens, padding) merges the same
+    tokens into the same partners as the dense ToMe matching of that row's unpadded tokens,
+    for an odd protected prefix too (the parity split counts the protected tokens)."""
+    from vlprune.core.ragged import ragged_bipartite
+
+    N = P + max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(len(lengths), N, 6, generator=g)
+    valid = torch.arange(N)[None] < torch.tensor([P + n for n in lengths])[:, None]
+    plan = ragged_bipartite(metric, valid, r, P)
+    for i, n in enumerate(lengths):
+        dense = bipartite_soft_matching(metric[i:i + 1, :P + n], r, P)
+        want = set() if dense is None else _merge_pairs(dense, 0)
+        got = set() if plan is None else _merge_pairs(plan, i)
+        assert got == want

@@ -115,8 +115,10 @@ def ragged_prune_plan(
 
 def ragged_bipartite(metric: Tensor, valid: Tensor, r: int, num_protected: int) -> Plan | None:
     """ToMe bipartite matching per row: row ``i`` merges ``min(r, n_i // 2)`` of its real
-    tokens (alternate split A/B over the canonical order, each A token into its most similar
-    real B token), and drops padding to keep the batch rectangular."""
+    tokens (ToMe's parity split A/B over the positions of the canonical order, each real A token
+    into its most similar real B token), and drops padding to keep the batch rectangular. An
+    unpadded row merges the same tokens into the same partners as
+    :func:`~vlprune.merging.bipartite.bipartite_soft_matching`."""
     B, N, _ = metric.shape
     P = num_protected
     n = real_counts(valid, P)
@@ -127,8 +129,10 @@ def ragged_bipartite(metric: Tensor, valid: Tensor, r: int, num_protected: int) 
     dev = metric.device
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        a_idx = torch.arange(P, N, 2, device=dev)
-        b_idx = torch.arange(P + 1, N, 2, device=dev)
+        # ToMe's parity split over all positions of the canonical order (A even, B odd), the
+        # protected prefix left out: as the dense bipartite_soft_matching splits an unpadded row
+        a_idx = torch.arange(P + P % 2, N, 2, device=dev)
+        b_idx = torch.arange(P + 1 - P % 2, N, 2, device=dev)
         va, vb = valid[:, a_idx], valid[:, b_idx]
         sim = (m[:, a_idx] @ m[:, b_idx].transpose(1, 2)).float()
         sim = sim.masked_fill(~vb.unsqueeze(1), float("-inf"))
