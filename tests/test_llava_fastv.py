@@ -105,12 +105,14 @@ def test_decode_mask_matches_own_cache(model):
 
 
 def test_kept_tokens_are_the_most_attended(model):
+    """FastV ranks with the attention map of layer llm_layer - 1 (the one the previous layer
+    outputs), last prompt row, heads averaged; here the unpatched eager model's own map."""
     inputs = _batch(ROWS)
     ids = inputs["input_ids"]
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            att = model(**inputs, output_attentions=True).attentions[1]  # (B, H, L, L)
+            att = model(**inputs, output_attentions=True).attentions[0]  # (B, H, L, L)
     finally:
         model.set_attn_implementation("sdpa")
     scores = att[:, :, -1].mean(dim=1)  # last prompt token (left padding), heads averaged
@@ -156,7 +158,8 @@ def test_unpatch_restores(model):
     layer_cls = type(model.model.language_model.layers[1])
     vlprune.patch(model, llm_layer=1, llm_keep=4, visual_keep=8)
     assert type(model.model.language_model.layers[1]) is not layer_cls
-    assert type(model.model.language_model.layers[0]) is layer_cls
+    # layer 0 (llm_layer - 1) ranks the visual tokens, on the full prompt
+    assert type(model.model.language_model.layers[0]) is not layer_cls
     assert _logits(model, inputs).shape[1] == ref_logits.shape[1] - (N_IMG - 4)
     with vlprune.disabled(model):
         assert torch.equal(_logits(model, inputs), ref_logits)

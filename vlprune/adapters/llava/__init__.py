@@ -59,7 +59,7 @@ from ..base import (
 )
 from .detect import check_llava, encoder_layers, llava_family, vision_tokens, visual_keep_count
 from .encode import install_captures
-from .llm import FastVLayerMixin, FastVPoint, llm_layers
+from .llm import FastVLayerMixin, FastVPoint, FastVRankLayerMixin, llm_layers
 from .model import LlavaMixin, mixin_for
 from .tower import llava_context, patch_llava_tower
 
@@ -108,7 +108,10 @@ class LlavaAdapter(Adapter):
         lm = model.model.language_model
         state = FastVPoint(ctx, cfg.llm_layer, getattr(lm, "rotary_emb", None), visual_keep_count)
         model.__dict__["_vlprune_llm"] = state
-        for i, layer in enumerate(llm_layers(model)[cfg.llm_layer:]):
+        layers = llm_layers(model)
+        # layer llm_layer - 1 ranks (its own attention, as FastV); llm_layer on run pruned
+        swap_class(layers[cfg.llm_layer - 1], FastVRankLayerMixin, ctx, llm=state)
+        for i, layer in enumerate(layers[cfg.llm_layer:]):
             swap_class(layer, FastVLayerMixin, ctx, llm=state, first=i == 0)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:

@@ -119,7 +119,7 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
                 f"llm_layer={config.llm_layer} out of range: the language model has "
                 f"{len(layers)} decoder layers, give 1..{len(layers) - 1}"
             )
-        check_decoder_layers(layers[config.llm_layer:])
+        check_decoder_layers(layers[config.llm_layer - 1:])
         if not anyres:
             per_image = n if config.visual_keep is None else visual_keep_count(config.visual_keep, n)
             if isinstance(config.llm_keep, int) and config.llm_keep > per_image:

@@ -1,19 +1,43 @@
-"""FastV-style visual token pruning inside the language model of LLaVA, at prefill.
+"""FastV visual token pruning inside the language model of LLaVA, at prefill.
 
-From decoder layer ``llm_layer`` on, each image keeps ``llm_keep`` of its visual tokens: the
-ones the last prompt token of the row attends to most, heads averaged. The attention is
-recomputed from the input of layer ``llm_layer`` (the output of layer ``llm_layer - 1``) with
-that layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and the rotary embeddings it
-receives, for the last prompt row only, so the layers keep their fast attention kernel.
+Matches the authors' FastV (github.com/pkunlp-icler/FastV @ d165972, the inplace branch of
+``LlamaModel.forward`` in ``src/transformers/src/transformers/models/llama/modeling_llama.py``,
+lines 730-760): the visual tokens are ranked by the attention map of decoder layer
+``llm_layer - 1`` (K-1), heads averaged, the last prompt token's row; from layer ``llm_layer``
+(K) on, each image keeps its ``llm_keep`` best visual tokens (plus every other token) at their
+original positions. ``tests/test_golden_fastv.py`` checks the kept positions (exactly), the
+final hidden states and logits (within 1e-4) against the reference's own outputs
+(``tests/golden/fastv_llama.*``, made by ``benchmarks/fidelity/make_golden_fastv.py``).
+
+Layer K-1 computes that row from its own input, ``input_layernorm``, ``q_proj``/``k_proj``
+and the rotary embeddings it receives (:func:`last_token_attention`, float32 softmax, for the
+last prompt row only), so every layer keeps its fast attention kernel (the reference needs
+``output_attentions=True`` and eager attention everywhere).
+
+Where it goes beyond the reference, which runs one unpadded row with the image at a fixed
+configured offset (``fast_v_sys_length``, ``fast_v_image_token_length``):
+
+* image positions come from the placeholder ids of each row; every image of a row keeps its
+  own budget (``llm_keep``: a count, or a ratio of that image's tokens, ``ceil(ratio * n)``;
+  the reference takes a count, ``fast_v_attention_rank``; its HF port ``round(n * (1 - R))``,
+  the same for LLaVA-1.5's 576 tokens at R = 25/50/75/87.5%);
+* batches: each row ranks with its own last prompt token (the last non-padding one), over its
+  own non-padding keys; rows must keep the same number of tokens;
+* decode steps (``generate`` with a cache): the prefill's selection stands, decode tokens
+  attend to the kept prompt tokens only (as the authors' KV-cache variants); the reference's
+  inplace branch runs without a cache and re-ranks the whole sequence at every step;
+* ``llm_renumber_positions=True`` (off by default, not in the reference) renumbers positions.
 
 Wiring (transformers >= 5; Llama, Mistral and Qwen2 decoder layers):
 
 * The LLaVA root marks the image placeholder positions of a prefill (a forward whose cache
   is empty) in the call state of the thread (:class:`FastVCall`), read by the patched layers
-  ``>= llm_layer``.
-* At prefill, layer ``llm_layer`` ranks the visual tokens and stores the kept positions
-  (B, R) of every row; each patched layer index-selects the hidden states (first one only),
-  the rotary ``(cos, sin)``, ``position_ids`` and the rows and columns of the 4D mask it gets.
+  ``>= llm_layer - 1``.
+* At prefill, layer ``llm_layer - 1`` (:class:`FastVRankLayerMixin`) stores the attention
+  row of every batch row and runs unchanged on the full prompt; layer ``llm_layer``
+  (:class:`FastVLayerMixin`, first) picks and stores the kept positions (B, R); each layer
+  from ``llm_layer`` on index-selects the hidden states (first one only), the rotary
+  ``(cos, sin)``, ``position_ids`` and the rows and columns of the 4D mask it gets.
   An absent mask (sdpa, no padding) stays absent: the kept tokens are in order, so plain
   causal attention over them is right. Layers ``< llm_layer`` cache the full prompt, layers
   ``>= llm_layer`` the reduced one.
@@ -80,6 +104,7 @@ class FastVCall:
         self.last: Tensor | None = None  # (B,) index of each row's last prompt token
         self.valid: Tensor | None = None  # (B, L) bool: keys the last token may attend to
         self.length = 0  # prefill length L
+        self.scores: Tensor | None = None  # (B, L) layer llm_layer - 1's last-row attention
         self.kept: Tensor | None = None  # (B, R) kept original positions
         self.shift: Tensor | None = None  # (B, R) positions each kept token moves back
         self.dropped: Tensor | None = None  # (B, 1) visual tokens each row dropped
@@ -204,13 +229,39 @@ def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last:
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+class FastVRankLayerMixin:
+    """Decoder layer ``llm_layer - 1``: at a prefill it computes, from its own input, the
+    attention its last prompt row gives every position (heads averaged) -- the row of the
+    attention map this layer outputs, which FastV ranks the visual tokens with -- then runs
+    unchanged on the full sequence."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                position_embeddings=None, **kwargs):
+        point: FastVPoint = self._vlprune_llm
+        st = point.call()
+        ctx: PatchContext = self._vlprune_ctx
+        if (ctx.enabled and st.prefill and st.kept is None and position_embeddings is not None
+                and hidden_states.shape[1] == st.length):
+            st.scores = last_token_attention(self, hidden_states, position_embeddings, st.last,
+                                             st.valid)
+        return super().forward(
+            hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            position_embeddings=position_embeddings, **kwargs,
+        )
+
+
 class FastVLayerMixin:
     """A decoder layer at or after ``llm_layer`` that runs on the kept tokens only."""
 
-    def _vlprune_select(self, x: Tensor, position_embeddings, st: FastVCall) -> Tensor:
+    def _vlprune_select(self, st: FastVCall) -> Tensor:
         point: FastVPoint = self._vlprune_llm
         B, L = st.visual.shape
-        scores = last_token_attention(self, x, position_embeddings, st.last, st.valid)
+        scores = st.scores  # set by layer llm_layer - 1 (FastVRankLayerMixin) in this prefill
+        if scores is None:
+            raise RuntimeError(
+                f"FastV: decoder layer {point.layer - 1} did not rank the visual tokens of this "
+                "prefill (was it skipped, or called without position_embeddings?)"
+            )
         keep = ~st.visual
         kept_visual = []
         for b in range(B):
@@ -247,7 +298,7 @@ class FastVLayerMixin:
         ctx: PatchContext = self._vlprune_ctx
         if ctx.enabled and st.prefill and position_embeddings is not None:
             if self._vlprune_first and hidden_states.shape[1] == st.length:
-                hidden_states = _take_seq(hidden_states, self._vlprune_select(hidden_states, position_embeddings, st))
+                hidden_states = _take_seq(hidden_states, self._vlprune_select(st))
             if st.kept is not None and position_embeddings[0].shape[1] == st.length:
                 idx = st.kept
                 attention_mask = _take_mask(attention_mask, idx, idx)
