@@ -127,6 +127,8 @@ def main() -> None:
     # the inplace branch, located in the file (so the json cites the lines actually run)
     start = next(i for i, s in enumerate(lines, 1) if "if USE_FAST_V and FASTV_INPLACE:" in s)
     end = next(i for i, s in enumerate(lines, 1) if i > start and "elif USE_FAST_V:" in s) - 1
+    while not lines[end - 1].strip() or lines[end - 1].strip().startswith("#"):
+        end -= 1
 
     tmp = Path(tempfile.mkdtemp(prefix="fastv_ref_"))
     try:
@@ -232,6 +234,16 @@ def run_reference(args, commit: str, start: int, end: int, tmp: Path) -> None:
             "dependencies": "tokenizers 0.13.3, huggingface_hub 0.16.4 (+ requests) from --deps; "
                             "torch and numpy of the running interpreter",
             "adaptations": [],
+            "notes": [
+                "fast_v_attention_rank is a count: the authors' eval_*_fastv_*.sh pass 72/144/"
+                "288/432, '(1-R)*N_Image_Tokens'; their HF port uses round(576*(1-R)), their "
+                "lmms-eval fastv_kvcache.py int(576*ratio) (K=3, ratio 0.5 hard-coded)",
+                "fast_v_sys_length is configured, not detected: 36 in their eval_*.sh, 35 in "
+                "fastv_kvcache.py; here 35, where the image starts in this prompt",
+                "one row only (batch row 0 ranks for all rows), no padding; the inplace branch "
+                "supports no KV cache (the authors run generate with use_cache=False, "
+                "output_attentions=True), so every decoding step re-ranks the whole sequence",
+            ],
         },
         "model": {**TEXT, "image_token_id": IMAGE_ID, "attention": "the fork's eager "
                   "LlamaAttention (rotary cached for seq_len=1000, as the fork hard-codes)",
