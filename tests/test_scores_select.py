@@ -53,9 +53,12 @@ def test_cls_index_selects_the_row():
 
 
 def _naive_fps(m: torch.Tensor, picks: int) -> list[int]:
-    """Farthest-point selection one sample at a time, the obvious way."""
+    """Farthest-point selection one sample at a time, the obvious way: first the token
+    farthest from its nearest neighbour (DivPrune's first pick)."""
     m = m / m.norm(dim=-1, keepdim=True)
-    first = int((m @ m.mean(0)).argmin())
+    d = 1 - m @ m.T
+    d.fill_diagonal_(float("inf"))
+    first = int(d.min(dim=1).values.argmax())
     chosen = [first]
     while len(chosen) < picks:
         d = 1 - m @ m[chosen].T  # (n, len(chosen))

@@ -105,10 +105,13 @@ def random_scores(
 def diversity_order(
     metric: Tensor, num_protected: int = 0, picks: int | None = None, valid: Tensor | None = None
 ) -> Tensor:
-    """Farthest-point (max-min) selection over cosine distance of ``metric`` (B, N, C).
+    """Farthest-point (max-min) selection over cosine distance of ``metric`` (B, N, C), as
+    DivPrune (vbdi/divprune ``LlavaMetaForCausalLM.DivPrune``) picks: first the token farthest
+    from its nearest other token, then each time the token whose distance to the nearest
+    picked one is largest (the first such token on ties).
 
     Returns scores ``(B, N)`` where a higher score means picked earlier: the first ``n``
-    unprotected tokens by score are the max-min diverse subset of size ``n`` (DivPrune).
+    unprotected tokens by score are the max-min diverse subset of size ``n``.
     Only ``picks`` tokens are picked (default: all); the rest score ``-inf``. Protected tokens
     score ``+inf``. ``valid`` (B, N) bool restricts the picks to real tokens (padding scores
     ``-inf``). Vectorised over the batch; loops over picks.
@@ -128,13 +131,14 @@ def diversity_order(
     # One Gram matrix up front; each pick then only reads a row of it.
     gram = m @ m.transpose(1, 2)  # (B, n, n) cosine similarities
     real = None if valid is None else valid[:, P:]
-    mean = m.mean(dim=1, keepdim=True) if real is None else (
-        (m * real.unsqueeze(-1)).sum(dim=1, keepdim=True) / real.sum(dim=1).clamp_min(1)[:, None, None]
-    )
-    to_mean = (m @ mean.transpose(1, 2)).squeeze(-1)
+    # first pick: the token whose most similar other (real) token is least similar
+    others = gram.masked_fill(torch.eye(n, dtype=torch.bool, device=metric.device), float("-inf"))
     if real is not None:
-        to_mean = to_mean.masked_fill(~real, float("inf"))
-    first = to_mean.argmin(dim=1)
+        others = others.masked_fill(~real[:, None, :], float("-inf"))
+    nearest = others.amax(dim=2)
+    if real is not None:
+        nearest = nearest.masked_fill(~real, float("inf"))
+    first = nearest.argmin(dim=1)
     min_dist = torch.full((B, n), float("inf"), device=metric.device, dtype=m.dtype)
     if real is not None:
         min_dist = min_dist.masked_fill(~real, float("-inf"))  # padding: never picked
