@@ -45,7 +45,8 @@ def cls_attn(a: AttnInputs, cls_index: int = 0) -> Tensor:
 
 
 def cls_attn_vnorm(a: AttnInputs, cls_index: int = 0) -> Tensor:
-    """Class attention times the value norm, per head, normalised over tokens (ATS)."""
+    """Class attention times the value norm, per head, normalised over tokens (ATS's
+    significance score; ATS then samples an adaptive count, the callers here take a top-k)."""
     attn = _row_attention(a, slice(cls_index, cls_index + 1))[:, :, 0]  # (B, H, N)
     s = (attn * a.v.norm(dim=-1)).mean(dim=1)
     return s / s.sum(dim=-1, keepdim=True)
