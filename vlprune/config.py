@@ -154,7 +154,12 @@ TEXT_OUTPUTS = ("full", "compact")
 
 # Visual-token scores of "before the LLM" reduction in vision-language models (LLaVA), and
 # the ones that are planned but not available yet.
-VISUAL_SCORES = ("cls_attn", "dominant_contextual", "text", "diversity", "random", "pool")
+VISUAL_SCORES = ("cls_attn", "dominant_contextual", "text", "diversity", "random", "pool",
+                 "visionzip", "prumerge", "prumerge_plus")
+# visual scores that pick each image's token count themselves (visual_keep stays unset)
+ADAPTIVE_VISUAL_SCORES = ("prumerge", "prumerge_plus")
+# visual scores with a contextual-token count (visual_contextual)
+CONTEXTUAL_VISUAL_SCORES = ("dominant_contextual", "visionzip")
 DEFAULT_TEXT_PROTECT_LAST = 8
 
 
@@ -211,22 +216,46 @@ class ReductionConfig:
         visual_keep: "before the LLM" reduction in a vision-language model (LLaVA): the
             projected visual tokens each image keeps, as an ``int`` count (1 .. tokens per
             image) or a ``float`` ratio in (0, 1] (``ceil(ratio * tokens)``, at least one).
-            The kept tokens stay in their original order and the prompt's image placeholder
-            span shrinks to match, so the language model sees fewer tokens. ``None`` or
-            ``1.0``: every token.
+            The kept tokens stay in their original order (``visionzip``: dominant tokens in
+            order, then the contextual ones) and the prompt's image placeholder span shrinks to
+            match, so the language model sees fewer tokens. ``None`` or ``1.0``: every token
+            (with ``prumerge`` / ``prumerge_plus`` it must be ``None``: their count is
+            adaptive).
         visual_score: how visual tokens are ranked: ``cls_attn`` (the vision tower's class
             token attention at the feature layer, FasterVLM), ``random`` (seeded: the same
             patch positions for every image),
-            ``dominant_contextual`` (VisionZip-like: the top class-attention tokens plus
-            ``visual_contextual`` tokens that each average a group of similar leftover tokens),
+            ``dominant_contextual`` (VisionZip-like, our own variant for every family: the top
+            class-attention tokens plus ``visual_contextual`` tokens that each average a group
+            of similar leftover *projected* tokens; it differs from VisionZip in the features
+            averaged, the similarity, the centres, the averaging rule and the class token, see
+            :func:`vlprune.core.visual.dominant_contextual`),
+            ``visionzip`` (exact VisionZip, LLaVA-1.5 only: a CLIP tower with a class token and
+            one int ``vision_feature_layer``; the tower's hidden states at that layer are
+            reduced before the projector: the class token and the top patches by that layer's
+            class attention summed over heads are *dominant*, and ``visual_contextual``
+            contextual tokens each add to one of evenly spaced leftover tokens the mean of the
+            leftover tokens whose head-averaged keys are most similar to it; ``visual_keep``
+            counts every kept token, class token included: ``visual_keep=64`` is VisionZip's
+            "64" setting, 54 dominant (class token + 53 patches) + 10 contextual, ``128`` is
+            108 + 20, ``192`` is 162 + 30),
+            ``prumerge`` / ``prumerge_plus`` (exact LLaVA-PruMerge / PruMerge+, LLaVA-1.5
+            only: the count is adaptive, so ``visual_keep`` must stay unset; the patches whose
+            class attention, recomputed single-head from the q/k projections of the encoder
+            layer that reads the feature layer, is an IQR outlier are kept (PruMerge+ adds
+            every ``int(int(1 / ratio) / 3)``-th patch), each updated with the
+            attention-weighted sum of its 32 nearest tokens by key cosine, plus one token: the
+            attention-weighted sum of the tokens not kept; kept tokens come in attention
+            order, then the added ones, then the extra token; counts differ per image),
             ``text`` (the attention the prompt's text embeddings give each projected visual
             token, SparseVLM-like), ``diversity`` (max-min farthest-point on the projected
             features, DivPrune) or ``pool`` (2x2 average pooling of the patch grid:
             ``visual_keep`` must then be a quarter of the tokens per image).
         visual_seed: seed of the ``random`` visual score.
-        visual_contextual: with ``dominant_contextual``, how many of each image's kept tokens
-            are merged contextual tokens (default: ``round(10 / 64 * kept)``, VisionZip's
-            54 + 10 split at 64 tokens).
+        visual_contextual: with ``dominant_contextual`` or ``visionzip``, how many of each
+            image's kept tokens are merged contextual tokens (default: ``round(10 / 64 *
+            kept)``, VisionZip's 54 + 10 split at 64 tokens, 108 + 20 at 128, 162 + 30 at 192;
+            at most ``kept - 1``: with ``visionzip`` the class token is always kept; 0: the
+            dominant tokens only).
         text_keep: image-guided prompt dropping in a vision-language model (LLaVA): the
             fraction in (0, 1] of each prompt's droppable text tokens kept, ranked by their
             best cosine similarity to the row's projected visual tokens. Special tokens
@@ -375,11 +404,24 @@ class ReductionConfig:
         if ctx is not None:
             if not _is_int(ctx) or ctx < 0:
                 raise ValueError(f"visual_contextual must be an int >= 0, got {ctx!r}")
-            if self.visual_score != "dominant_contextual":
+            if self.visual_score not in CONTEXTUAL_VISUAL_SCORES:
                 raise ValueError(
                     "visual_contextual is the contextual-token count of visual_score="
-                    f"'dominant_contextual'; with visual_score={self.visual_score!r} it would be ignored"
+                    f"'dominant_contextual' or 'visionzip'; with visual_score={self.visual_score!r} "
+                    "it would be ignored"
                 )
+        adaptive = self.visual_score in ADAPTIVE_VISUAL_SCORES
+        if adaptive and keep is not None:
+            raise ValueError(
+                f"visual_score={self.visual_score!r} picks each image's token count itself (the "
+                "IQR outliers of the class attention, as LLaVA-PruMerge), so visual_keep would be "
+                f"ignored; leave visual_keep unset, got {keep!r}"
+            )
+        if adaptive and self.visual_seed != 0:
+            raise ValueError(
+                f"visual_seed is the seed of visual_score='random'; visual_score="
+                f"{self.visual_score!r} draws nothing"
+            )
         tk = self.text_keep
         if tk is not None:
             if not (isinstance(tk, numbers.Real) and not isinstance(tk, bool) and 0.0 < tk <= 1.0):
@@ -394,7 +436,7 @@ class ReductionConfig:
                     "text_protect_last set but text_keep is not, so prompt dropping is off and it "
                     "would be ignored; give text_keep in (0, 1]"
                 )
-        if keep is None:
+        if keep is None and not adaptive:
             stray = [name for name, default in (
                 ("visual_score", "cls_attn"), ("visual_seed", 0), ("visual_contextual", None))
                 if getattr(self, name) != default]
@@ -449,9 +491,11 @@ class ReductionConfig:
     @property
     def has_visual_settings(self) -> bool:
         """True when ``visual_keep``, ``llm_keep``, ``text_keep`` or a ``temporal_*`` option is
-        set (vision-language models only)."""
-        return any(getattr(self, n) is not None for n in (
-            "visual_keep", "llm_keep", "text_keep", "temporal_keep", "temporal_threshold"))
+        set, or an adaptive ``visual_score`` (``prumerge``, ``prumerge_plus``; vision-language
+        models only)."""
+        return self.visual_score in ADAPTIVE_VISUAL_SCORES or any(
+            getattr(self, n) is not None for n in (
+                "visual_keep", "llm_keep", "text_keep", "temporal_keep", "temporal_threshold"))
 
     @property
     def temporal_is_identity(self) -> bool:
@@ -468,7 +512,10 @@ class ReductionConfig:
 
     @property
     def visual_is_identity(self) -> bool:
-        """True when the visual-token reduction keeps every token (count-independent check)."""
+        """True when the visual-token reduction keeps every token (count-independent check;
+        the adaptive scores ``prumerge`` / ``prumerge_plus`` always reduce)."""
+        if self.visual_score in ADAPTIVE_VISUAL_SCORES:
+            return False
         keep = self.visual_keep
         return keep is None or (isinstance(keep, float) and keep == 1.0)
 

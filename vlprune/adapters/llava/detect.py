@@ -15,6 +15,7 @@ from torch import nn
 from ...config import ReductionConfig
 from ...core.select import count_of
 from ..base import UnsupportedModelError, class_path_in_mro, hf_image_input_size
+from .exact import EXACT_SCORES, check_exact
 from .llm import check_decoder_layers, llm_layers
 from .tower import TOWER_OPTIONS, check_llava_tower, tower_requested, tower_tokens_per_image
 
@@ -127,6 +128,9 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
                     f"llm_keep={config.llm_keep} but each image enters the language model with "
                     f"only {per_image} visual tokens"
                 )
+    if config.visual_score in EXACT_SCORES and not config.visual_is_identity:
+        check_exact(model, config, family, encoder_layers(model), tower_requested(config),
+                    has_class_token(model), vision_tokens(model, "default"))
     if config.visual_keep is None:
         return
     layers = encoder_layers(model)

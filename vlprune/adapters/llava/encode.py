@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..base import add_pre_hook, swap_class
 from ..call import lookup, scoped
-from .detect import encoder_layers, has_class_token
+from .detect import encoder_layers, has_class_token, vision_tokens
+from .exact import EXACT_SCORES, reduce_hidden
 
 
 class Encoded:
@@ -35,6 +36,8 @@ class Encoded:
         self.scores = scores
         self.protect = protect
         self.lens = [f.shape[0] for f in feats]
+        self.selected = False  # True: feats are already the kept tokens (exact rules)
+        self.exact = None  # the exact rule's per-image decisions (ExactResult)
 
 
 def _feature_layer_index(layer: int, num_layers: int) -> int:
@@ -122,11 +125,16 @@ def upstream_pack(inner: nn.Module):
 
 def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
                   need_attn: bool) -> Encoded:
-    """Run the vision tower and projector of ``model`` once; record what scoring needs."""
+    """Run the vision tower and projector of ``model`` once; record what scoring needs.
+    The exact pre-projector rules (``visionzip``, ``prumerge``, ``prumerge_plus``) select here
+    already (:func:`~vlprune.adapters.llava.exact.encode_exact`)."""
     mcfg = model.config
     layer = image_kwargs.get("vision_feature_layer", mcfg.vision_feature_layer)
     strategy = image_kwargs.get("vision_feature_select_strategy",
                                 getattr(mcfg, "vision_feature_select_strategy", "default"))
+    cfg = model._vlprune.config
+    if cfg.visual_score in EXACT_SCORES and not cfg.visual_is_identity:
+        return encode_exact(model, pixel_values, image_kwargs, vision_tokens(model, strategy))
     layers = idx = None
     if need_attn:
         if not isinstance(layer, int):
@@ -183,3 +191,28 @@ def pack_like(pack, call: tuple, per_crop: Tensor | None, feats: list[Tensor]) -
     if [p.shape[0] for p in packed] != [f.shape[0] for f in feats]:
         raise RuntimeError("packed scores do not line up with the packed features")
     return packed
+
+
+def encode_exact(model: nn.Module, pixel_values: Tensor, image_kwargs: dict, span: int):
+    """The tower once, the exact rule per image, then the projector: an
+    :class:`Encoded` whose ``feats`` are already the kept
+    projected tokens (``selected``) and whose ``lens`` are the placeholder spans."""
+    cfg = model._vlprune.config
+    inner = model.model
+    layer = image_kwargs.get("vision_feature_layer", model.config.vision_feature_layer)
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"visual_score={cfg.visual_score!r} reads one vision_feature_layer, got {list(layer)}"
+        )
+    extra = {k: v for k, v in image_kwargs.items()
+             if k not in ("vision_feature_layer", "vision_feature_select_strategy")}
+    out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
+    res = reduce_hidden(cfg.visual_score, out.hidden_states, encoder_layers(model), layer,
+                        cfg.visual_keep, cfg.visual_contextual, span)
+    counts = [t.shape[0] for t in res.tokens]
+    projected = inner.multi_modal_projector(torch.cat(res.tokens)[None])[0].split(counts)
+    enc = Encoded(list(projected), None, [None] * len(counts))
+    enc.lens = [span] * len(counts)
+    enc.selected = True
+    enc.exact = res
+    return enc

@@ -3,8 +3,11 @@
 Owns :func:`select_images`: each encoded image keeps ``visual_keep`` of its projected tokens,
 ranked by ``visual_score`` (the tower's attention captured by
 :func:`~vlprune.adapters.llava.encode.encode_images`, the prompt, feature diversity, a seeded
-random draw, VisionZip's dominant + contextual tokens) with the row-end tokens kept first, or
-averaged over 2x2 patches (``pool``, :func:`pool_grid`).
+random draw, VisionZip-like dominant + contextual tokens) with the row-end tokens kept first,
+or averaged over 2x2 patches (``pool``, :func:`pool_grid`). The exact pre-projector rules
+(``visionzip``, ``prumerge``, ``prumerge_plus``, :mod:`.exact`) arrive already selected; their
+counts may differ per image (PruMerge's adaptive count). ``describe`` records the first image's
+counts, or with an adaptive score one entry per image (index: its number in the batch).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...config import ADAPTIVE_VISUAL_SCORES
 from ...core.visual import (
     dominant_contextual,
     select_visual,
@@ -31,8 +35,8 @@ def select_images(ctx: PatchContext, enc: Encoded, texts: list[Tensor | None]) -
     embeddings of image j's row."""
     cfg = ctx.config
     score = cfg.visual_score
-    kept = []
-    for j, f in enumerate(enc.feats):
+    kept = [] if not enc.selected else list(enc.feats)  # exact rules: selected when encoded
+    for j, f in enumerate([] if enc.selected else enc.feats):
         n = f.shape[0]
         prot = enc.protect[j]
         if cfg.visual_is_identity:
@@ -58,7 +62,11 @@ def select_images(ctx: PatchContext, enc: Encoded, texts: list[Tensor | None]) -
         kept.append(f[select_visual(s, k, prot)])
     record = ctx.record
     if record is not None and enc.feats:
-        record.append(LayerRecord(0, enc.lens[0], kept[0].shape[0], 0, None, "visual"))
+        # adaptive scores: one record per image (index j: its number in the batch), as
+        # counts differ per image; otherwise the first image's (all alike)
+        per_image = cfg.visual_score in ADAPTIVE_VISUAL_SCORES
+        for j, f in enumerate(kept if per_image else kept[:1]):
+            record.append(LayerRecord(j, enc.lens[j], f.shape[0], 0, None, "visual"))
     return kept
 
 
