@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fidelity_report import report
 
 from vlprune.core.scores import diversity_order
 from vlprune.core.visual import select_visual, visual_diversity_scores
@@ -52,6 +53,8 @@ def test_pick_order_matches_divprune(golden):
         k = len(want)
         scores = diversity_order(feats[None], 0, picks=k)[0]
         got = scores.argsort(descending=True)[:k].tolist()
+        report("DivPrune", f"{k} picks: positions in pick order that differ from the reference",
+               sum(g != w for g, w in zip(got, want)))
         assert got == want, f"ratio {ratio}: first difference at pick {_first_diff(got, want)}"
 
 

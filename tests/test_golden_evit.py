@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fidelity_report import report
 
 GOLDEN = Path(__file__).parent / "golden"
 STEP_ATOL = 1e-5
@@ -71,6 +72,7 @@ def test_fusion_step_matches_reference_evit(step):
                           rtol=0, atol=STEP_ATOL)
     fused = torch.from_numpy(step["fused"])
     diff = float((out[:, -1] - fused).abs().max())
+    report("EViT", "one block: kept indices identical; max |fused token diff|", diff)
     assert diff <= STEP_ATOL, diff
     # its size counts every token it holds; attention sees it as one fresh token
     assert state.size[:, -1, 0].tolist() == [float(N - 1 - n_keep)] * B
@@ -113,6 +115,7 @@ def test_model_logits_match_reference_evit(vit_tiny_real, assets_dir):
     assert seen == [int(golden["tokens"])]
     ref = torch.from_numpy(golden["logits"])
     diff = (logits - ref).abs().amax(dim=1)
+    report("EViT", f"ViT-Ti max |logit diff| over {len(diff)} images", float(diff.max()))
     assert bool((diff <= LOGITS_ATOL).all()), {
         str(f): round(float(d), 6) for f, d in zip(golden["files"], diff) if d > LOGITS_ATOL
     }

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fidelity_report import report
 
 import vlprune
 
@@ -154,6 +155,8 @@ def test_fastv_matches_reference(golden, name, attn):
     hidden = torch.from_numpy(golden[f"hidden_{name}"])
     diff_h = float((seen["hidden"][0] - hidden).abs().max())
     diff_l = float((logits[0, -1] - torch.from_numpy(golden[f"logits_{name}"])).abs().max())
+    report("FastV", f"{name}: kept positions identical; max |hidden diff|", diff_h)
+    report("FastV", f"{name}: max |last logit diff|", diff_l)
     assert diff_h <= ATOL, diff_h
     assert diff_l <= ATOL, diff_l
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fidelity_report import report
 
 pytestmark = pytest.mark.realdata
 
@@ -83,6 +84,7 @@ def test_merge_logits_match_reference_tome(vit_tiny_real, golden, golden_inputs,
         vlprune.unpatch(model)
     ref = torch.from_numpy(golden[f"logits_r{r}"])
     diff = (logits - ref).abs().amax(dim=1)
+    report("ToMe", f"r={r} max |logit diff| over {len(diff)} images", float(diff.max()))
     assert bool((diff <= ATOL).all()), {
         str(f): round(float(d), 6) for f, d in zip(golden["files"], diff) if d > ATOL
     }
