@@ -6,9 +6,10 @@ import pytest
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
-# Drop of the original ToMe algorithm at r = 8 / 13 / 16 on comparable images (pt), plus the
-# 0.5 pt slack the acceptance allows.
-TOME_DROP = {8: 1.6, 13: 1.8, 16: 4.8}
+# Top-1 drop (pt) of the original ToMe code (facebookresearch/ToMe @ af95e4b, tome.patch.timm)
+# at r = 8 / 13 / 16 on these same 500 images, measured by benchmarks/fidelity/side_by_side.py
+# (docs/results/fidelity_side_by_side.json; r = 8 gains 0.4 pt), plus 0.5 pt of slack.
+TOME_DROP = {8: -0.4, 13: 1.4, 16: 2.8}
 SLACK = 0.5
 
 
