@@ -264,12 +264,12 @@ class ReductionConfig:
             without an image keep their prompt.
         text_protect_last: prompt tokens at the end of each row that ``text_keep`` never
             drops (default 8: the assistant turn marker and the question's end).
-        llm_layer: FastV-style pruning inside the language model of a vision-language model
-            (LLaVA), at prefill: the decoder layer (``0 < llm_layer <`` number of LLM layers,
-            checked at patch time) from which on only ``llm_keep`` visual tokens per image
-            remain, ranked by the attention the last prompt token gives them (heads averaged,
-            recomputed with that layer's own query/key projections and RoPE from its input).
-            Needs ``llm_keep``.
+        llm_layer: FastV pruning inside the language model of a vision-language model
+            (LLaVA), at prefill: the decoder layer (FastV's K; ``0 < llm_layer <`` number of
+            LLM layers, checked at patch time) from which on only ``llm_keep`` visual tokens
+            per image remain, ranked by the attention the last prompt token gives them in
+            layer ``llm_layer - 1`` (heads averaged; that one row recomputed from that layer's
+            own input, query/key projections and RoPE), as FastV ranks. Needs ``llm_keep``.
         llm_keep: visual tokens per image kept from ``llm_layer`` on, of those entering the
             language model (after ``visual_keep``): an ``int`` count or a ``float`` ratio in
             (0, 1] (``ceil(ratio * tokens)``, at least one). ``None`` or ``1.0``: every token.
