@@ -4,9 +4,17 @@
 code (dvlab-research/VisionZip ``visionzip/clip_encoder.py``; 42Shawn/LLaVA-PruMerge
 ``llava/model/multimodal_encoder/clip_encoder.py``), which reduces the vision tower's hidden
 states at the feature layer *before* the projector. So these scores do not go through
-``get_image_features``: :func:`~vlprune.adapters.llava.encode.encode_exact` runs the tower once (``output_hidden_states``),
-reduces each image's hidden states (:func:`reduce_hidden`, :mod:`vlprune.core.visual`), and
-projects the kept tokens with the model's own ``multi_modal_projector``.
+``get_image_features``: :func:`~vlprune.adapters.llava.encode.encode_exact` runs the tower
+once (``output_hidden_states``), reduces each image's hidden states (:func:`reduce_hidden`,
+:mod:`vlprune.core.visual`), and projects the kept tokens with the model's own
+``multi_modal_projector``.
+
+Per image, as the references at batch size 1 (LLaVA's evaluation): PruMerge's IQR statistics
+are the image's own (the reference pools them over the batch, and its PruMerge+ only runs at
+batch size 1), so counts differ per image and each placeholder span shrinks to its image's
+count. Output order is the references': VisionZip's dominant tokens in position order (class
+token first) then the contextual ones; PruMerge's kept tokens best-first by class attention,
+PruMerge+'s sampled ones after them (ascending), then the extra token.
 
 What each reads, for a tower of L encoder layers and ``vision_feature_layer`` f (LLaVA-1.5:
 24 layers, f = -2, so layer 22 produces the features and layer 23 reads them):
