@@ -15,12 +15,22 @@ from typing import Any
 
 import torch
 
+from ..config import ADAPTIVE_VISUAL_SCORES, VISUAL_SCORES
 from ..eval.sweep import OutputPaths, Setting, Sweep
 from ..models import HF_SHAPES, LLAVA_SHAPES, ModelBuildError, build_model
 
 #: the ``--model`` of bench and describe when none is given
 DEFAULT_MODEL = "vit_base_patch16_224"
 
+
+
+def visual_score_help() -> str:
+    """Help text of ``--visual-score``: the scores a ``--visual-keep`` count goes with, and
+    where the ones with their own count go."""
+    fixed = [s for s in VISUAL_SCORES if s not in ADAPTIVE_VISUAL_SCORES]
+    return (f"how visual tokens are ranked with --visual-keep: {', '.join(fixed)} (default: "
+            f"cls_attn); the scores that choose their own count ({', '.join(ADAPTIVE_VISUAL_SCORES)}) "
+            'go in a --setting, e.g. "visual_score=prumerge"')
 
 def parse_merge_list(text: str) -> list:
     """``"0,8,16"`` -> ``[0, 8, 16]``; an item ``R:INFLECT`` is ToMe's ``(r, inflection)``."""
@@ -183,8 +193,7 @@ def add_reduction_args(p: argparse.ArgumentParser, many: bool, *, visual: bool =
                        help=f"llava: visual tokens kept per image{rows}, counts or ratios, e.g. "
                        "192,128,64 (default on llava: 192,128,64 for bench, 64 for describe)")
         p.add_argument("--visual-score", default="cls_attn",
-                       help="llava: how visual tokens are ranked: cls_attn, random, diversity, "
-                       "pool")
+                       help="llava: " + visual_score_help())
     else:
         p.set_defaults(visual_keep=None, visual_score="cls_attn")
     if many and setting:

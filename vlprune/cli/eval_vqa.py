@@ -37,6 +37,7 @@ from .args import (
     parse_keep_list,
     parse_named_setting,
     print_sweep_result,
+    visual_score_help,
 )
 
 #: the values of ``--task``
@@ -178,8 +179,7 @@ def add_vqa_arguments(parser: Any) -> None:
                    f"576,192,64 (default when no setting is given: "
                    f"{','.join(map(str, DEFAULT_VISUAL_KEEP))})")
     r.add_argument("--visual-score", default="cls_attn",
-                   help="how visual tokens are ranked: cls_attn, dominant_contextual, text, "
-                   "diversity, random, pool (default: cls_attn)")
+                   help=visual_score_help())
     add_reduction_args(r, many=True, visual=False, setting=False)
     r.add_argument("--setting", action="append", type=parse_named_setting, default=[],
                    metavar='"[name=NAME] KEY=VALUE ..."',
