@@ -171,3 +171,18 @@ def test_config_label_llava_options():
     assert config_label(ReductionConfig(visual_keep=64, llm_layer=2, llm_keep=0.5,
                                         llm_renumber_positions=True)) == (
         "visual 64 cls_attn + llm 0.5@2 +renumber")
+    # an adaptive visual score has no count of its own to show
+    assert config_label(ReductionConfig(visual_score="prumerge")) == "visual prumerge"
+
+
+def test_cli_adaptive_visual_score(capsys):
+    """prumerge / prumerge_plus run without --visual-keep (each image picks its count) and
+    refuse one; the other scores still need it."""
+    assert main(["describe", "--model", "llava:tiny", "--visual-score", "prumerge"]) == 0
+    out = capsys.readouterr().out
+    assert "'visual_score': 'prumerge'" in out and "'visual_keep': None" in out
+    with pytest.raises(SystemExit, match="drop --visual-keep"):
+        main(["describe", "--model", "llava:tiny", "--visual-score", "prumerge_plus",
+              "--visual-keep", "8"])
+    with pytest.raises(SystemExit, match="without --visual-keep"):
+        main(["describe", "--model", "llava:tiny", "--visual-score", "diversity"])

@@ -29,8 +29,20 @@ def visual_score_help() -> str:
     where the ones with their own count go."""
     fixed = [s for s in VISUAL_SCORES if s not in ADAPTIVE_VISUAL_SCORES]
     return (f"how visual tokens are ranked with --visual-keep: {', '.join(fixed)} (default: "
-            f"cls_attn); the scores that choose their own count ({', '.join(ADAPTIVE_VISUAL_SCORES)}) "
-            'go in a --setting, e.g. "visual_score=prumerge"')
+            f"cls_attn); or, without --visual-keep, a score that chooses each image's count "
+            f"itself: {', '.join(ADAPTIVE_VISUAL_SCORES)}")
+
+
+def check_visual_score(args: argparse.Namespace) -> None:
+    """``--visual-score`` goes with ``--visual-keep``, except the adaptive scores, which
+    refuse it (exits with the reason)."""
+    score, keep = getattr(args, "visual_score", "cls_attn"), getattr(args, "visual_keep", None)
+    if score in ADAPTIVE_VISUAL_SCORES:
+        if keep:
+            raise SystemExit(f"--visual-score {score} chooses each image's token count itself; "
+                             "drop --visual-keep")
+    elif score != "cls_attn" and not keep:
+        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
 
 def parse_merge_list(text: str) -> list:
     """``"0,8,16"`` -> ``[0, 8, 16]``; an item ``R:INFLECT`` is ToMe's ``(r, inflection)``."""
@@ -222,11 +234,12 @@ def settings_from_args(args: argparse.Namespace, default_merge: list,
     """The rows asked for on the command line (merge rows, prune rows, visual-token rows,
     free-form rows); with none, ``default_visual`` visual rows when given, else merge rows."""
     prune = prune_options(args)
-    if args.visual_score != "cls_attn" and not args.visual_keep:
-        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
+    check_visual_score(args)
     rows = [Setting.of(merge_r=r) for r in (args.merge_r or [])]
     rows += [Setting.of(visual_keep=k, visual_score=args.visual_score)
              for k in (args.visual_keep or [])]
+    if args.visual_score in ADAPTIVE_VISUAL_SCORES:
+        rows.append(Setting.of(visual_score=args.visual_score))
     rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
     rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
     if not rows and default_visual is not None:

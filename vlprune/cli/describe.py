@@ -6,9 +6,15 @@ import argparse
 import json
 
 from ..api import describe, patch
-from ..config import ReductionConfig
+from ..config import ADAPTIVE_VISUAL_SCORES, ReductionConfig
 from ..models import is_llava
-from .args import add_model_args, add_reduction_args, model_from_args, prune_options
+from .args import (
+    add_model_args,
+    add_reduction_args,
+    check_visual_score,
+    model_from_args,
+    prune_options,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +30,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1 or len(args.visual_keep or []) > 1:
         raise SystemExit("describe takes one --merge-r, --prune-keep and/or --visual-keep value")
     prune = prune_options(args)
-    if args.visual_score != "cls_attn" and not args.visual_keep:
-        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
+    check_visual_score(args)
     kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}
-    if args.visual_keep or (is_llava(args.model) and not kw and not args.merge_r):
+    if args.visual_score in ADAPTIVE_VISUAL_SCORES:
+        kw["visual_score"] = args.visual_score
+    elif args.visual_keep or (is_llava(args.model) and not kw and not args.merge_r):
         kw.update(visual_keep=args.visual_keep[0] if args.visual_keep else 64,
                   visual_score=args.visual_score)
     if args.merge_r or not kw:

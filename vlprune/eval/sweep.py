@@ -53,7 +53,7 @@ from typing import Any
 from torch import nn
 
 from ..api import patch, unpatch
-from ..config import MergeSchedule, ReductionConfig
+from ..config import ADAPTIVE_VISUAL_SCORES, MergeSchedule, ReductionConfig
 from .machine import environment
 
 __all__ = [
@@ -90,6 +90,8 @@ def config_label(cfg: ReductionConfig) -> str:
         seed = f" seed={cfg.visual_seed}" if cfg.visual_score == "random" else ""
         ctx = "" if cfg.visual_contextual is None else f" ctx={cfg.visual_contextual}"
         parts.append(f"visual {cfg.visual_keep:g} {cfg.visual_score}{seed}{ctx}")
+    elif cfg.visual_score in ADAPTIVE_VISUAL_SCORES:  # the count is each image's own
+        parts.append(f"visual {cfg.visual_score}")
     if cfg.text_keep is not None:  # image-guided prompt dropping
         last = "" if cfg.text_protect_last is None else f" last={cfg.text_protect_last}"
         parts.append(f"text {cfg.text_keep:g}{last}")
