@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fidelity_report import report
 from golden_llava import build_llava, lm_visual_features, load, prompts, tiny_clip, tower_hidden
 
 import vlprune
@@ -77,6 +78,9 @@ def test_rule_matches_reference(golden, llava, hidden, name):
     the extra token last."""
     counts, toks, idx = _split(golden, name)
     res = reduce_hidden(name, hidden, encoder_layers(llava), -2, None, None, 576)
+    diff = max(float((res.tokens[j] - toks[j]).abs().max()) for j in range(3)
+               if res.tokens[j].shape == toks[j].shape)
+    report(name, "max |pre-projector token diff| (counts and indices compared exactly)", diff)
     assert res.ratios == pytest.approx(golden[f"{name}_ratio"].tolist(), abs=0)
     for j in range(3):
         assert res.indices[j].tolist() == idx[j].tolist()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fidelity_report import report
 from golden_llava import build_llava, lm_visual_features, load, tiny_clip, tower_hidden
 
 import vlprune
@@ -71,6 +72,9 @@ def test_rule_matches_reference(golden, llava, pixels, keep):
     dom, _ = SETTINGS[keep]
     hs = tower_hidden(llava, pixels)
     res = reduce_hidden("visionzip", hs, encoder_layers(llava), -2, keep, None, 576)
+    diff = max(float((res.tokens[j] - golden[f"tokens_{dom}"][j]).abs().max())
+               for j in range(pixels.shape[0]))
+    report("VisionZip", f"{keep} tokens: max |pre-projector token diff|", diff)
     for j in range(pixels.shape[0]):
         assert res.indices[j].tolist() == golden[f"idx_{dom}"][j].tolist()
         torch.testing.assert_close(res.tokens[j], golden[f"tokens_{dom}"][j], atol=ATOL, rtol=RTOL)
