@@ -67,9 +67,16 @@ def test_image_text_alignment_and_diversity():
     text = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0.5], [1.0, 1.0, 0, 0]])
     torch.testing.assert_close(image_text_alignment(text, visual), torch.tensor([1.0, 1.0, 2 ** -0.5]))
     feats = torch.tensor([[1.0, 0], [0.99, 0.01], [0, 1.0], [-1.0, 0]])
+    # By hand (DivPrune's max-min rule on cosine similarity, 0.99/|(0.99, .01)| = 0.99995):
+    #   g01 = .99995, g02 = 0, g03 = -1, g12 = .0101, g13 = -.99995, g23 = 0
+    #   most similar other token: t0 .99995, t1 .99995, t2 .0101, t3 0 -> first pick t3 (least)
+    #   distance 1 - g to the picks {3}: t0 2, t1 1.99995, t2 1 -> second pick t0
+    #   distance to {3, 0}: t1 min(1.99995, .00005) = .00005, t2 min(1, 1) = 1 -> third pick t2
+    # scores: n - step = 4, 3, 2 for t3, t0, t2; t1 is never picked (-inf)
     s = visual_diversity_scores(feats, 3)
-    # near-duplicates (0 and 1) are not both picked
-    top = set(s.topk(3).indices.tolist())
-    assert top == {0, 2, 3} or top == {1, 2, 3}
+    assert s.tolist() == [3.0, float("-inf"), 2.0, 4.0]
+    assert s.topk(3).indices.tolist() == [3, 0, 2]
+    # t2 protected, k = 2: one pick among t0, t1, t3; their most similar others are .99995,
+    # .99995 and max(-1, -.99995) = -.99995, so t3 is picked: kept {2 (protected), 3}
     protect = torch.tensor([False, False, True, False])
-    assert select_visual(visual_diversity_scores(feats, 2, protect), 2, protect).tolist()[0:2] in ([0, 2], [1, 2], [2, 3])
+    assert select_visual(visual_diversity_scores(feats, 2, protect), 2, protect).tolist() == [2, 3]
