@@ -182,14 +182,27 @@ def test_combine_masks_bool_and_float():
     assert combine_masks(mask, None, torch.float32) is mask
 
 
+# ToMe's rule (facebookresearch/ToMe, tome/utils.py parse_r), derived by hand for each case:
+# lo = int(r * (1 - inflection)), hi = 2r - lo, step = (hi - lo) / (layers - 1), and layer i
+# gets int(lo + step * i) (truncation, never rounding). A single layer gets r.
 @pytest.mark.parametrize(
     "merge_r, layers, expected",
     [
-        (4, 3, [4, 4, 4]),
-        ([1, 2], 4, [1, 2, 0, 0]),
-        ((8, 0.5), 3, [4, 8, 12]),
-        ((8, -1.0), 3, [16, 8, 0]),
+        (4, 3, [4, 4, 4]),  # an int: the same r everywhere
+        (0, 2, [0, 0]),
+        ([1, 2], 4, [1, 2, 0, 0]),  # a short list: trailing layers 0
+        ([0, 3], 2, [0, 3]),
+        ((8, 0.5), 3, [4, 8, 12]),  # lo 4, hi 12, step 4
+        ((8, -1.0), 3, [16, 8, 0]),  # lo 16, hi 0, step -8
         ((8, 0.0), 1, [8]),
+        ((8, 1.0), 1, [8]),  # one layer: r whatever the inflection
+        ((5, 0.5), 4, [2, 4, 6, 8]),  # lo int(2.5) = 2, hi 8, step 2
+        ((3, 1.0), 4, [0, 2, 4, 6]),  # lo 0, hi 6, step 2
+        # lo int(4.9) = 4, hi 10, step 1.5: 4, 5.5, 7, 8.5, 10 truncated (mean 6.8, not 7)
+        ((7, 0.3), 5, [4, 5, 7, 8, 10]),
+        # lo int(3.5) = 3, hi 1, step -2/3: 3, 2.33, 1.67, 1 truncated
+        ((2, -0.75), 4, [3, 2, 1, 1]),
+        ((0, 0.7), 3, [0, 0, 0]),
     ],
 )
 def test_parse_schedule(merge_r, layers, expected):
@@ -199,9 +212,16 @@ def test_parse_schedule(merge_r, layers, expected):
 @settings(max_examples=50, deadline=None)
 @given(r=st.integers(0, 64), inflect=st.floats(-1, 1), layers=st.integers(2, 24))
 def test_parse_schedule_tuple_mean_is_r(r, inflect, layers):
+    """The exact ramp lo..hi (hi = 2r - lo) has mean r; truncating each layer's value to an
+    int loses less than 1 per layer and never adds, so r - 1 < mean <= r. The ramp starts at
+    lo and runs one way (up for positive inflection, down for negative)."""
     sched = parse_schedule((r, inflect), layers)
     assert len(sched) == layers and min(sched) >= 0
-    assert abs(sum(sched) / layers - r) <= 1.0  # int truncation only
+    assert r - 1 < sum(sched) / layers <= r
+    lo = int(r * (1.0 - inflect))
+    assert sched[0] == lo
+    steps = [b - a for a, b in zip(sched, sched[1:])]
+    assert all(d >= 0 for d in steps) if lo <= r else all(d <= 0 for d in steps)
 
 
 @pytest.mark.parametrize(
