@@ -82,8 +82,33 @@ SETTINGS = {
 def test_group_map_partitions_like_get_source(model, name):
     vlprune.patch(model, trace_source=True, **SETTINGS[name])
     sources = viz.layer_sources(model, _x(), [1, DEPTH - 1])
-    last = vlprune.get_source(model)  # the same forward
+    last = vlprune.get_source(model)  # the same forward: the hook on the last block saw it
     assert torch.equal(sources[DEPTH - 1], last)
+    # checks independent of the recorded maps themselves: each map has the token count that
+    # describe's records (another path) give for its layer, holds whole input tokens (0 / 1
+    # entries), and each input token is held at most once (exactly once where nothing drops)
+    desc = vlprune.describe(model, _x(), flops=False)
+    n0 = PREFIX + GRID[0] * GRID[1]
+    for layer in (1, DEPTH - 1):
+        src = sources[layer][0]
+        assert src.shape == (desc.layers[layer].tokens_out, n0), layer
+        assert bool(((src == 0) | (src == 1)).all())
+        cols = src.sum(0)
+        if name == "prune":  # pure pruning: each removed token is one dropped patch
+            assert int((cols == 0).sum()) == _dropped_by_layer(desc)[layer]
+        elif name != "hybrid":  # merged, fused or recycled: every input token still held
+            assert bool((cols == 1).all()), layer
+        assert bool((cols <= 1).all())
+    # layer 1's groups are nested in the last layer's: each is held whole by one last-layer
+    # token, or (pruning) dropped whole
+    inter = sources[1][0] @ last[0].T  # (tokens at 1, tokens at the end): patches in common
+    for i, group in enumerate(sources[1][0]):
+        owners = torch.nonzero(inter[i]).flatten().tolist()
+        assert len(owners) <= 1, (i, owners)
+        if owners:
+            assert inter[i, owners[0]] == group.sum(), i
+        elif name not in ("prune", "hybrid"):
+            raise AssertionError(f"layer-1 token {i} lost without pruning")
     gmap = viz.group_map(last, PREFIX, GRID)
     assert gmap.shape == GRID and gmap.dtype == torch.long
     flat = gmap.flatten()
