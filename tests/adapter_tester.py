@@ -9,8 +9,10 @@ them remove no token), how many tokens each tower protects and how to read its o
                                        towers=...)}
 
 Every registered model then gets every check below, for each applicable setting and batch
-size (``test_invariants``), and the concurrency checks for its ``concurrency`` settings
-(``test_concurrent_forwards``, ``test_concurrent_disabled``). The expected token counts are
+size (``test_invariants``), the concurrency checks for its ``concurrency`` settings
+(``test_concurrent_forwards``, ``test_concurrent_disabled``), and once per model the check that
+``configure`` refuses what ``patch`` refuses (``test_refusals``: the refusals every family of
+its kind has, :func:`default_refusals`, plus the family's own ``refusals``). The expected token counts are
 computed here from the documented rules (README, ``vlprune/config.py`` and
 ``vlprune/core/select.py``), never with the library's own helpers:
 
@@ -104,6 +106,8 @@ class Family:
     other: settings ``configure`` switches to and back from.
     concurrency: settings of the concurrency checks (reducing ones).
     check: an extra family check ``(model, inputs, output, description)`` on the patched model.
+    refusals: ``(setting, keywords)`` pairs ``patch`` refuses on this model, besides
+        :func:`default_refusals`; the error must name ``setting``.
     """
 
     build: Callable[[], nn.Module]
@@ -121,6 +125,7 @@ class Family:
     changes_atol: float | None = 0.0
     concurrency: tuple[str, ...] = ()
     check: Callable[[nn.Module, Any, Any, Any], None] | None = None
+    refusals: tuple[tuple[str, dict], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,73 @@ def check_invariants(case: Case) -> None:
         assert_same(read(model), ref, 0.0, "unpatched again vs never patched")
 
 
+# --- refusals: configure refuses what patch refuses ----------------------------------------
+
+
+def default_refusals(model: nn.Module) -> list[tuple[str, dict]]:
+    """``(setting, keywords)`` that ``patch`` refuses on every model of ``model``'s kind (its
+    adapter's towers; LLaVA; BERT-style outputs), with an error naming ``setting``."""
+    from vlprune.adapters.base import find_adapter
+
+    adapter = find_adapter(model)
+    llava = adapter.name == "hf_llava"
+    towers = set(adapter.towers)
+    out = [
+        ("bogus_setting", dict(bogus_setting=1)),  # unknown names
+        ("prune_keep", dict(prune_keep=0.0)),  # invalid values
+        ("merge_r", dict(merge_r=[1] * 64)),  # more entries than layers
+    ]
+    if not llava:  # no visual tokens reach a language model
+        out.append(("visual_keep", dict(visual_keep=4)))
+    if not adapter.full_text_output:
+        out.append(("text_output", dict(text_output="compact")))
+    if "text" not in towers:
+        out.append(("text_merge_r", dict(text_merge_r=1)))
+    if towers == {"image"}:  # guidance by a text tower it does not have
+        out.append(("guide", dict(guide="image", text_prune_keep=0.5, text_prune_layers=(1,))))
+    if towers == {"text"}:
+        out.append(("guide", dict(guide="text", prune_keep=0.5, prune_layers=(1,))))
+    if llava:
+        out += [("llm_layer", dict(llm_layer=99, llm_keep=4)), ("trace_source", dict(trace_source=True))]
+    return out
+
+
+def check_refusals(fam: Family) -> None:
+    """Each refusal of ``patch`` (it raises on the unpatched model, naming the setting) is a
+    refusal of ``configure`` on the model patched with ``fam.other``: the same error type, a
+    message naming the same setting, and nothing changed -- the settings, the context, every
+    patched module and the output (bit-exact)."""
+    model = fam.build()
+    refusals = [*default_refusals(model), *fam.refusals]
+    by_patch = []
+    for setting, bad in refusals:
+        with pytest.raises((TypeError, ValueError)) as refused:
+            vlprune.patch(model, **bad)
+        assert setting in str(refused.value), f"patch({bad}) refused without naming {setting}: {refused.value}"
+        assert not vlprune.is_patched(model), f"a refused patch({bad}) left the model patched"
+        by_patch.append(refused.value)
+    inputs = fam.inputs(fam.batches[0], 1)
+    read = lambda m: fam.outputs(fam.run(m, inputs), inputs)  # noqa: E731
+    with torch.no_grad():
+        vlprune.patch(model, **fam.other)
+        out = read(model)
+        cfg, ctx, classes = vlprune.get_config(model), model._vlprune, _classes(model)
+        attrs = {(n, k): id(v) for n, m in model.named_modules() for k, v in vars(m).items()
+                 if k.startswith("_vlprune")}
+        for (setting, bad), patch_error in zip(refusals, by_patch):
+            with pytest.raises(Exception) as refused:  # noqa: PT011 - the type is compared below
+                vlprune.configure(model, **bad)
+            err = refused.value
+            assert type(err) is type(patch_error), (
+                f"configure({bad}) raised {type(err).__name__}, patch {type(patch_error).__name__}")
+            assert setting in str(err), f"configure({bad}) refused without naming {setting}: {err}"
+            assert vlprune.get_config(model) == cfg, f"a refused configure({bad}) changed the settings"
+            assert model._vlprune is ctx and _classes(model) == classes
+            assert attrs == {(n, k): id(v) for n, m in model.named_modules() for k, v in vars(m).items()
+                             if k.startswith("_vlprune")}, f"a refused configure({bad}) changed the patch"
+        assert_same(read(model), out, 0.0, "after refused configures")
+
+
 # --- concurrency ----------------------------------------------------------------------------
 
 
@@ -494,7 +566,9 @@ class AdapterTester:
 
     def _cases(self, test: str):
         for name, fam in self.families.items():
-            if test == "test_invariants":
+            if test == "test_refusals":
+                yield Case(name, fam, "refusals", {})
+            elif test == "test_invariants":
                 for setting, kw in fam.settings.items():
                     if kw is not None:
                         for batch in fam.batches:
@@ -507,6 +581,10 @@ class AdapterTester:
         """Identity settings, disabled, tokens per layer, sources, patch twice, deepcopy,
         configure round trip, unpatch: one model, one setting, one batch size."""
         check_invariants(case)
+
+    def test_refusals(self, case: Case) -> None:
+        """configure refuses what patch refuses, with the same error, and changes nothing."""
+        check_refusals(case.family)
 
     def test_concurrent_forwards(self, case: Case) -> None:
         check_concurrent(case, disable_first=False)

@@ -80,9 +80,16 @@ def _family(name):
         s: {**kw, "prune_score": "attn_entropy"} if no_cls and "prune_keep" in kw and "prune_score" not in kw else kw
         for s, kw in SETTINGS.items()
     }
+    prune = dict(prune_keep=0.5, prune_layers=(1,))
+    refusals = []
+    if no_cls:  # class-token scores (the default) need a class token
+        refusals += [("prune_score", prune), ("prune_score", {**prune, "prune_score": "cls_attn_vnorm"})]
+    if name.startswith("open_clip") or name == "test_vit3_map":  # no per-token head to guide by
+        refusals.append(("guide", {**prune, "prune_score": "key_norm", "guide": "text"}))
     return Family(
         build=lambda: _build(name), inputs=lambda batch, seed: _x(batch, seed), settings=settings,
         identity={"r0": 0.0, "keep1": 1e-5}, towers=_towers, concurrency=("hybrid", "fuse"),
+        refusals=tuple(refusals),
     )
 
 

@@ -14,8 +14,10 @@ from .adapters.base import (
     ATTR,
     LayerRecord,
     PatchContext,
+    PatchSnapshot,
     find_adapter,
     input_shapes,
+    reconfigure,
     restore,
     run_model,
 )
@@ -49,18 +51,17 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
         config = ReductionConfig(**settings)
     elif not isinstance(config, ReductionConfig):
         raise TypeError(f"config must be a ReductionConfig, got {type(config).__name__}")
-    previous = model.__dict__.get(ATTR)
-    if previous is not None:
-        restore(model)
+    # a failed patch leaves the model as it was: unpatched, or exactly its old patch
+    snapshot = PatchSnapshot(model)
     try:
+        restore(model)
         adapter = find_adapter(model, config.family)
         adapter.check(model, config)
         ctx = adapter.make_context(model, config)
-    except Exception:
-        if previous is not None:  # a failed re-patch leaves the old patch in place
-            find_adapter(model, previous.family).apply(model, previous)
+        adapter.apply(model, ctx)
+    except BaseException:
+        snapshot.put_back()
         raise
-    adapter.apply(model, ctx)
     return model
 
 
@@ -76,18 +77,32 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def configure(model: nn.Module, **changes: Any) -> nn.Module:
-    """Change settings of a patched model without re-patching (e.g. ``configure(m, merge_r=8)``)."""
+    """Change settings of a patched model (e.g. ``configure(m, merge_r=8)``).
+
+    The new settings go through the checks ``patch`` runs (the family's structure checks and
+    its context build), so ``configure`` refuses what ``patch`` refuses, with the same error.
+    It is atomic: a refused change leaves the settings, the patch and the outputs exactly as
+    they were. The result equals ``patch(model, get_config(model).replace(**changes))``,
+    except that what can be kept is kept: a change the patched modules can follow (merge or
+    prune schedules, scores, ``trace_source``, ...) is made in place, on the same patched
+    classes and settings object (guidance too: ``guide=``); a change that needs other
+    patched modules (turning on FastV's decoder layers or a LLaVA's vision tower, moving
+    ``llm_layer``) re-patches internally, keeping the classes of the modules it patches.
+    Embeddings given by :func:`set_guide` stay while the same tower is still guided by the
+    same modality. ``family`` cannot change.
+
+    Like ``patch``, call it between forwards: not while other threads (or tasks) run
+    forwards of the same model, which may then see the model partly re-patched. Forwards
+    after it, in any thread, use the new settings.
+    """
     ctx = _context(model)
-    if "family" in changes and changes["family"] != ctx.config.family:
-        raise ValueError("family cannot be changed by configure(); call vlprune.patch() again")
+    if "family" in changes and changes["family"] not in (ctx.config.family, ctx.family):
+        raise ValueError(
+            f"family cannot be changed by configure() (the model is patched as {ctx.family!r}); "
+            "call vlprune.patch() again"
+        )
     config = ctx.config.replace(**changes)
-    old = ctx.config
-    ctx.config = config
-    try:
-        ctx.refresh()
-    except ValueError:
-        ctx.config = old
-        raise
+    reconfigure(model, find_adapter(model, ctx.family), config)
     return model
 
 

@@ -254,6 +254,131 @@ def restore(model: nn.Module) -> None:
             del module.__dict__[key]
 
 
+# -- configure: new settings checked and built as at patch time, atomically -----------------
+
+
+class PatchSnapshot:
+    """Everything a patch put on ``model`` -- each module's class, its ``_vlprune*``
+    attributes, its forward pre-hooks -- to put back exactly (:meth:`put_back`) after a failed
+    or trial re-patch: the same objects, so every patched module keeps its context."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = []
+        for m in model.modules():
+            attrs = {k: v for k, v in m.__dict__.items() if k.startswith(ATTR)}
+            hooks = None
+            if m._forward_pre_hooks or m._forward_pre_hooks_with_kwargs:
+                hooks = (dict(m._forward_pre_hooks), dict(m._forward_pre_hooks_with_kwargs))
+            self.modules.append((m, m.__class__, attrs, hooks))
+
+    def put_back(self) -> None:
+        restore(self.model)  # whatever a trial left, then the snapshot
+        for m, cls, attrs, hooks in self.modules:
+            m.__class__ = cls
+            m.__dict__.update(attrs)
+            if hooks is not None:
+                for now, saved in zip((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs), hooks):
+                    now.clear()
+                    now.update(saved)
+
+
+def _context_paths(ctx: PatchContext, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
+    """``id`` of each context of the tree -> its path of tower names (the root: ``()``)."""
+    out = {id(ctx): prefix}
+    for name, child in ctx.children.items():
+        out.update(_context_paths(child, (*prefix, name)))
+    return out
+
+
+def _describe(value, paths: dict[int, tuple[str, ...]], depth: int = 0):
+    """A patch attribute, comparable between two patches of the same model: a context by its
+    place in its tree, plain values by value, vlprune's own helper objects (FastV's point) by
+    their attributes, anything else (modules, functions) by identity."""
+    if isinstance(value, PatchContext):
+        return ("context", paths.get(id(value)))
+    if value is None or isinstance(value, (bool, int, float, str, type)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_describe(v, paths, depth) for v in value))
+    if (depth < 2 and not isinstance(value, nn.Module) and not callable(value)
+            and type(value).__module__.startswith("vlprune.") and hasattr(value, "__dict__")):
+        return (type(value), tuple(sorted((k, _describe(v, paths, depth + 1)) for k, v in vars(value).items())))
+    return ("object", id(value))
+
+
+def patch_footprint(model: nn.Module, ctx: PatchContext) -> list:
+    """What the patch with root context ``ctx`` put on ``model``, comparable with another
+    patch's: the context tree's shape and types; per module its class, its ``_vlprune*``
+    attributes and our forward pre-hooks (:func:`_describe`)."""
+    paths = _context_paths(ctx)
+    tree = sorted((path, type(c).__qualname__) for c in _tree(ctx) for path in [paths[id(c)]])
+    out: list = [tree]
+    for name, m in model.named_modules():
+        d = m.__dict__
+        ids = d.get("_vlprune_hook_ids", ())
+        attrs = sorted((k, _describe(v, paths)) for k, v in d.items()
+                       if k.startswith(ATTR) and k != "_vlprune_hook_ids")
+        hooks = [_describe(m._forward_pre_hooks.get(i), paths) for i in ids]
+        if attrs or hooks:
+            out.append((name, m.__class__, attrs, hooks))
+    return out
+
+
+def _tree(ctx: PatchContext) -> list[PatchContext]:
+    return [ctx, *(c for child in ctx.children.values() for c in _tree(child))]
+
+
+def _carry_guides(old: PatchContext, new: PatchContext) -> None:
+    """``set_guide``'s embeddings (and map) stay where the same tower is still guided by the
+    same modality; elsewhere they go with the guidance."""
+    for name, child in new.children.items():
+        if name in old.children:
+            _carry_guides(old.children[name], child)
+    if new.guided_by is not None and new.guided_by == old.guided_by:
+        new.guide, new.guide_project = old.guide, old.guide_project
+
+
+def _take_settings(old: PatchContext, new: PatchContext) -> None:
+    """Make ``old`` (the context the patched modules hold) carry ``new``'s settings; the
+    trees have the same shape. ``old`` keeps its key (the calling threads' call state)."""
+    for k, v in new.__dict__.items():
+        if k not in ("key", "children"):
+            old.__dict__[k] = v
+    for name, child in new.children.items():
+        _take_settings(old.children[name], child)
+
+
+def reconfigure(model: nn.Module, adapter: Adapter, config: ReductionConfig) -> bool:
+    """Give the patched ``model`` the settings ``config`` as :func:`vlprune.patch` would:
+    the adapter's checks and context build on the model's upstream classes, then its patch.
+
+    When that patch puts on the model what the current one holds (the same classes,
+    attributes and hooks per module, the same context tree), the current contexts take the
+    new settings in place and the model keeps its patch (the same objects); otherwise the new
+    patch replaces it (a re-patch; ``set_guide``'s embeddings carried over where still
+    valid). Atomic: on any error the model is left exactly as it was. Returns whether it
+    re-patched. Not safe while other threads run forwards of ``model`` (for the moment of
+    the checks the model has its upstream classes)."""
+    old: PatchContext = model.__dict__[ATTR]
+    before = patch_footprint(model, old)
+    snapshot = PatchSnapshot(model)
+    try:
+        restore(model)
+        adapter.check(model, config)
+        new = adapter.make_context(model, config)
+        adapter.apply(model, new)
+        _carry_guides(old, new)
+        same = patch_footprint(model, new) == before
+    except BaseException:
+        snapshot.put_back()
+        raise
+    if same:
+        snapshot.put_back()
+        _take_settings(old, new)
+    return not same
+
+
 class Adapter(ABC):
     """Knows where the reduction points of one model family are.
 
