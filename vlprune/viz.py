@@ -79,10 +79,18 @@ def _require(module: str):
 class _Trace:
     """What one recorded forward gives for the chosen blocks."""
 
-    sources: dict[int, Tensor]  # layer -> (B, N_l, N0)
+    origins: dict[int, Tensor]  # layer -> (B, N0) int64: the token holding each input, -1 dropped
+    tokens: dict[int, int]  # layer -> N_l, the tokens after that block
     fused: dict[int, Tensor]  # layer -> (B, N_l) bool: tokens holding fused (dropped) tokens
     num_prefix: int
     num_layers: int
+
+    @property
+    def sources(self) -> dict[int, Tensor]:
+        """layer -> the dense ``(B, N_l, N0)`` float32 source map, built on demand."""
+        from .core.plan import dense_source
+
+        return {layer: dense_source(o, self.tokens[layer]) for layer, o in self.origins.items()}
 
 
 def _image_blocks(model: nn.Module) -> list[nn.Module]:
@@ -154,7 +162,7 @@ def _record(model: nn.Module, x: Tensor, layers: Sequence[int] | None,
             forward: Callable[[nn.Module, Tensor], Any] | None = None) -> _Trace:
     """Run one forward with hooks on the chosen image blocks; see :func:`layer_sources`."""
     from .adapters.base import ATTR
-    from .core.plan import identity_source
+    from .core.plan import identity_origin
 
     root = model.__dict__.get(ATTR)
     blocks = _image_blocks(model)
@@ -165,7 +173,8 @@ def _record(model: nn.Module, x: Tensor, layers: Sequence[int] | None,
             "vlprune.configure(model, trace_source=True)"
         )
     chosen = _check_layers(layers, len(blocks), type(model).__name__)
-    sources: dict[int, Tensor] = {}
+    origins: dict[int, Tensor] = {}  # (B, N0) int64 per layer: no dense map per layer
+    counts: dict[int, int] = {}
     fused: dict[int, Tensor] = {}
     prefix: list[int] = []
 
@@ -181,17 +190,17 @@ def _record(model: nn.Module, x: Tensor, layers: Sequence[int] | None,
             if not prefix:
                 prefix.append(state.num_protected)
             tokens = out[0] if isinstance(out, (tuple, list)) else out
-            if state.source is None:  # nothing merged or dropped yet: every token holds itself
-                sources[layer] = identity_source(tokens.shape[0], tokens.shape[1], device=tokens.device)
+            counts[layer] = tokens.shape[1]
+            if state.origin is None:  # nothing merged or dropped yet: every token holds itself
+                origins[layer] = identity_origin(tokens.shape[0], tokens.shape[1], device=tokens.device)
                 fused[layer] = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
                 return
-            sources[layer] = state.source.detach().float().clone()
+            origins[layer] = state.origin  # replaced, never changed in place, by compactions
             if state.attn_size is not None and state.size is not None:
                 # a fused token enters proportional attention as one fresh token
                 fused[layer] = (state.attn_size < state.size - 0.5).squeeze(-1)
             else:
-                fused[layer] = torch.zeros(state.source.shape[:2], dtype=torch.bool,
-                                           device=state.source.device)
+                fused[layer] = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
         return record
 
@@ -205,10 +214,11 @@ def _record(model: nn.Module, x: Tensor, layers: Sequence[int] | None,
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [i for i in chosen if i not in sources]
+    missing = [i for i in chosen if i not in origins]
     if missing:
         raise RuntimeError(f"the forward did not run block(s) {missing} of the image tower")
-    return _Trace(sources=sources, fused=fused, num_prefix=prefix[0], num_layers=len(blocks))
+    return _Trace(origins=origins, tokens=counts, fused=fused, num_prefix=prefix[0],
+                  num_layers=len(blocks))
 
 
 def layer_sources(model: nn.Module, x: Tensor, layers: Sequence[int] | None = None, *,
@@ -578,21 +588,21 @@ def visualize(model: nn.Module, image: Any, *, path: str | os.PathLike,
             configure(model, trace_source=old_trace)
         else:
             unpatch(model)
-    n0 = next(iter(trace.sources.values())).shape[-1]
+    n0 = next(iter(trace.origins.values())).shape[-1]
     grid = _grid_of(n0 - trace.num_prefix, x.shape[-2], x.shape[-1])
     maps, fused_maps = {}, {}
     summary: dict[str, Any] = {
         "path": str(path), "grid": grid, "num_prefix": trace.num_prefix,
-        "layers": sorted(trace.sources), "tokens": {}, "groups": {}, "dropped": {}, "fused": {},
+        "layers": sorted(trace.origins), "tokens": {}, "groups": {}, "dropped": {}, "fused": {},
     }
     for layer in summary["layers"]:
-        source = trace.sources[layer][0].cpu()
-        gmap = group_map(source, trace.num_prefix, grid)
+        # the index map of the first image is the group map (no dense source map needed)
+        gmap = trace.origins[layer][0, trace.num_prefix:].cpu().reshape(grid).long()
         maps[layer] = gmap
         fused_rows = trace.fused[layer][0].cpu()
         fmask = torch.where(gmap >= 0, fused_rows[gmap.clamp(min=0)], torch.zeros_like(gmap, dtype=torch.bool))
         fused_maps[layer] = fmask
-        summary["tokens"][layer] = int(source.shape[0])
+        summary["tokens"][layer] = trace.tokens[layer]
         summary["groups"][layer] = int(torch.unique(gmap[gmap >= 0]).numel())
         summary["dropped"][layer] = int((gmap < 0).sum())
         summary["fused"][layer] = int(fmask.sum())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReductionConfig, parse_prune_schedule, parse_schedule
+from ..core.scores import call_seed
 from ..core.state import TokenState
 from .call import CallState, current, lookup, new_key, scoped, start
 
@@ -74,6 +75,8 @@ class PatchContext:
     guide_project: Callable[[Tensor], Tensor] | None = None
     # identifies this context's call state (a copy of the model gets a new key)
     key: int = field(default_factory=new_key, init=False, repr=False)
+    # training forwards begun since patch / configure: each draws its own random scores
+    train_calls: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -90,6 +93,7 @@ class PatchContext:
     def refresh(self) -> None:
         """Resolve the per-layer schedules from the config (after patch or configure)."""
         cfg = self.config
+        self.train_calls = 0  # the random score's training sequence restarts from its seed
         if self.children:
             for name, child in self.children.items():
                 child.config = cfg.for_tower(name, two_towers=len(self.children) > 1)
@@ -146,14 +150,21 @@ class PatchContext:
         keep = self.prune_schedule[layer]
         return self.schedule[layer] > 0 or (keep is not None and keep < 1.0)
 
-    def begin(self, num_protected: int) -> TokenState | None:
-        """Start the call state of a new forward pass in the calling thread."""
+    def begin(self, num_protected: int, training: bool = False) -> TokenState | None:
+        """Start the call state of a new forward pass in the calling thread. The ``random``
+        score draws the same positions at every eval forward; in training (``training``: the
+        root module's mode) the n-th forward since patch / configure draws from its own seeded
+        generator (:func:`~vlprune.core.scores.call_seed`), so steps differ but the sequence
+        repeats for the same seed."""
         call = start(self.key)
         if not self.enabled:
             return None
         call.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
         if self.config.prune_score == "random" and any(k is not None for k in self.prune_schedule):
-            call.generator = torch.Generator().manual_seed(self.config.prune_seed)
+            step = 0
+            if training:
+                step, self.train_calls = self.train_calls, self.train_calls + 1
+            call.generator = torch.Generator().manual_seed(call_seed(self.config.prune_seed, step))
         return call.state
 
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
@@ -184,7 +195,7 @@ class RootMixin:
         """Start a forward pass: a fresh token state, and refuse gradient checkpointing while
         reducing (recomputed blocks would see a different token state)."""
         ctx: PatchContext = self._vlprune
-        ctx.begin(num_protected)
+        ctx.begin(num_protected, training=self.training)
         refuse_grad_checkpointing(ctx, grad_checkpointing)
 
     def _vlprune_check_nlc(self, method, *args, **kwargs) -> None:

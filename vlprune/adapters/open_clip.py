@@ -36,7 +36,7 @@ from .base import (
     swap_class,
 )
 from .call import scoped
-from .step import enter_block, reduce_step
+from .step import enter_block, pool_sizes, reduce_step, weighted_mean
 from .text import TextLayout, random_ids, start_text
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
@@ -60,12 +60,12 @@ class _VisionMixin(RootMixin):
 
     def _global_pool(self, x: Tensor):
         ctx: PatchContext = self._vlprune
-        state = ctx.state if ctx.enabled else None
-        size = state.size if state is not None else None
-        if self.pool_type != "avg" or size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
+        if self.pool_type != "avg":
+            return super()._global_pool(x)  # 'tok', 'none': sizes do not matter
+        sizes = pool_sizes(ctx, x)  # raises on tokens that are not the latest forward's
+        if sizes is None:
             return super()._global_pool(x)
-        s = size[:, 1:]
-        return (x[:, 1:] * s).sum(dim=1) / s.sum(dim=1), x[:, 1:]
+        return weighted_mean(x[:, 1:], sizes[0][:, 1:]), x[:, 1:]
 
 
 class _BlockMixin:

@@ -34,6 +34,42 @@ def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor 
     return reduce, bias
 
 
+def pool_sizes(ctx: PatchContext, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Sizes for a size-weighted pooling of ``x`` (B, N, C), the tokens a patched model's
+    pooling step got: ``(size, attn_size)``, both ``(B, N, 1)`` float32 (``attn_size`` is the
+    size proportional attention uses: a fused token counts once), or ``None`` when every token
+    has size 1 (reduction disabled, or nothing merged in the latest forward).
+
+    The sizes are those of the latest forward of this model in the calling thread; tokens of
+    another shape cannot be the output of that forward (e.g. ``forward_head`` on features kept
+    from an earlier call), so that raises instead of pooling with wrong weights."""
+    state = ctx.state if ctx.enabled else None
+    if state is None:
+        return None
+    count = state.num_tokens if state.size is None else state.size.shape[1]
+    if count is None:
+        return None
+    batch = x.shape[0] if state.size is None else state.size.shape[0]
+    if (batch, count) != tuple(x.shape[:2]):
+        raise RuntimeError(
+            f"size-weighted pooling got {x.shape[0]} x {x.shape[1]} tokens, but the latest forward "
+            f"of this patched model (in this thread) left {batch} x {count} tokens, whose sizes "
+            "weigh the pooling: pool the output of the latest forward (call forward_head on the "
+            "features of the forward_features call just before it), or run both inside "
+            "`with vlprune.disabled(model):` to pool unreduced tokens"
+        )
+    if state.size is None:
+        return None
+    return state.size, (state.size if state.attn_size is None else state.attn_size)
+
+
+def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """``(B, C)`` size-weighted mean of ``x`` (B, N, C) with ``size`` (B, N, 1), summed in
+    float32 (at least) and returned in ``x``'s dtype."""
+    s = size.to(torch.promote_types(x.dtype, torch.float32))
+    return ((x.to(s.dtype) * s).sum(dim=1) / s.sum(dim=1)).to(x.dtype)
+
+
 def guided_scores(ctx: PatchContext, x: Tensor) -> Tensor:
     """Cross-modal alignment of each token of ``x`` (B, N, C): the cosine between the token
     mapped through its tower's own head (``ctx.project``) and each guiding embedding of the

@@ -33,7 +33,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
-from .step import enter_block, reduce_step
+from .step import enter_block, pool_sizes, reduce_step, weighted_mean
 
 MIN_TIMM = (1, 0)
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -67,21 +67,20 @@ class _ViTMixin(RootMixin):
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         ctx: PatchContext = self._vlprune
-        state = ctx.state if ctx.enabled else None
-        size = state.size if state is not None else None
-        if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is None and pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)  # 'token', 'max', '': sizes do not matter
+        sizes = pool_sizes(ctx, x)  # raises on tokens that are not the latest forward's
+        if sizes is None:
             return super().pool(x, pool_type)
+        size, attn_size = sizes
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
             # the attention pool weighs tokens as block attention does (a fused token is one)
-            attn_size = size if state.attn_size is None else state.attn_size
             bias = size_bias(attn_size[:, start:], x.dtype) if ctx.config.prop_attn else None
             return self.attn_pool(x[:, start:], attn_mask=bias)
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type not in ("avg", "avgmax"):
-            return super().pool(x, pool_type)  # 'token', 'max', '': sizes do not matter
-        xs, s = x[:, start:], size[:, start:]
-        avg = (xs * s).sum(dim=1) / s.sum(dim=1)
+        xs = x[:, start:]
+        avg = weighted_mean(xs, size[:, start:])
         return avg if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + avg)
 
 

@@ -5,6 +5,11 @@ temporal merging) ends in a Plan: which tokens survive (``keep``), which are mer
 survivor (``src`` -> ``dst``), and, implicitly, which are dropped (all others). Applying a plan
 is a gather plus a scatter-add, weighted by token size so that a merged token is the mean of
 everything it absorbed.
+
+Numerics: sizes are counts, kept in float32 (at least) whatever the activation dtype: bfloat16
+holds integers exactly only up to 256 and float16 up to 2048, so heavy merging at high
+resolution would otherwise get wrong sizes. Size-weighted means are computed in float32 and
+cast back to the tokens' dtype.
 """
 
 from __future__ import annotations
@@ -77,25 +82,31 @@ class Plan:
 
         ``size`` is ``(B, N, 1)`` (how many input tokens each token stands for) or ``None`` for
         all ones. The returned size is ``None`` only when no merge happened and ``size`` was
-        ``None`` (pure pruning of unmerged tokens keeps every size at 1).
+        ``None`` (pure pruning of unmerged tokens keeps every size at 1). Sizes come back in
+        :func:`acc_dtype` (float32 for float32 / float16 / bfloat16 tokens); the weighted
+        means are computed in that dtype and returned in ``x``'s dtype.
         """
         self._check(x)
         B, N, _ = x.shape
+        acc = acc_dtype(x.dtype)
         keep = _flat_index(self.keep, N)
+        if size is not None and size.dtype != acc:
+            size = size.to(acc)
         if self.src is None:
             return take_flat(x, keep, B), (None if size is None else take_flat(size, keep, B))
         if size is None:
-            size = x.new_ones(B, N, 1)
-        w = size if self.weight is None else size * self.weight.to(size.dtype)
+            size = torch.ones(B, N, 1, dtype=acc, device=x.device)
+        w = size if self.weight is None else size * self.weight.to(acc)
         src = _flat_index(self.src, N)
         dst = _flat_index(self.dst, self.num_kept)
-        xw = x * w
+        xw = x.to(acc) * w
         num = _add_into(take_flat(xw, keep, B), dst, self._masked(take_flat(xw, src, B)))
         den = _add_into(take_flat(w, keep, B), dst, self._masked(take_flat(w, src, B)))
+        out = (num / den).to(x.dtype)
         if self.weight is None:
-            return num / den, den
+            return out, den
         new_size = _add_into(take_flat(size, keep, B), dst, self._masked(take_flat(size, src, B)))
-        return num / den, new_size
+        return out, new_size
 
     def _masked(self, values: Tensor) -> Tensor:
         """Zero the merged-in ``values`` (B, M, C) of ``src`` entries that are only dropped."""
@@ -129,6 +140,15 @@ class Plan:
             out.scatter_(1, self.src, dst)
         return out
 
+    def follow(self, origin: Tensor) -> Tensor:
+        """Move an index map through this plan: ``origin`` (B, N0) int64 gives, for each of
+        N0 input tokens, the current token (of this plan's N) that holds it, ``-1`` when it
+        was dropped. Returns the same map after the plan (``-1`` stays ``-1``; a token whose
+        holder is dropped becomes ``-1``)."""
+        held = origin >= 0
+        new = self.index_map().gather(1, origin.clamp(min=0))
+        return torch.where(held, new, origin)
+
     def accumulate(self, t: Tensor) -> Tensor:
         """Compact ``t`` (B, N, C) by summing each merge group, no averaging: for a source map
         (row i marks the input tokens token i holds) or for counts."""
@@ -143,6 +163,12 @@ class Plan:
 
 # Token gathers go through a flattened (B * N, C) view and index_select / index_add_, which on
 # CPU is an order of magnitude faster than gather/scatter_add with an expanded (B, K, C) index.
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sizes and size-weighted sums use for tokens of ``dtype``: float32, or the
+    tokens' own dtype when it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _flat_index(index: Tensor, n: int) -> Tensor:
@@ -172,3 +198,19 @@ def identity_source(batch: int, num_tokens: int, *, device=None, dtype=torch.flo
     """The ``(B, N, N)`` source map of an untouched sequence (each token holds itself)."""
     eye = torch.eye(num_tokens, device=device, dtype=dtype)
     return eye.unsqueeze(0).expand(batch, -1, -1).contiguous()
+
+
+def identity_origin(batch: int, num_tokens: int, *, device=None) -> Tensor:
+    """The ``(B, N)`` index map of an untouched sequence: input token ``j`` is held by token
+    ``j`` (see :meth:`Plan.follow`)."""
+    return torch.arange(num_tokens, device=device).expand(batch, num_tokens).contiguous()
+
+
+def dense_source(origin: Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The dense ``(B, N, N0)`` source map of an index map ``origin`` (B, N0): entry
+    ``[b, i, j]`` is 1 where current token ``i`` holds input token ``j``, 0 elsewhere; the
+    column of a dropped input token (``origin == -1``) is all zeros. Row sums are the sizes."""
+    B, N0 = origin.shape
+    out = torch.zeros(B, num_tokens, N0, dtype=dtype, device=origin.device)
+    held = (origin >= 0).to(dtype).unsqueeze(1)
+    return out.scatter_(1, origin.clamp(min=0).unsqueeze(1), held)

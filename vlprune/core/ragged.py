@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .plan import Plan, take_tokens
+from .select import normalize
 
 
 def sequence_order(valid: Tensor, protect: Tensor) -> tuple[Tensor, int]:
@@ -106,7 +107,7 @@ def ragged_prune_plan(
         dropped = v & ~keep_real
         src = P + _top_positions(dropped.float(), k)  # the dropped real tokens, then fillers
         src_mask = dropped.gather(1, src - P)
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        m = normalize(metric)
         sim = take_tokens(m, src) @ take_tokens(m, sel).transpose(1, 2)
         sim = sim.masked_fill(~valid.gather(1, sel).unsqueeze(1), float("-inf"))
         dst = P + sim.argmax(dim=-1)
@@ -128,13 +129,13 @@ def ragged_bipartite(metric: Tensor, valid: Tensor, r: int, num_protected: int) 
         return None
     dev = metric.device
     with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        m = normalize(metric)
         # ToMe's parity split over all positions of the canonical order (A even, B odd), the
         # protected prefix left out: as the dense bipartite_soft_matching splits an unpadded row
         a_idx = torch.arange(P + P % 2, N, 2, device=dev)
         b_idx = torch.arange(P + 1 - P % 2, N, 2, device=dev)
         va, vb = valid[:, a_idx], valid[:, b_idx]
-        sim = (m[:, a_idx] @ m[:, b_idx].transpose(1, 2)).float()
+        sim = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)
         sim = sim.masked_fill(~vb.unsqueeze(1), float("-inf"))
         best_sim, best_b = sim.max(dim=-1)
         best_sim = best_sim.masked_fill(~va, float("-inf"))

@@ -30,9 +30,17 @@ class AttnInputs:
         return self.k.sum(dim=1)
 
 
-def _row_attention(a: AttnInputs, rows: slice | Tensor) -> Tensor:
-    """Softmax attention of the query rows ``rows`` to all keys: ``(B, H, R, N)``."""
-    logits = (a.q[:, :, rows] * a.scale) @ a.k.transpose(-2, -1)
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is float16 / bfloat16 (scores rank tokens: low-precision
+    softmax rows tie far more often), else as is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _row_attention(a: AttnInputs, rows: slice | Tensor, k: Tensor | None = None) -> Tensor:
+    """Softmax attention of the query rows ``rows`` to all keys: ``(B, H, R, N)``, in float32
+    for low-precision inputs (``k``: the keys already widened, when the caller has them)."""
+    k = _wide(a.k) if k is None else k
+    logits = (_wide(a.q[:, :, rows]) * a.scale) @ k.transpose(-2, -1)
     if a.bias is not None:
         bias = a.bias if a.bias.shape[-2] == 1 else a.bias[:, :, rows]
         logits = logits + bias.to(logits.dtype)
@@ -48,13 +56,13 @@ def cls_attn_vnorm(a: AttnInputs, cls_index: int = 0) -> Tensor:
     """Class attention times the value norm, per head, normalised over tokens (ATS's
     significance score; ATS then samples an adaptive count, the callers here take a top-k)."""
     attn = _row_attention(a, slice(cls_index, cls_index + 1))[:, :, 0]  # (B, H, N)
-    s = (attn * a.v.norm(dim=-1)).mean(dim=1)
-    return s / s.sum(dim=-1, keepdim=True)
+    s = (attn * _wide(a.v).norm(dim=-1)).mean(dim=1)
+    return s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
 def key_norm(a: AttnInputs) -> Tensor:
     """L2 norm of each token's key, averaged over heads."""
-    return a.k.norm(dim=-1).mean(dim=1)
+    return _wide(a.k).norm(dim=-1).mean(dim=1)
 
 
 def attn_entropy(a: AttnInputs, chunk: int = 64) -> Tensor:
@@ -63,9 +71,10 @@ def attn_entropy(a: AttnInputs, chunk: int = 64) -> Tensor:
     Rows are computed ``chunk`` queries at a time so memory stays ``O(chunk x N)``.
     """
     N = a.q.shape[2]
+    k = _wide(a.k)
     out = []
     for start in range(0, N, chunk):
-        p = _row_attention(a, slice(start, min(start + chunk, N)))
+        p = _row_attention(a, slice(start, min(start + chunk, N)), k)  # float32 at least
         ent = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)  # (B, H, R)
         out.append(ent.mean(dim=1))
     return -torch.cat(out, dim=1)
@@ -81,9 +90,10 @@ def received_attn(a: AttnInputs, valid: Tensor | None = None, chunk: int = 64) -
     """
     B, _, N, _ = a.q.shape
     total = a.q.new_zeros(B, N, dtype=torch.float32)
+    k = _wide(a.k)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
-        p = _row_attention(a, slice(start, stop)).float().mean(dim=1)  # (B, R, N)
+        p = _row_attention(a, slice(start, stop), k).float().mean(dim=1)  # (B, R, N)
         if valid is not None:
             p = p * valid[:, start:stop].unsqueeze(-1).to(p.dtype)
         total = total + p.sum(dim=1)
@@ -101,6 +111,22 @@ def random_scores(
     if per_position:
         return torch.rand(1, N, generator=generator, device="cpu").to(a.k.device).expand(B, N)
     return torch.rand(B, N, generator=generator, device="cpu").to(a.k.device)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def call_seed(seed: int, step: int = 0) -> int:
+    """The seed of the ``random`` score's generator for one forward: ``seed`` itself at
+    ``step`` 0 (every eval forward, and the first training one), else a SplitMix64 mix of
+    ``(seed, step)`` (a training forward's draws differ from step to step, and the sequence is
+    the same for the same seed)."""
+    if step == 0:
+        return int(seed)
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 def diversity_order(

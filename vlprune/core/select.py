@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .plan import Plan, take_tokens
+from .plan import Plan, acc_dtype, take_tokens
 
 MODES = ("drop", "fuse", "recycle")
 
@@ -46,11 +46,31 @@ class FusePlan(Plan):
 
     def apply(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
+        acc = acc_dtype(x.dtype)  # the weighted sum and the sizes in float32 at least
         group = self.keep[:, -1:] if self.src is None else torch.cat([self.keep[:, -1:], self.src], 1)
-        w = take_tokens(self.attn.to(x.dtype), group)  # (B, D, 1)
-        fused = (take_tokens(x, group) * w).sum(dim=1, keepdim=True)
+        w = take_tokens(self.attn.to(acc), group)  # (B, D, 1)
+        fused = (take_tokens(x, group).to(acc) * w).sum(dim=1, keepdim=True).to(x.dtype)
         out = torch.cat([take_tokens(x, self.keep[:, :-1]), fused], dim=1)
-        return out, self.accumulate(x.new_ones(*x.shape[:2], 1) if size is None else size)
+        size = torch.ones(*x.shape[:2], 1, dtype=acc, device=x.device) if size is None else size.to(acc)
+        return out, self.accumulate(size)
+
+
+NORM_EPS = 1e-6
+
+
+def normalize(metric: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """``metric`` (…, C) divided by its L2 norm along the last axis (at least ``eps``, so a
+    zero vector stays zero instead of NaN), in float32 at least: cosine similarities of
+    bfloat16 keys would tie far more often."""
+    m = metric.to(acc_dtype(metric.dtype))
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def stable_order(scores: Tensor) -> Tensor:
+    """Indices sorting ``scores`` (…, N) best first along the last axis; equal scores keep
+    their input order (a stable sort), so ties break the same way on every run, device and
+    batch layout (``topk`` and a plain ``argsort`` do not promise that)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
 def count_or_ratio(value: Any, name: str, what: str = "") -> int | float:
@@ -115,7 +135,8 @@ def prune_plan(
         return None
     dev = scores.device
     with torch.no_grad():
-        order = scores[:, P:].argsort(dim=1, descending=True) + P
+        # stable: equal scores keep their input order, so ties resolve the same on every run
+        order = stable_order(scores[:, P:]) + P
         kept = order[:, :n_keep].sort(dim=1).values
         dropped = order[:, n_keep:]  # best-scored dropped token first
         prefix = torch.arange(P, device=dev).expand(B, P)
@@ -134,7 +155,7 @@ def prune_plan(
             return Plan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,))
         if metric is None:
             raise ValueError("mode='recycle' needs the metric (keys) to find similar tokens")
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        m = normalize(metric)
         sim = take_tokens(m, dropped) @ take_tokens(m, kept).transpose(1, 2)
         dst = P + sim.argmax(dim=-1)
         return Plan(keep=torch.cat([prefix, kept], dim=1), src=dropped, dst=dst, num_tokens=N)

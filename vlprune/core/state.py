@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .attention import size_bias
-from .plan import Plan, identity_source, take_tokens
+from .plan import Plan, acc_dtype, dense_source, identity_origin, take_tokens
 
 
 @dataclass
@@ -28,16 +28,24 @@ class TokenState:
     """Sizes, sources and protected prefix of the current token sequence.
 
     ``size`` is ``None`` until the first merge (all tokens have size 1): the unreduced path
-    then does no extra work. ``source`` is only kept when ``trace_source`` is set.
-    ``attn_size`` is the size proportional attention uses; it is ``None`` (the same as
-    ``size``) unless a plan created fresh tokens (EViT fusion).
+    then does no extra work. ``attn_size`` is the size proportional attention uses; it is
+    ``None`` (the same as ``size``) unless a plan created fresh tokens (EViT fusion). Both are
+    ``(B, N, 1)`` in float32 (float64 for float64 tokens) whatever the activation dtype, so
+    they stay exact counts (bfloat16 holds integers exactly only up to 256).
+
+    With ``trace_source`` the state keeps ``origin`` ``(B, N0)`` int64: for each input token,
+    the index of the current token that holds it, ``-1`` once it is dropped (``None`` until
+    the first compaction). :attr:`source` builds the dense ``(B, N, N0)`` map from it on
+    demand.
     """
 
     num_protected: int = 0
     trace_source: bool = False
     size: Tensor | None = None
-    source: Tensor | None = None
     attn_size: Tensor | None = None
+    origin: Tensor | None = None  # (B, N0) int64 with trace_source, -1 for dropped tokens
+    num_tokens: int | None = None  # current token count, set by every compaction
+    count_dtype: torch.dtype = torch.float32  # of sizes and the dense source map (acc_dtype)
     pos: Tensor | None = None  # (B, N) int64 input position; causal attention when set
     valid: Tensor | None = None  # (B, N) bool, False for padding; ragged reduction when set
     # Full-length output of padded sequences: for each input position, the current token that
@@ -46,6 +54,16 @@ class TokenState:
     left: Tensor | None = None  # (B, N0, C), allocated at the first drop
     just_left: Tensor | None = None  # (B, N0) bool: dropped since the adapter last looked
     _mask: Tensor | None = None  # cached sequence mask of the current tokens
+
+    @property
+    def source(self) -> Tensor | None:
+        """Dense ``(B, N, N0)`` source map of the current tokens, built from :attr:`origin`:
+        1 where token ``i`` holds input token ``j``; the columns of dropped input tokens are
+        zero. float32 (float64 for float64 tokens), like the sizes. ``None`` before the first
+        compaction (or without ``trace_source``): every token holds only itself."""
+        if self.origin is None:
+            return None
+        return dense_source(self.origin, self.num_tokens, self.count_dtype)
 
     def check(self, x: Tensor) -> None:
         """Fail loudly if ``x`` is not the sequence this state describes."""
@@ -86,7 +104,7 @@ class TokenState:
         """Move ``slot`` through ``plan``; input positions whose token is dropped keep that
         token's value in ``left``."""
         held = self.slot >= 0
-        new = plan.index_map().gather(1, self.slot.clamp(min=0))
+        new = plan.follow(self.slot)
         gone = held & (new < 0)
         if bool(gone.any()):
             if self.left is None:
@@ -107,13 +125,15 @@ class TokenState:
         return torch.where(held, value, rest.to(value.dtype))
 
     def compact(self, plan: Plan, x: Tensor) -> Tensor:
-        """Apply ``plan`` to ``x`` and to this state's size and source; return the new ``x``."""
+        """Apply ``plan`` to ``x`` and to this state's sizes, index maps, positions and mask;
+        return the new ``x``."""
+        self.count_dtype = acc_dtype(x.dtype)
         if self.trace_source:
-            if self.source is None:
-                self.source = identity_source(x.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
-            self.source = plan.accumulate(self.source)
+            if self.origin is None:
+                self.origin = identity_origin(x.shape[0], x.shape[1], device=x.device)
+            self.origin = plan.follow(self.origin)
         if self.attn_size is not None:
-            self.attn_size = plan.accumulate(self.attn_size)
+            self.attn_size = plan.accumulate(self.attn_size.to(self.count_dtype))
         if self.slot is not None:
             self._follow(plan, x)
         x, self.size = plan.apply(x, self.size)
@@ -122,6 +142,7 @@ class TokenState:
         if self.valid is not None:
             self.valid = self.valid.gather(1, plan.keep)  # merges never mix real and padding
         self._mask = None
+        self.num_tokens = x.shape[1]
         if plan.fresh:
             if self.attn_size is None:
                 self.attn_size = self.size.clone()

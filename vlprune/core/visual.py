@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .scores import diversity_order
+from .select import stable_order
 
 __all__ = [
     "contextual_count",
@@ -47,7 +48,7 @@ def select_visual(scores: Tensor, k: int, protect: Tensor | None = None) -> Tens
                 "the image)"
             )
         s = s.masked_fill(protect, float("inf"))
-    return s.topk(k).indices.sort().values
+    return stable_order(s)[:k].sort().values  # ties: the earlier token
 
 
 def visual_diversity_scores(feats: Tensor, k: int, protect: Tensor | None = None) -> Tensor:
@@ -154,7 +155,7 @@ def visionzip_reduce(hidden: Tensor, cls_attn: Tensor, keys: Tensor, dominant: i
     """
     n1 = hidden.shape[0]
     dev = hidden.device
-    top = cls_attn.topk(dominant).indices + 1
+    top = stable_order(cls_attn)[:dominant] + 1  # VisionZip's topk; ties: the earlier patch
     all_idx = torch.cat([torch.zeros(1, dtype=top.dtype, device=dev), top])
     mask = torch.ones(n1, dtype=torch.bool, device=dev)
     mask[all_idx] = False
@@ -163,7 +164,7 @@ def visionzip_reduce(hidden: Tensor, cls_attn: Tensor, keys: Tensor, dominant: i
         return dom, all_idx, torch.zeros(0, dtype=torch.long, device=dev)
     left = hidden[mask]
     metric = keys[mask]
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # zero keys: no NaN
     R = left.shape[0]
     step = max(1, R // contextual)
     centres = torch.arange(0, R, step, device=dev)[:contextual]
@@ -196,7 +197,7 @@ def prumerge_select(cls_attn: Tensor, plus: bool) -> tuple[Tensor, float]:
     ratio."""
     n = cls_attn.shape[0]
     ratio = iqr_outlier_ratio(cls_attn)
-    idx = cls_attn.topk(int(n * ratio)).indices
+    idx = stable_order(cls_attn)[: int(n * ratio)]  # the reference's topk; ties: earlier first
     if plus:
         if ratio == 0:
             raise ValueError(
@@ -226,7 +227,7 @@ def prumerge_merge(feats: Tensor, cls_attn: Tensor, keys: Tensor, idx: Tensor,
     kn = F.normalize(keys, p=2, dim=-1)
     sim = kn[idx] @ kn.T  # (k, N)
     sim[torch.arange(idx.shape[0], device=dev), idx] = float("-inf")  # not itself
-    nn_idx = sim.topk(knn, dim=1).indices  # (k, knn), most similar first
+    nn_idx = stable_order(sim)[:, :knn]  # (k, knn), most similar first (ties: earlier)
     updated = feats[idx] + (feats[nn_idx] * cls_attn[nn_idx][..., None]).sum(dim=1)
     rest = torch.ones(n, dtype=torch.bool, device=dev)
     rest[idx] = False

@@ -4,8 +4,9 @@ The split follows ToMe (``tome/merge.py::bipartite_soft_matching``): every token
 A or B by the parity of its position, A the even positions (0, 2, 4, ...) and B the odd ones,
 over *all* tokens, protected ones included. Each A token finds its most similar B token
 (cosine similarity of the metric, usually head-averaged keys); the ``r`` A tokens with the
-most similar partners are merged into them (ties in that ranking are broken as ToMe's
-``argsort`` breaks them).
+most similar partners are merged into them. Ties in that ranking go to the earlier A token (a
+stable sort; ToMe's plain ``argsort`` leaves them to the kernel, so the two agree except on
+exact ties). Similarities are computed in float32 with the norm floored at ``1e-6``.
 
 Protected tokens (the first ``num_protected``: class, distillation and register tokens) stay
 wherever the parity puts them and are masked there, for any number of them: a protected A
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..core.plan import Plan
+from ..core.select import normalize, stable_order
 
 
 def max_merge(num_tokens: int, num_protected: int = 0) -> int:
@@ -50,14 +52,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
         return None
     pa, pb = (P + 1) // 2, P // 2  # protected tokens in A (even positions) and in B (odd)
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
+        # ToMe's cosine similarity, in float32 with a floored norm (all-zero keys give
+        # similarity 0, not NaN)
+        metric = normalize(metric)
         a, b = metric[:, ::2], metric[:, 1::2]
         num_a, num_b = a.shape[1], b.shape[1]
         scores = a @ b.transpose(-1, -2)
         scores[:, :pa, :] = float("-inf")
         scores[:, :, :pb] = float("-inf")
         best_sim, best_b = scores.max(dim=-1)
-        order = best_sim.argsort(dim=-1, descending=True)
+        order = stable_order(best_sim)  # ToMe's argsort(descending=True); ties: earlier first
         # masked rows are -inf and sort last, so the r merged A tokens are all unprotected
         src_a = order[:, :r]
         unm_a = order[:, r:].sort(dim=-1).values[:, pa:]  # the protected A rows come first

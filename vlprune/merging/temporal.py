@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core.plan import Plan
+from ..core.plan import Plan, acc_dtype
 from ..core.select import count_of, count_or_ratio
 from .bipartite import bipartite_soft_matching, max_merge
 
@@ -51,7 +51,7 @@ class TemporalResult:
         tokens: ``(B, K, D)`` merged tokens, frame by frame (padding at the end of a row in
             threshold mode).
         size: ``(B, K)`` how many input tokens each output token holds (weighted by the input
-            ``sizes`` when given); 0 for padding.
+            ``sizes`` when given); 0 for padding. float32 (float64 for float64 tokens).
         frame: ``(B, K)`` int64 frame of each output token (the first frame it covers); -1 for
             padding.
         assign: ``(B, T, N)`` int64: the output token that holds input token ``(t, n)``.
@@ -187,10 +187,11 @@ def temporal_merge(
     _check(x, keep, threshold, spatial_r, sizes, metric, match)
     B, T, N, D = x.shape
     metric = x if metric is None else metric
-    size = None if sizes is None else sizes.reshape(B * T, N, 1).to(x.dtype)
+    acc = acc_dtype(x.dtype)  # sizes are counts: float32 whatever the tokens' dtype
+    size = None if sizes is None else sizes.reshape(B * T, N, 1).to(acc)
     r = min(int(spatial_r), max_merge(N))
     if r > 0 and size is None:
-        size = x.new_ones(B * T, N, 1)
+        size = torch.ones(B * T, N, 1, dtype=acc, device=x.device)
     xs, ms, size, slot = _spatial(x.reshape(B * T, N, D), metric.reshape(B * T, N, -1), size, r)
     n = xs.shape[1]
     xs = xs.reshape(B, T * n, D)
@@ -225,7 +226,7 @@ def temporal_merge(
     else:  # threshold mode: one plan per row, padded to the longest
         K = int(counts.max())
         out = xs.new_zeros(B, K, D)
-        out_size = xs.new_zeros(B, K)
+        out_size = torch.zeros(B, K, dtype=acc, device=x.device)
         out_frame = torch.full((B, K), -1, dtype=torch.long, device=x.device)
         valid = torch.zeros(B, K, dtype=torch.bool, device=x.device)
         for b in range(B):
@@ -250,5 +251,8 @@ def _apply(xs: Tensor, size: Tensor | None, survive: Tensor, root: Tensor, frame
     else:
         plan = Plan(keep=keep, num_tokens=xs.shape[1])
     out, new_size = plan.apply(xs, size)
-    new_size = xs.new_ones(B, keep.shape[1]) if new_size is None else new_size[..., 0]
+    if new_size is None:
+        new_size = torch.ones(B, keep.shape[1], dtype=acc_dtype(xs.dtype), device=xs.device)
+    else:
+        new_size = new_size[..., 0]
     return out, new_size, frames.gather(1, keep)

@@ -50,6 +50,7 @@ from ..base import (
     swap_class,
 )
 from ..hf_common import BIAS_IMPLEMENTATIONS, register_output_capture, same_forward
+from ..step import pool_sizes
 from .layers import (
     CLIP,
     SIGLIP,
@@ -175,12 +176,11 @@ class _PoolingHeadMixin:
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
-        state = ctx.state if ctx.enabled else None
-        size = None
-        if state is not None and ctx.config.prop_attn:
-            size = state.size if state.attn_size is None else state.attn_size
-        if size is None or tuple(size.shape[:2]) != tuple(hidden_state.shape[:2]):
+        # raises on tokens that are not the latest forward's (their sizes would be wrong)
+        sizes = pool_sizes(ctx, hidden_state) if ctx.config.prop_attn else None
+        if sizes is None:
             return super().forward(hidden_state)
+        size = sizes[1]
         # Follows SiglipMultiheadAttentionPoolingHead.forward (transformers 5.23); the float
         # mask (B * heads, 1 probe, N) adds log(size) to every key's logit.
         batch_size = hidden_state.shape[0]
