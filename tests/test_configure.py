@@ -351,3 +351,14 @@ def test_llava_fastv_and_tower_turned_on_by_configure():
     vlprune.unpatch(model)
     _assert_original(model, before)
     assert torch.equal(_logits(model, inputs), ref)
+
+
+def test_patching_a_tower_of_a_patched_model_is_refused_and_changes_nothing():
+    """A refused patch rolls back exactly too: patching the image tower of a patched CLIP
+    alone is refused, and the whole model keeps its patch."""
+    model = vlprune.patch(_hf_clip(), merge_r=1)
+    footprint, out = _footprint(model), _run(model, TWO_TOWERS["hf_clip"][1]())
+    with pytest.raises(ValueError, match="already patched"):
+        vlprune.patch(model.vision_model, merge_r=2)
+    assert _footprint(model) == footprint
+    assert _same(_run(model, TWO_TOWERS["hf_clip"][1]()), out)

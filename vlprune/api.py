@@ -54,7 +54,8 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     # a failed patch leaves the model as it was: unpatched, or exactly its old patch
     snapshot = PatchSnapshot(model)
     try:
-        restore(model)
+        if ATTR in model.__dict__:  # not a tower patched as part of a larger model: check refuses it
+            restore(model)
         adapter = find_adapter(model, config.family)
         adapter.check(model, config)
         ctx = adapter.make_context(model, config)
