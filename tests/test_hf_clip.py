@@ -316,8 +316,8 @@ def test_flash_attention_with_prop_attn_is_refused():
     vlprune.patch(model, merge_r=0)  # reduces nothing: nothing to refuse
 
 
-def test_bias_for_an_implementation_without_masks_is_refused_at_forward():
-    """configure() can turn proportional attention on after patching: the forward refuses."""
+def test_bias_for_an_implementation_without_masks_is_refused_by_configure():
+    """configure() refuses proportional attention as patch() does (settings unchanged)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -332,9 +332,10 @@ def test_bias_for_an_implementation_without_masks_is_refused_at_forward():
     vlprune.patch(model, merge_r=2, prop_attn=False)
     with torch.no_grad():
         assert model(_x()).pooler_output.shape == (2, 64)
-        vlprune.configure(model, prop_attn=True)
-        with pytest.raises(ValueError, match="cannot take"):
-            model(_x())
+        with pytest.raises(vlprune.UnsupportedModelError, match="vlprune_test_no_mask"):
+            vlprune.configure(model, prop_attn=True)
+        assert vlprune.get_config(model).prop_attn is False
+        assert model(_x()).pooler_output.shape == (2, 64)
 
 
 def test_attention_mask_with_reduction_is_refused():

@@ -242,12 +242,16 @@ def test_unpatch_disabled_and_configure(name):
         assert torch.equal(feats_off, ref)
     vlprune.configure(model, merge_r=1)
     assert _features(model, x)[0].shape[1] == ref.shape[1] - MODELS[name][1]
-    vlprune.configure(model, merge_r=0)
+    # settings that reduce nothing are refused, as patch() refuses them
+    with pytest.raises(ValueError, match="give visual_keep"):
+        vlprune.configure(model, merge_r=0)
+    vlprune.configure(model, merge_r=0, visual_keep=1.0)
     assert torch.equal(_features(model, x)[0], ref)
+    vlprune.configure(model, merge_r=1, visual_keep=None)
     # a failed configure keeps the old settings (root and tower)
     with pytest.raises(ValueError, match="merge_r has 9 entries"):
         vlprune.configure(model, merge_r=[1] * 9)
-    assert model._vlprune.children["image"].config.merge_r == 0
+    assert model._vlprune.children["image"].config.merge_r == 1
     vlprune.configure(model, merge_r=2)
     twin = copy.deepcopy(model)  # the copy shares one context between its root and tower
     assert twin._vlprune.children["image"] is twin.model.vision_tower._vlprune_ctx
@@ -413,9 +417,11 @@ def test_patch_refusals_through_the_api():
         vlprune.patch(model, merge_r=4, visual_keep=13)
     assert not vlprune.is_patched(model)
     vlprune.patch(model, visual_keep=4)
-    with pytest.raises(ValueError, match=r"cannot be turned on by configure\(\)"):
-        vlprune.configure(model, merge_r=2)
-    assert vlprune.get_config(model).merge_r == 0
+    vlprune.configure(model, merge_r=2)  # turns the tower's merging on (an internal re-patch)
+    assert "image" in model._vlprune.children
+    with pytest.raises(ValueError, match="at most 8 can merge"):
+        vlprune.configure(model, merge_r=9)
+    assert vlprune.get_config(model).merge_r == 2
     with pytest.raises(ValueError, match="packing needs each crop's full patch grid"):
         vlprune.patch(_anyres("next"), merge_r=2, visual_keep=4)
 

@@ -10,6 +10,7 @@
 from .adapters import UnsupportedModelError, supported_text
 from .api import (
     Description,
+    check,
     configure,
     describe,
     disabled,
@@ -30,6 +31,7 @@ __all__ = [
     "ReductionConfig",
     "TemporalResult",
     "UnsupportedModelError",
+    "check",
     "configure",
     "describe",
     "disabled",

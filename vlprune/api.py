@@ -1,8 +1,10 @@
-"""The public verbs: patch, unpatch, configure, is_patched, disabled, describe, get_source."""
+"""The public verbs: patch, unpatch, configure, is_patched, disabled, describe, get_source,
+check."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,11 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import upstream
 from .adapters.base import (
     ATTR,
     LayerRecord,
     PatchContext,
     PatchSnapshot,
+    UnsupportedModelError,
     find_adapter,
     input_shapes,
     reconfigure,
@@ -39,6 +43,10 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     Pass a :class:`ReductionConfig` or its fields as keywords, e.g. ``patch(vit, merge_r=16)``.
     Patching an already patched model first undoes the old patch (patching twice equals
     patching once). Unsupported models and invalid settings raise here, not at forward time.
+
+    When the installed library changed an upstream function the patch overrides (its
+    fingerprint is none of the tested versions', :mod:`vlprune.upstream`), :func:`check` runs
+    on the model first: a pass warns once, a failure refuses the patch.
     """
     if config is not None and settings:
         raise TypeError("pass either a ReductionConfig or keyword settings, not both")
@@ -54,16 +62,121 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     # a failed patch leaves the model as it was: unpatched, or exactly its old patch
     snapshot = PatchSnapshot(model)
     try:
-        if ATTR in model.__dict__:  # not a tower patched as part of a larger model: check refuses it
-            restore(model)
-        adapter = find_adapter(model, config.family)
-        adapter.check(model, config)
-        ctx = adapter.make_context(model, config)
-        adapter.apply(model, ctx)
+        _apply(model, config)
+        if upstream.unknown(model):
+            _verify(model)
     except BaseException:
         snapshot.put_back()
         raise
     return model
+
+
+def _apply(model: nn.Module, config: ReductionConfig) -> None:
+    if ATTR in model.__dict__:  # not a tower patched as part of a larger model: check refuses it
+        restore(model)
+    adapter = find_adapter(model, config.family)
+    adapter.check(model, config)
+    ctx = adapter.make_context(model, config)
+    adapter.apply(model, ctx)
+
+
+def _verify(model: nn.Module) -> None:
+    """The patch overrides upstream code of an untested version: self-check, then warn once
+    per function, or raise."""
+    bad = upstream.unknown(model)
+    result = check(model)
+    tested = "; ".join(f"{k}: {', '.join(upstream.tested_versions(k)) or 'none'}" for k in bad)
+    if not result.ok:
+        raise UnsupportedModelError(
+            f"{result}\nvlprune overrides these upstream functions, and the installed versions "
+            f"({upstream.versions()}) changed them in a way the self-check caught. Tested "
+            f"versions: {tested}"
+        )
+    fresh = [k for k in bad if k not in _WARNED]
+    if fresh:
+        _WARNED.update(fresh)
+        warnings.warn(
+            f"vlprune overrides upstream code that differs from the tested versions ({tested}; "
+            f"installed: {upstream.versions()}). The self-check on this model passed "
+            f"(reducing nothing: max |diff| {result.max_diff_unreduced:.3g} from the unpatched "
+            "model); paths it did not run may still differ.",
+            stacklevel=3,
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def check(model: nn.Module, atol: float = 1e-4, rtol: float = 1e-4) -> upstream.CheckResult:
+    """Self-check a patched ``model`` on a small random input of its own default shape (batch 2).
+
+    1. Patched but reducing nothing (:func:`disabled`), its outputs must equal the unpatched
+       model's (within ``atol + rtol * |x|``): the patched classes still compute what upstream
+       does when they pass through.
+    2. Reducing with its own settings, its outputs must be finite.
+
+    The re-implemented reducing paths are not compared with upstream here (a reduced output
+    has no upstream twin); their upstream originals are fingerprinted instead
+    (:mod:`vlprune.upstream`), and an untested one makes :func:`patch` warn.
+
+    The model ends patched with its settings, in its train/eval mode. Returns a
+    :class:`~vlprune.upstream.CheckResult` (``ok`` is the verdict, ``str()`` the report);
+    :func:`patch` runs this itself when upstream code changed."""
+    config = _context(model).config
+    inputs = find_adapter(model, config.family).example_input(model, 2, None)
+    was_training = model.training
+    problems: list[str] = []
+    notes: list[str] = []
+    diff, finite = float("inf"), False
+    bad = upstream.unknown(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            restore(model)
+            ref = _float_tensors(run_model(model, inputs))
+            _apply(model, config)
+            try:
+                with disabled(model):
+                    same = _float_tensors(run_model(model, inputs))
+                # a guided tower alone needs the caller's guide (set_guide): not run then
+                guided_alone = config.guide is not None and not _context(model).children
+                out = ref if guided_alone else _float_tensors(run_model(model, inputs))
+                if guided_alone:
+                    notes.append("a guided tower alone reduces with the caller's guide "
+                                 "(set_guide): the reduced forward was not run")
+            except Exception as e:  # e.g. an upstream signature our classes no longer fit
+                problems.append(f"the patched forward raised {type(e).__name__}: {e}")
+                same, out = [], []
+            if not problems and (len(ref) != len(same)
+                                 or any(a.shape != b.shape for a, b in zip(ref, same))):
+                problems.append("reducing nothing changed the outputs' number or shapes")
+            elif not problems:
+                diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, same)),
+                           default=0.0)
+                if not all(torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
+                           for a, b in zip(ref, same)):
+                    problems.append(f"reducing nothing differs from the unpatched model by {diff:.3g}")
+            finite = bool(out) and all(bool(torch.isfinite(t).all()) for t in out)
+            if not finite and not problems:
+                problems.append("the reduced forward gave non-finite values (or no tensor)")
+    finally:
+        current = model.__dict__.get(ATTR)
+        if current is None or current.config is not config:
+            _apply(model, config)
+        model.train(was_training)
+    return upstream.CheckResult(ok=not problems, max_diff_unreduced=diff, reduced_finite=finite,
+                                unknown=bad, problems=problems, notes=notes)
+
+
+def _float_tensors(out: Any) -> list[Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple, list, dict, ModelOutput)."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _float_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _float_tensors(v)]
+    return []
 
 
 def unpatch(model: nn.Module) -> nn.Module:

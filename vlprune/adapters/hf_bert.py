@@ -322,7 +322,10 @@ class HFBertAdapter(Adapter):
         patch_hf_bert(model, ctx.children["text"])
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
-        return (min(DEFAULT_LENGTH, model.config.max_position_embeddings),)
+        # RoBERTa-style position ids start after the padding index: fewer usable positions
+        cfg = model.config
+        offset = cfg.pad_token_id + 1 if "roberta" in cfg.model_type else 0
+        return (min(DEFAULT_LENGTH, cfg.max_position_embeddings - offset),)
 
     def example_input(self, model, batch_size=1, input_size=None):
         length = (input_size or self.default_input_size(model))[0]

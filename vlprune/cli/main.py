@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from ..adapters import UnsupportedModelError
-from . import bench, describe, eval_imagenet, eval_vqa
+from . import bench, check, describe, eval_imagenet, eval_vqa
 from .viz import add_viz_arguments, run_viz
 
 
@@ -47,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     bench.add_parser(sub)
     describe.add_parser(sub)
+    check.add_parser(sub)
     add_eval_parser(sub)
 
     v = sub.add_parser("viz", help="picture of merged and dropped patches per layer",
