@@ -44,8 +44,8 @@ def pool_sizes(ctx: PatchContext, x: Tensor) -> tuple[Tensor, Tensor] | None:
     another shape cannot be the output of that forward (e.g. ``forward_head`` on features kept
     from an earlier call), so that raises instead of pooling with wrong weights."""
     state = ctx.state if ctx.enabled else None
-    if state is None:
-        return None
+    if state is None or x.shape[1] == 1:  # one token per sequence: weights cannot matter
+        return None  # (a guided tower maps each token alone through its pooling head)
     count = state.num_tokens if state.size is None else state.size.shape[1]
     if count is None:
         return None
