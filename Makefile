@@ -6,7 +6,14 @@ VENV ?= .venv
 ASSETS ?= $(if $(VLPRUNE_ASSETS),$(VLPRUNE_ASSETS),$(wildcard ../shared/assets))
 BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32 --rounds 3 --iters 1
 
-.PHONY: install bench test lint clean
+.PHONY: install bench test test-lowest lint clean
+
+# the lowest supported versions (pyproject.toml's lower bounds), laid over .venv's torch
+LOWEST ?= timm==1.0.26 open_clip_torch==2.32.0 transformers==5.23.0
+LOWEST_TESTS ?= tests/test_upstream.py tests/test_adapters.py tests/test_hf_clip.py \
+	tests/test_hf_bert.py tests/test_text_towers.py tests/test_llava_common.py tests/test_llava_fastv.py
+# every family's shared-tester cases at batch 1, its refusals, FastV and the drift check
+LOWEST_SELECT ?= not realdata and (b1 or upstream or refusals or fastv)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +29,15 @@ bench: install
 test: install
 	VLPRUNE_ASSETS=$(ASSETS) $(VENV)/bin/python -m pytest -q
 
+# the adapters' tests again with the lowest supported timm / open_clip / transformers
+test-lowest: install
+	rm -rf .venv-low
+	$(VENV)/bin/pip install -q --no-deps --target .venv-low $(LOWEST)
+	PYTHONPATH=.venv-low $(VENV)/bin/python -c "import timm, transformers, importlib.metadata as m; print('lowest:', timm.__version__, m.version('open_clip_torch'), transformers.__version__)"
+	PYTHONPATH=.venv-low VLPRUNE_ASSETS=$(ASSETS) $(VENV)/bin/python -m pytest -q -k "$(LOWEST_SELECT)" $(LOWEST_TESTS)
+
 lint: install
 	$(VENV)/bin/ruff check vlprune tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache results
+	rm -rf $(VENV) .venv-low .pytest_cache .ruff_cache results

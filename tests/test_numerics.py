@@ -288,3 +288,24 @@ def test_call_seed_is_the_seed_at_step_0_and_distinct_after():
     assert call_seed(5, 0) == 5
     seeds = {call_seed(seed, step) for seed in range(10) for step in range(1, 200)}
     assert len(seeds) == 10 * 199 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_text_towers_draw_anew_in_training():
+    """A padded-text tower (BERT) with the random score: each training forward draws anew
+    (seeded sequence), eval forwards repeat one draw."""
+    tf = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = vlprune.patch(tf.BertModel(cfg), prune_keep=0.5, prune_layers=(0,), prune_score="random",
+                          text_output="compact")
+    ids = torch.randint(1, 100, (1, 20))
+    with torch.no_grad():
+        model.train()
+        first, second = (model(ids).last_hidden_state for _ in range(2))
+        assert not torch.allclose(first, second)
+        vlprune.configure(model, prune_seed=0)  # restarts the sequence
+        assert torch.equal(model(ids).last_hidden_state, first)
+        model.eval()
+        assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)

@@ -192,7 +192,8 @@ class ReductionConfig:
             dropping it ("nearest-kept recycling": a size-weighted merge into the most
             cosine-similar kept token; not PruMerge, whose LLaVA rule is
             ``visual_score="prumerge"``).
-        prune_seed: seed of the ``random`` score (same seed, same choices every forward).
+        prune_seed: seed of the ``random`` score: in eval mode the same choices every forward; in
+            training mode a new draw per forward from a sequence this seed starts.
         text_merge_r: merging in the text tower of a two-tower model (CLIP, SigLIP), or of a
             text model patched alone. ``None`` (default): the text tower uses ``merge_r``.
         text_prune_keep: pruning in the text tower. On a two-tower model the ``prune_*``

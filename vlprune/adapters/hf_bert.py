@@ -205,7 +205,7 @@ class _BertModelMixin(RootMixin):
         )
         refuse_grad_checkpointing(ctx, checkpointing)
         full = ctx.config.text_output == "full"
-        x, _ = start_sequence(ctx, x, valid, _protected(valid), track=full)
+        x, _ = start_sequence(ctx, x, valid, _protected(valid), track=full, training=self.training)
         for layer in layers:
             x = layer(x, None)  # each patched layer builds its mask from the token state
         state = ctx.state

@@ -138,7 +138,7 @@ def _open_clip_version() -> str:
 class OpenClipVisionAdapter(Adapter):
     name = "open_clip_vision"
     supported = (
-        "open_clip_torch>=2.24 image tower (open_clip.transformer.VisionTransformer, i.e. "
+        "open_clip_torch>=2.32 image tower (open_clip.transformer.VisionTransformer, i.e. "
         "model.visual) with ResidualAttentionBlock and nn.MultiheadAttention, tok/avg pooling"
     )
 
@@ -234,7 +234,7 @@ def _reduced_text(ctx: PatchContext, tr: nn.Module, ln_final: nn.Module, x: Tens
     """The transformer and final norm of a reducing text tower on embeddings ``x``: returns
     (pooled token before projection, all tokens)."""
     refuse_grad_checkpointing(ctx, tr.grad_checkpointing)
-    x, slot = start_text(ctx, x, text, layout, padding)
+    x, slot = start_text(ctx, x, text, layout, padding, training=tr.training)
     x = ln_final(tr(x, attn_mask=None))
     return x[:, slot], x
 
@@ -251,8 +251,8 @@ class _TextTransformerMixin(RootMixin):
         if self.cls_emb is not None:
             raise ValueError("a text tower with an appended class token (CoCa) cannot reduce tokens")
         x, _ = self._embeds(text)
-        padding = text != self.pad_id if self.use_pad_mask else None
-        layout = _layout(self.attn_mask is not None, self.pool_type, self.eos_id)
+        padding = text != self.pad_id if getattr(self, "use_pad_mask", False) else None
+        layout = _layout(self.attn_mask is not None, self.pool_type, getattr(self, "eos_id", None))
         pooled, tokens = _reduced_text(ctx, self.transformer, self.ln_final, x, text, layout, padding)
         pooled = _project(pooled, self.text_projection)
         return (pooled, tokens) if self.output_tokens else pooled
@@ -340,7 +340,7 @@ def guided_forward(model: nn.Module, forward, image, text):
 class OpenClipTextAdapter(Adapter):
     name = "open_clip_text"
     supported = (
-        "open_clip_torch>=2.24 text tower (open_clip.transformer.TextTransformer) with "
+        "open_clip_torch>=2.32 text tower (open_clip.transformer.TextTransformer) with "
         "ResidualAttentionBlock and nn.MultiheadAttention, argmax/eos/first/last pooling"
     )
     towers = ("text",)
@@ -367,7 +367,7 @@ class OpenClipTextAdapter(Adapter):
     def example_input(self, model, batch_size=1, input_size=None):
         device, _ = device_dtype(model)
         length = (input_size or self.default_input_size(model))[0]
-        layout = _layout(model.attn_mask is not None, model.pool_type, model.eos_id)
+        layout = _layout(model.attn_mask is not None, model.pool_type, getattr(model, "eos_id", None))
         return random_ids(batch_size, length, model.vocab_size, layout, device)
 
 
@@ -375,7 +375,7 @@ class OpenClipTextAdapter(Adapter):
 class OpenClipAdapter(Adapter):
     name = "open_clip"
     supported = (
-        "open_clip_torch>=2.24 CLIP and CustomTextCLIP (image tower VisionTransformer, text tower "
+        "open_clip_torch>=2.32 CLIP and CustomTextCLIP (image tower VisionTransformer, text tower "
         "of CLIP or TextTransformer), blocks with nn.MultiheadAttention"
     )
     towers = ("image", "text")
@@ -442,7 +442,7 @@ class OpenClipAdapter(Adapter):
         else:
             t = model.text
             length, vocab = t.context_length, t.vocab_size
-            layout = _layout(t.attn_mask is not None, t.pool_type, t.eos_id)
+            layout = _layout(t.attn_mask is not None, t.pool_type, getattr(t, "eos_id", None))
         return {
             "image": torch.randn(batch_size, *size, device=device, dtype=dtype),
             "text": random_ids(batch_size, length, vocab, layout, device),

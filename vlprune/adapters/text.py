@@ -63,7 +63,8 @@ class TextLayout:
 
 
 def start_text(
-    ctx: PatchContext, x: Tensor, ids: Tensor, layout: TextLayout, padding: Tensor | None = None
+    ctx: PatchContext, x: Tensor, ids: Tensor, layout: TextLayout, padding: Tensor | None = None,
+    training: bool = False,
 ) -> tuple[Tensor, int]:
     """Start a text tower's reduced forward on embeddings ``x`` (B, N, C) of ``ids`` (B, N).
 
@@ -86,13 +87,13 @@ def start_text(
                 "a text row pools at its first token (no EOT after it?): token reduction needs the "
                 "pooled token after BOS; check the tokenizer output"
             )
-    x, _ = start_sequence(ctx, x, valid, protect, causal=layout.causal)
+    x, _ = start_sequence(ctx, x, valid, protect, causal=layout.causal, training=training)
     return x, P - 1
 
 
 def start_sequence(
     ctx: PatchContext, x: Tensor, valid: Tensor, protect: Tensor, causal: bool = False,
-    track: bool = False,
+    track: bool = False, training: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Start the token state of a padded sequence batch ``x`` (B, N, C) and move it to the
     canonical order: ``valid`` (B, N) bool marks real tokens, ``protect`` (B, P) the positions
@@ -102,7 +103,7 @@ def start_sequence(
     and the permutation ``perm`` (B, L) of input positions."""
     P = protect.shape[1]
     perm, _ = sequence_order(valid, protect)
-    state = ctx.begin(P)
+    state = ctx.begin(P, training=training)  # training: the random score draws anew
     real = valid.gather(1, perm)
     real[:, :P] = True
     state.valid = real

@@ -132,7 +132,7 @@ class TextTowerMixin(RootMixin):
         checkpointing = self.training and getattr(self.encoder, "gradient_checkpointing", False)
         refuse_grad_checkpointing(ctx, checkpointing)
         padding = None if attention_mask is None else attention_mask.view(ids.shape).bool()
-        x, slot = start_text(ctx, x, ids, text_layout(self), padding)
+        x, slot = start_text(ctx, x, ids, text_layout(self), padding, training=self.training)
         for layer in self.encoder.layers:
             x = layer(x, None)  # each patched layer builds its mask from the token state
         x = self.final_layer_norm(x)
