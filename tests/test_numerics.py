@@ -309,3 +309,18 @@ def test_text_towers_draw_anew_in_training():
         assert torch.equal(model(ids).last_hidden_state, first)
         model.eval()
         assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("merge_r", [0, 2])
+def test_bert_compact_token_sizes_are_float32_in_bf16(merge_r):
+    """``token_sizes`` of the compact output: float32 whether or not anything merged, so a
+    bf16 model's counts stay exact."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100)
+    model = tf.BertModel(cfg).eval().to(torch.bfloat16)
+    settings = dict(merge_r=merge_r) if merge_r else dict(prune_keep=0.5, prune_layers=(1,))
+    vlprune.patch(model, text_output="compact", **settings)
+    with torch.no_grad():
+        out = model(torch.randint(1, 100, (2, 12)))
+    assert out.token_sizes.dtype == torch.float32

@@ -214,7 +214,10 @@ class _BertModelMixin(RootMixin):
         out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=pooled)
         if not full:
             real = state.valid
-            size = torch.ones(real.shape, dtype=x.dtype, device=x.device) if state.size is None else state.size[..., 0]
+            # float32 (float64 for float64 models) like the merged sizes, whatever the model dtype
+            size_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            size = (torch.ones(real.shape, dtype=size_dtype, device=x.device) if state.size is None
+                    else state.size[..., 0])
             out["attention_mask"] = real.long()
             out["token_sizes"] = size * real.to(size.dtype)
         if kwargs.get("return_dict", True) is False:
