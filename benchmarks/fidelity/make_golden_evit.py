@@ -100,16 +100,22 @@ def run_step(evit, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_model(evit, assets: Path, count: int) -> tuple[dict[str, np.ndarray], dict]:
-    timm_model, sd = load_timm_model(assets)
-    files, images, labels = load_images(assets, timm_model, count)
+def reference_vit_ti(evit, state_dict: dict):
+    """The reference ``EViT`` model (keep ``KEEP`` at ``LAYERS``, fusion on) with the ViT-Ti
+    weights ``state_dict`` (timm keys), in eval mode."""
     keep_rate = tuple(KEEP if i in LAYERS else 1.0 for i in range(12))
     ref = evit.EViT(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
                     qkv_bias=True, keep_rate=keep_rate, fuse_token=True)
-    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    missing, unexpected = ref.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise SystemExit(f"weights do not fit the reference model: {missing} {unexpected}")
-    ref.eval()
+    return ref.eval()
+
+
+def run_model(evit, assets: Path, count: int) -> tuple[dict[str, np.ndarray], dict]:
+    timm_model, sd = load_timm_model(assets)
+    files, images, labels = load_images(assets, timm_model, count)
+    ref = reference_vit_ti(evit, sd)
     with torch.no_grad():
         plain = timm_model(images).float()
         _, left, _ = ref.forward_features(images)

@@ -33,6 +33,17 @@ from golden_assets import MODEL, git_commit, load_images, load_timm_model
 REPO_URL = "https://github.com/facebookresearch/ToMe"
 
 
+def import_tome(checkout: Path):
+    """The reference ``tome`` package, imported from ``checkout``."""
+    sys.path.insert(0, str(checkout.resolve()))
+    import tome
+
+    path = Path(tome.__file__).resolve()
+    if checkout.resolve() not in path.parents:
+        raise SystemExit(f"imported tome from {path}, not from {checkout}")
+    return tome
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tome", type=Path, required=True, help="checkout of facebookresearch/ToMe")
@@ -45,13 +56,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    sys.path.insert(0, str(args.tome.resolve()))
     import timm
-    import tome  # the reference implementation, from the checkout
 
-    tome_file = Path(tome.__file__).resolve()
-    if args.tome.resolve() not in tome_file.parents:
-        raise SystemExit(f"imported tome from {tome_file}, not from {args.tome}")
+    tome = import_tome(args.tome)  # the reference implementation, from the checkout
     commit = args.commit or git_commit(args.tome)
     if commit is None:
         raise SystemExit(f"{args.tome} is not a git work tree: pass --commit")
@@ -92,7 +99,7 @@ def main() -> None:
         "reference": {
             "repository": REPO_URL,
             "commit": commit,
-            "imported_from": str(tome_file.parent),
+            "imported_from": str(Path(tome.__file__).resolve().parent),
             "api": "tome.patch.timm(model) (prop_attn=True, trace_source=False), then model.r = r",
             "adaptations": [],
         },

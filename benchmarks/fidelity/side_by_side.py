@@ -34,26 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from golden_assets import MODEL, git_commit, load_images, load_timm_model
-from make_golden_evit import import_evit
+from make_golden_evit import KEEP, LAYERS, import_evit, reference_vit_ti
+from make_golden_tome import import_tome
 
 import vlprune
 from vlprune.eval.sweep import progress_bar
 
 TOME_URL = "https://github.com/facebookresearch/ToMe"
 EVIT_URL = "https://github.com/youweiliang/evit"
-EVIT_KEEP = 0.7
-EVIT_LAYERS = (3, 6, 9)
-
-
-def import_tome(checkout: Path):
-    """The reference ``tome`` package, imported from ``checkout``."""
-    sys.path.insert(0, str(checkout.resolve()))
-    import tome
-
-    path = Path(tome.__file__).resolve()
-    if checkout.resolve() not in path.parents:
-        raise SystemExit(f"imported tome from {path}, not from {checkout}")
-    return tome
 
 
 def logits_of(model, images: torch.Tensor, batch: int, desc: str) -> torch.Tensor:
@@ -150,17 +138,11 @@ def main() -> None:
         b = logits_of(ours, images, args.batch, f"vlprune merge_r={r}")
         rows.append(compare("ToMe", f"r={r}", a, b, labels, base_top1))
 
-    keep_rate = tuple(EVIT_KEEP if i in EVIT_LAYERS else 1.0 for i in range(12))
-    ref_evit = evit.EViT(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
-                         qkv_bias=True, keep_rate=keep_rate, fuse_token=True)
-    missing, unexpected = ref_evit.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"weights do not fit the reference EViT: {missing} {unexpected}")
-    a = logits_of(ref_evit.eval(), images, args.batch, "EViT")
-    ours_evit = vlprune.patch(copy.deepcopy(base), prune_keep=EVIT_KEEP, prune_layers=EVIT_LAYERS,
+    a = logits_of(reference_vit_ti(evit, sd), images, args.batch, "EViT")
+    ours_evit = vlprune.patch(copy.deepcopy(base), prune_keep=KEEP, prune_layers=LAYERS,
                               prune_fuse=True)
     b = logits_of(ours_evit, images, args.batch, "vlprune prune_fuse")
-    rows.append(compare("EViT", f"keep {EVIT_KEEP} @ {'/'.join(map(str, EVIT_LAYERS))}, fuse",
+    rows.append(compare("EViT", f"keep {KEEP} @ {'/'.join(map(str, LAYERS))}, fuse",
                         a, b, labels, base_top1))
 
     print(markdown(rows, base_top1, len(files)))
