@@ -4,10 +4,9 @@ small model probes."""
 
 from __future__ import annotations
 
-import torch
+import math
 
-from vlprune.core.select import keep_count
-from vlprune.merging import max_merge
+import torch
 
 # merge schedules, pruning with each rule and score, keep 1.0 and a hybrid
 SETTINGS = {
@@ -27,14 +26,17 @@ SETTINGS = {
 
 
 def expected_tokens_out(n_in: int, P: int, keep: float | None, r: int, mode: str) -> int:
-    """Tokens leaving a layer: prune first (``ceil(keep * n)`` kept, plus the fused token),
-    then merge ``r`` capped at half the mergeable tokens."""
+    """Tokens leaving a layer, from the documented rules (README, ``prune_keep`` and
+    ``merge_r``), not the library's helpers: prune first (``ceil(keep * n)`` of the ``n``
+    unprotected tokens kept, at least one, plus the fused token when something was dropped),
+    then merge ``r`` capped at half the unprotected tokens."""
     n = n_in
     if keep is not None and keep < 1.0:
-        n_keep = keep_count(n, P, keep)
-        if n - P - n_keep > 0:
+        free = n - P
+        n_keep = min(free, max(1, math.ceil(keep * free)))
+        if free - n_keep > 0:
             n = P + n_keep + (1 if mode == "fuse" else 0)
-    return n - min(r, max_merge(n, P))
+    return n - min(r, (n - P) // 2)
 
 
 def images(batch: int = 2, seed: int = 1, size: int = 96) -> torch.Tensor:

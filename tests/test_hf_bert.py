@@ -12,7 +12,6 @@ import torch
 from adapter_tester import AdapterTester, Family, Tower
 
 import vlprune
-from vlprune.core.ragged import _keep_counts
 from vlprune.core.scores import SCORE_NAMES, AttnInputs, received_attn
 
 transformers = pytest.importorskip("transformers")
@@ -182,7 +181,7 @@ def _expected_counts(n_real: int, keeps: dict[int, float], r: int) -> int:
     n = n_real - 2
     for layer in range(LAYERS):
         if layer in keeps:
-            n = int(_keep_counts(torch.tensor([n]), keeps[layer])[0])
+            n = min(n, max(1, math.ceil(keeps[layer] * n)))  # README: ceil(keep * n), >= 1
         n -= min(r, n // 2)
     return n + 2
 

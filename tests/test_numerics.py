@@ -282,12 +282,11 @@ def test_random_score_draws_anew_each_training_step_and_repeats_per_seed():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-def test_call_seed_is_the_seed_at_step_0_and_distinct_after():
-    from vlprune.core.scores import call_seed
+def test_step_keys_are_distinct_per_seed_and_step():
+    from vlprune.core.scores import step_key
 
-    assert call_seed(5, 0) == 5
-    seeds = {call_seed(seed, step) for seed in range(10) for step in range(1, 200)}
-    assert len(seeds) == 10 * 199 and all(0 <= s < 2**63 for s in seeds)
+    keys = {int(step_key(seed, torch.tensor(step))) for seed in range(10) for step in range(200)}
+    assert len(keys) == 10 * 200
 
 
 def test_text_towers_draw_anew_in_training():

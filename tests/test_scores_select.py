@@ -83,12 +83,29 @@ def test_diversity_matches_naive_farthest_point(B, N, P, seed):
 
 def test_random_scores_are_seeded():
     a = _inputs()
-    s1 = compute_scores("random", a, num_protected=1, n_keep=3, generator=torch.Generator().manual_seed(5))
-    s2 = compute_scores("random", a, num_protected=1, n_keep=3, generator=torch.Generator().manual_seed(5))
-    s3 = compute_scores("random", a, num_protected=1, n_keep=3, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    s1 = compute_scores("random", a, num_protected=1, n_keep=3, key=5)
+    s2 = compute_scores("random", a, num_protected=1, n_keep=3, key=5)
+    s3 = compute_scores("random", a, num_protected=1, n_keep=3, key=6)
+    s4 = compute_scores("random", a, num_protected=1, n_keep=3, key=5, stream=1)
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and not torch.equal(s1, s4)
     with pytest.raises(ValueError, match="known scores"):
         compute_scores("nope", a, num_protected=1, n_keep=3)
+
+
+def test_hash_uniform_is_uniform_and_the_same_for_int_and_tensor_keys():
+    """The counter-based draws: in [0, 1), mean and spread of a uniform law (n = 2**16: the
+    mean's standard error is 0.29 / 256 = 0.0011, so a 0.005 bound is > 4 sigma), no
+    correlation between neighbours, and an int key gives what the same key as a tensor gives."""
+    from vlprune.core.scores import hash_uniform
+
+    u = hash_uniform(123, 0, (256, 256))
+    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    flat = u.flatten().double() - 0.5
+    assert abs((flat[1:] * flat[:-1]).mean().item()) < 0.002  # lag-1 covariance ~ 0
+    assert len(set(u.flatten().tolist())) > 0.99 * u.numel()
+    torch.testing.assert_close(hash_uniform(torch.tensor(123), 0, (256, 256)), u, atol=0, rtol=0)
+    assert not torch.equal(hash_uniform(124, 0, (256, 256)), u)
 
 
 @pytest.mark.parametrize("keep, n, expected", [(0.7, 196, 138), (0.5, 196, 98), (1.0, 10, 10), (0.01, 10, 1)])

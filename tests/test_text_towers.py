@@ -5,6 +5,7 @@ guidance and the errors."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -341,7 +342,9 @@ def test_guide_text_keeps_the_patches_aligned_with_the_text():
         vlprune.set_guide(model, target.unsqueeze(0))
         model.encode_image(img)
         src = vlprune.get_source(model, "image")
-    assert src is None or src.shape[1] < 17
+    n = (IMG // 16) ** 2
+    assert src.shape == (2, 1 + math.ceil(0.25 * n), 1 + n)  # class token + kept patches
+    assert src[0, :, 1 + 5].sum() == 1  # patch 5 of image 0 is held by a kept token
     from vlprune.adapters.step import guided_scores
 
     scores = guided_scores(image_ctx, captured["x"])

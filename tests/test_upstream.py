@@ -68,6 +68,28 @@ def test_check_passes_on_a_supported_model():
     assert vlprune.get_config(model) is before and vlprune.is_patched(model)
 
 
+def test_check_fails_on_wrong_token_sizes(monkeypatch):
+    """A reduction step that leaves fractional sizes (here: halved after each step) fails
+    the self-check, though the output stays finite."""
+    from vlprune.adapters import step
+
+    original = step.reduce_step
+
+    def halving(ctx, *args, **kwargs):
+        x = original(ctx, *args, **kwargs)
+        state = ctx.state
+        if state.size is not None:
+            state.size = state.size / 2
+        return x
+
+    monkeypatch.setattr(step, "reduce_step", halving)
+    monkeypatch.setattr("vlprune.adapters.timm_vit.reduce_step", halving, raising=False)
+    model = vlprune.patch(_vit(), merge_r=2)
+    result = vlprune.check(model)
+    assert not result.ok and result.reduced_finite
+    assert any("sizes that are not whole" in p for p in result.problems), str(result)
+
+
 def _drifted_attention(monkeypatch, scale: float):
     """timm's Attention.forward replaced by a changed version (its output scaled): a new
     fingerprint, as an upstream edit gives."""

@@ -397,8 +397,15 @@ def test_hf_clip_vision_tower(tmp_path):
     vlprune.patch(m, merge_r=3, trace_source=True)
     x = torch.randn(1, 3, 64, 64)
     sources = viz.layer_sources(m, x, [0, 2])
+    # ToMe's count: r = 3 patches leave at each of the 3 layers; the class token stays
+    assert sources[0].shape == (1, 1 + 16 - 3, 17) and sources[2].shape == (1, 1 + 16 - 3 * 3, 17)
+    for src in sources.values():  # every input token is held by exactly one token
+        torch.testing.assert_close(src.sum(dim=1), torch.ones(1, 17))
+        assert src[0, 0, 0] == 1 and src[0, 0, 1:].sum() == 0  # the class token holds itself
+    # a group of layer 0 is still whole at layer 2: merging never splits a token
+    held0, held2 = sources[0][0] > 0, sources[2][0] > 0
+    assert all(any(bool((g & ~h).sum() == 0) for h in held2) for g in held0)
     assert torch.equal(sources[2], vlprune.get_source(m))
-    assert sources[2].shape == (1, 1 + 16 - 3 * 3, 17)
     vlprune.unpatch(m)
     summary = viz.visualize(m, x[0], path=tmp_path / "hf.png", merge_r=3, layers=[2])
     assert summary["grid"] == (4, 4) and summary["num_prefix"] == 1 and summary["groups"][2] == 7

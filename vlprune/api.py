@@ -107,13 +107,30 @@ def _verify(model: nn.Module) -> None:
 _WARNED: set[str] = set()
 
 
+def _size_problems(ctx) -> list[str]:
+    """Token sizes left by the latest forward that are not whole counts >= 1 (padding aside)."""
+    problems = []
+    for c in ctx.contexts():
+        state = c.latest.state
+        if state is None or state.size is None:
+            continue
+        size = state.size.reshape(state.size.shape[0], -1)
+        if state.valid is not None and state.valid.shape == size.shape:
+            size = size[state.valid]
+        if size.numel() and (not torch.equal(size, size.round()) or float(size.min()) < 1):
+            problems.append(f"the reduced forward left {c.tower or 'token'} sizes that are not whole "
+                            f"counts >= 1 (min {float(size.min()):.3g})")
+    return problems
+
+
 def check(model: nn.Module, atol: float = 1e-4, rtol: float = 1e-4) -> upstream.CheckResult:
     """Self-check a patched ``model`` on a small random input of its own default shape (batch 2).
 
     1. Patched but reducing nothing (:func:`disabled`), its outputs must equal the unpatched
        model's (within ``atol + rtol * |x|``): the patched classes still compute what upstream
        does when they pass through.
-    2. Reducing with its own settings, its outputs must be finite.
+    2. Reducing with its own settings, its outputs must be finite and every token's size
+       (the input tokens it holds) a whole number >= 1.
 
     The re-implemented reducing paths are not compared with upstream here (a reduced output
     has no upstream twin); their upstream originals are fingerprinted instead
@@ -159,6 +176,8 @@ def check(model: nn.Module, atol: float = 1e-4, rtol: float = 1e-4) -> upstream.
             finite = bool(out) and all(bool(torch.isfinite(t).all()) for t in out)
             if not finite and not problems:
                 problems.append("the reduced forward gave non-finite values (or no tensor)")
+            if not problems:
+                problems += _size_problems(_context(model))
     finally:
         current = model.__dict__.get(ATTR)
         if current is None or current.config is not config:
@@ -254,7 +273,7 @@ def get_source(model: nn.Module, tower: str | None = None) -> Tensor:
         ctx = ctx.children[tower]
     elif tower not in (None, "image"):
         raise ValueError(f"{type(model).__name__} has only an image tower; got tower={tower!r}")
-    state = ctx.state
+    state = ctx.latest.state
     if state is None:
         raise RuntimeError("no forward pass has run since patching (or it ran disabled)")
     return state.source

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReductionConfig, parse_prune_schedule, parse_schedule
-from ..core.scores import call_seed
+from ..core.scores import step_key
 from ..core.state import TokenState
 from .call import CallState, current, lookup, new_key, scoped, start
 
@@ -75,8 +75,13 @@ class PatchContext:
     guide_project: Callable[[Tensor], Tensor] | None = None
     # identifies this context's call state (a copy of the model gets a new key)
     key: int = field(default_factory=new_key, init=False, repr=False)
-    # training forwards begun since patch / configure: each draws its own random scores
-    train_calls: int = field(default=0, init=False, repr=False, compare=False)
+    # training forwards begun since patch / configure: each draws its own random scores (a
+    # tensor: a compiled graph counts steps without recompiling)
+    train_calls: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64),
+                                init=False, repr=False, compare=False)
+    # the call state of the latest forward traced by torch.compile (a compiled graph cannot
+    # set a context variable; see `call`)
+    traced_call: CallState | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -93,7 +98,8 @@ class PatchContext:
     def refresh(self) -> None:
         """Resolve the per-layer schedules from the config (after patch or configure)."""
         cfg = self.config
-        self.train_calls = 0  # the random score's training sequence restarts from its seed
+        # the random score's training sequence restarts from its seed
+        self.train_calls = torch.zeros((), dtype=torch.int64)
         if self.children:
             for name, child in self.children.items():
                 child.config = cfg.for_tower(name, two_towers=len(self.children) > 1)
@@ -111,8 +117,25 @@ class PatchContext:
 
     @property
     def call(self) -> CallState:
-        """The state of this context's current (or latest) forward in the calling thread."""
+        """The state of this context's current (or latest) forward in the calling thread.
+
+        Under ``torch.compile`` the forward's call state is a plain attribute
+        (:attr:`traced_call`): inside a compiled graph every read of it is resolved while
+        tracing, so concurrent compiled forwards still never share a token state; only the
+        state left after the forward (what :func:`vlprune.get_source` reads) is the latest
+        compiled forward's of any thread."""
+        if torch.compiler.is_compiling():
+            if self.traced_call is None:
+                self.traced_call = CallState()
+            return self.traced_call
         return current(self.key)
+
+    @property
+    def latest(self) -> CallState:
+        """The call state to read after a forward: a compiled forward's if one ran since the
+        latest eager forward (of any thread) began, else this thread's latest."""
+        traced = self.traced_call
+        return traced if traced is not None else current(self.key)
 
     @property
     def state(self) -> TokenState | None:
@@ -152,19 +175,23 @@ class PatchContext:
 
     def begin(self, num_protected: int, training: bool = False) -> TokenState | None:
         """Start the call state of a new forward pass in the calling thread. The ``random``
-        score draws the same positions at every eval forward; in training (``training``: the
-        root module's mode) the n-th forward since patch / configure draws from its own seeded
-        generator (:func:`~vlprune.core.scores.call_seed`), so steps differ but the sequence
-        repeats for the same seed."""
-        call = start(self.key)
+        score draws the same positions at every eval forward (its key is the seed); in
+        training (``training``: the root module's mode) the n-th forward since patch /
+        configure draws with its own key (:func:`~vlprune.core.scores.step_key`), so steps
+        differ but the sequence repeats for the same seed."""
+        if torch.compiler.is_compiling():
+            call = self.traced_call = CallState()
+        else:
+            self.traced_call = None
+            call = start(self.key)
         if not self.enabled:
             return None
         call.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
         if self.config.prune_score == "random" and any(k is not None for k in self.prune_schedule):
-            step = 0
+            call.random_key = self.config.prune_seed
             if training:
-                step, self.train_calls = self.train_calls, self.train_calls + 1
-            call.generator = torch.Generator().manual_seed(call_seed(self.config.prune_seed, step))
+                call.random_key = step_key(self.config.prune_seed, self.train_calls)
+                self.train_calls.add_(1)
         return call.state
 
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:

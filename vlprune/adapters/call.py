@@ -3,7 +3,7 @@
 A patched model's *settings* (its :class:`~vlprune.adapters.base.PatchContext`: config,
 schedules, the tower's head) are shared by every caller. What a forward in flight needs (the
 token state, the q/k/v hand-off from an attention module to its block, the size bias, the
-random generator, FastV's kept columns between prefill and decode) belongs to that call
+random score's key, FastV's kept columns between prefill and decode) belongs to that call
 alone, so it lives here, in :mod:`contextvars`, keyed by the settings object:
 
 * every thread has its own context, so two threads running one patched model at once never
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..core.scores import AttnInputs
@@ -62,7 +61,8 @@ class CallState:
     attn: AttnInputs | None = None
     # Size bias for attention modules that take no per-key mask (nn.MultiheadAttention).
     pending_bias: Tensor | None = None
-    generator: torch.Generator | None = None
+    # the ``random`` score's key for this forward (vlprune.core.scores.hash_uniform)
+    random_key: int | Tensor = 0
     # Adapter-specific parts (e.g. FastV's kept columns, which live from prefill to decode).
     parts: dict[str, Any] = field(default_factory=dict)
 

@@ -119,7 +119,7 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
         else:
             scores = compute_scores(
                 cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
-                generator=call.generator, valid=valid,
+                key=call.random_key, stream=layer, valid=valid,
             )
         mode = cfg.prune_mode
         if mode == "recycle" or r > 0:

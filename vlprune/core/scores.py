@@ -100,33 +100,72 @@ def received_attn(a: AttnInputs, valid: Tensor | None = None, chunk: int = 64) -
     return total
 
 
+_M32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9  # Weyl-sequence increment (2**32 / golden ratio)
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` holding 32-bit words, in 16-bit halves: no product
+    reaches 2**63, so no signed overflow (which compiled and vectorised kernels do not all
+    wrap the same way)."""
+    return (((x & 0xFFFF) * c) + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit words: a bijection whose
+    outputs for neighbouring inputs look independent."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _key_word(key: int | Tensor, device) -> Tensor:
+    """A random key as one 32-bit word (int64 tensor): an int key's high bits hashed in (a key
+    below 2**32 is its own word, as a tensor key is)."""
+    if isinstance(key, Tensor):
+        return key.to(device=device, dtype=torch.int64) & _M32
+    key = int(key)
+    lo, hi = key & _M32, (key >> 32) & _M32
+    return torch.tensor(lo, device=device) ^ fmix32(torch.tensor(hi, device=device))
+
+
+def hash_uniform(key: int | Tensor, stream: int, shape: tuple[int, ...], device=None) -> Tensor:
+    """Uniform floats in [0, 1) of ``shape``, a pure function of ``(key, stream)``: hashed
+    counters (a Weyl sequence through MurmurHash3's finaliser), no generator object. The same
+    numbers on every device and under ``torch.compile`` (no state, no graph break); ``key``
+    may be a scalar tensor, so a compiled graph takes a new key per call without
+    recompiling."""
+    count = 1
+    for d in shape:
+        count *= d
+    base = fmix32(_key_word(key, device) ^ ((stream + 1) * 0x27D4EB2F & _M32))
+    i = torch.arange(1, count + 1, device=device, dtype=torch.int64)
+    h = fmix32((_mul32(i, _GOLDEN32) + base) & _M32)
+    return ((h >> 8).to(torch.float32) * 2.0**-24).view(shape)  # 24 bits: exact in float32
+
+
 def random_scores(
-    a: AttnInputs, generator: torch.Generator | None = None, per_position: bool = False
+    a: AttnInputs, key: int | Tensor = 0, stream: int = 0, per_position: bool = False
 ) -> Tensor:
-    """Uniform random scores: the honest baseline (seed the generator for repeatability).
+    """Uniform random scores: the honest baseline, a pure function of ``key`` (the call's
+    random key: the seed) and ``stream`` (one per reduction layer), see :func:`hash_uniform`.
 
     ``per_position``: one draw per position, shared by every row (padded sequences: a row's
     choices then do not depend on its batch neighbours or its place in the batch)."""
     B, _, N, _ = a.k.shape
     if per_position:
-        return torch.rand(1, N, generator=generator, device="cpu").to(a.k.device).expand(B, N)
-    return torch.rand(B, N, generator=generator, device="cpu").to(a.k.device)
+        return hash_uniform(key, stream, (1, N), a.k.device).expand(B, N)
+    return hash_uniform(key, stream, (B, N), a.k.device)
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def call_seed(seed: int, step: int = 0) -> int:
-    """The seed of the ``random`` score's generator for one forward: ``seed`` itself at
-    ``step`` 0 (every eval forward, and the first training one), else a SplitMix64 mix of
-    ``(seed, step)`` (a training forward's draws differ from step to step, and the sequence is
-    the same for the same seed)."""
-    if step == 0:
-        return int(seed)
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+def step_key(seed: int, step: Tensor) -> Tensor:
+    """The random key of training forward ``step`` (a scalar tensor, so a compiled graph takes
+    each step without recompiling): a 32-bit word, different from step to step, the same
+    sequence for the same seed."""
+    word = _key_word(seed, step.device)
+    return fmix32((_mul32(step.to(torch.int64) & _M32, _GOLDEN32) + fmix32(word ^ 0x5BD1E995)) & _M32)
 
 
 def diversity_order(
@@ -192,7 +231,8 @@ def compute_scores(
     num_protected: int,
     n_keep: int,
     cls_index: int = 0,
-    generator: torch.Generator | None = None,
+    key: int | Tensor = 0,
+    stream: int = 0,
     valid: Tensor | None = None,
 ) -> Tensor:
     """Scores ``(B, N)`` of the score called ``name`` (one of :data:`SCORE_NAMES`); ``valid``
@@ -210,7 +250,7 @@ def compute_scores(
     if name == "received_attn":
         return received_attn(a, valid)
     if name == "random":
-        return random_scores(a, generator, per_position=valid is not None)
+        return random_scores(a, key, stream, per_position=valid is not None)
     if name == "diversity":
         return diversity_order(a.metric(), num_protected, picks=n_keep, valid=valid)
     raise ValueError(f"unknown score {name!r}; known scores: {list(SCORE_NAMES)}")

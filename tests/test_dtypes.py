@@ -1,4 +1,4 @@
-"""Low precision, torch.compile, and CUDA checks of a patched timm ViT."""
+"""Low precision and CUDA checks of a patched timm ViT (torch.compile: tests/test_compile.py)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,6 @@ def test_bfloat16_on_cpu_tracks_float32():
     # low precision may flip a near-tie in the matching, so compare directions, not values
     assert torch.nn.functional.cosine_similarity(out, expected, dim=-1).min() > 0.99
     assert low._vlprune.state.size.dtype == torch.float32  # sizes are counts: float32 always
-
-
-@pytest.mark.slow
-def test_torch_compile_matches_eager():
-    """Token counts are static for a given config and input size, so the patched model
-    compiles; compiled and eager outputs agree."""
-    ref, _, x = _pair()
-    with torch.no_grad():
-        eager = ref(x)
-        compiled = torch.compile(ref)(x)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
