@@ -14,7 +14,12 @@ from typing import Any
 import torch
 
 from ..eval.distributed import DistContext, init_distributed
-from ..eval.image_data import check_labels, eval_transform, resolve_eval_config
+from ..eval.image_data import (
+    check_labels,
+    default_workers,
+    eval_transform,
+    resolve_eval_config,
+)
 from ..eval.imagenet import build_classifier, eval_imagenet, num_classes_of, open_dataset
 from ..eval.sweep import Setting, output_paths, slug
 from .args import (
@@ -87,8 +92,9 @@ def add_parser(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--preload", choices=("auto", "yes", "no"), default="auto",
                    help="decode the images once into memory and reuse them for every setting; "
                    "auto: when a process's images take at most 4 GiB (default: auto)")
-    g.add_argument("--workers", "-j", type=int, default=4, metavar="N",
-                   help="number of data loading workers (default: 4)")
+    g.add_argument("--workers", "-j", type=int, default=default_workers(), metavar="N",
+                   help="data loading worker processes, 0: load in the main process "
+                   f"(default: 4, at most the CPUs available: {default_workers()} here)")
     g.add_argument("--img-size", type=int, default=None, metavar="N",
                    help="input image dimension, uses model default if empty")
     g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",

@@ -36,6 +36,7 @@ __all__ = [
     "check_labels",
     "dataset_labels",
     "decode_images",
+    "default_workers",
     "iter_images",
     "image_problem",
     "load_item",
@@ -49,6 +50,16 @@ __all__ = [
 ]
 
 _REQUIRED_COLUMNS = ("filename", "class_index")
+
+
+def default_workers(most: int = 4) -> int:
+    """Data-loading worker processes to use by default: ``most``, but no more than the CPUs
+    this process may run on (more makes PyTorch warn that loading may be slow or freeze)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(most, cpus))
 
 
 class UnreadableImagesError(ValueError):

@@ -1,0 +1,77 @@
+"""What a user sees is true and clear: the files a command says it wrote exist, ``describe``
+shows what the model did, bad input gets one line naming the file and what is expected,
+every command follows one exit-code convention, and the defaults fit the machine.
+
+Commands run through :func:`vlprune.cli.main` (the ``vlprune`` entry point), on timm's tiny
+``test_vit`` and generated images; stdout, stderr and the exit status are what is checked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlprune.cli import main
+
+timm = pytest.importorskip("timm")
+Image = pytest.importorskip("PIL.Image")
+
+torch.set_num_threads(1)  # tiny ops: a second thread only waits on a busy machine
+
+CLASSES = 2
+SIZE = 64  # test_vit at 64 px: 16 patches + the class token
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """An ImageFolder tree (2 classes x 2 images), weights for it and one good image."""
+    root = tmp_path_factory.mktemp("messages")
+    gen = torch.Generator().manual_seed(0)
+    for c in range(CLASSES):
+        folder = root / "tree" / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for j in range(2):
+            pixels = torch.randint(0, 256, (48, 56, 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"img_{j}.png")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=CLASSES, img_size=SIZE)
+    weights = root / "test_vit.pth"
+    torch.save(model.state_dict(), weights)
+    image = root / "tree" / "n00000000" / "img_0.png"
+    return {"tree": root / "tree", "weights": weights, "image": image, "root": root}
+
+
+def _eval_args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["eval", "imagenet", "--model", "test_vit", "--num-classes", str(CLASSES),
+            "--img-size", str(SIZE), "--weights", str(data["weights"]), "--data",
+            str(data["tree"]), "-b", "4", "--threads", "1", "--no-progress", "--no-memory",
+            "--output", str(out), *extra]
+
+
+# ---- data-loading workers -------------------------------------------------------------------
+
+
+def test_workers_default_is_at_most_the_cpus(data, tmp_path, monkeypatch):
+    """On 2 CPUs the default is 2 loader processes, not 4 (PyTorch warns above the CPUs)."""
+    import vlprune.eval.image_data as image_data
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    seen = []
+    real = image_data.DataLoader
+
+    def spy(*args, num_workers=0, **kwargs):
+        seen.append(num_workers)
+        return real(*args, num_workers=0, **kwargs)  # the count is what matters, not the forks
+
+    monkeypatch.setattr(image_data, "DataLoader", spy)
+    assert main(_eval_args(data, tmp_path / "w", "--merge-r", "2", "--no-plot")) == 0
+    assert seen and set(seen) == {2}, seen
+    from vlprune.cli import make_parser
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    args = make_parser().parse_args(["eval", "imagenet", "--model", "test_vit"])
+    assert args.workers == 4
