@@ -9,6 +9,7 @@ Commands run through :func:`vlprune.cli.main` (the ``vlprune`` entry point), on 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,41 @@ def test_workers_default_is_at_most_the_cpus(data, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     args = make_parser().parse_args(["eval", "imagenet", "--model", "test_vit"])
     assert args.workers == 4
+
+
+# ---- "wrote" lines name only files that exist -----------------------------------------------
+
+
+def _wrote(err: str) -> list[str]:
+    lines = [line for line in err.splitlines() if line.startswith("wrote ")]
+    assert len(lines) == 1, err
+    return lines[0][len("wrote "):].split(", ")
+
+
+def test_eval_without_matplotlib_does_not_claim_the_plot(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    out = tmp_path / "noplot"
+    with pytest.warns(UserWarning, match="no plot written"):
+        assert main(_eval_args(data, out, "--merge-r", "2", "-j", "0")) == 0
+    files = _wrote(capsys.readouterr().err)
+    assert files == [f"{out}.csv", f"{out}.json"]
+    assert all(Path(f).is_file() for f in files) and not Path(f"{out}.png").exists()
+
+
+def test_sweep_result_names_written_files_only(tmp_path, capsys):
+    """A plot that failed after an earlier one succeeded is stale: not named either."""
+    from vlprune.cli.args import print_sweep_result
+    from vlprune.eval.sweep import Sweep, output_paths
+
+    paths = output_paths(tmp_path / "s")
+    sweep = Sweep(paths)
+    sweep.run([], lambda s: {"top1": 1.0})
+    paths.plot.write_bytes(b"stale")  # from an earlier run; this sweep drew no plot
+    print_sweep_result(sweep, [("setting", "setting", "")], paths, {}, (),
+                       also=[tmp_path / "preds", tmp_path / "s.csv"])
+    err = capsys.readouterr().err
+    assert _wrote(err) == [str(paths.csv), str(paths.json), str(tmp_path / "s.csv")]
+    (tmp_path / "preds").mkdir()
+    print_sweep_result(sweep, [("setting", "setting", "")], paths, {}, (),
+                       also=[tmp_path / "preds"])
+    assert _wrote(capsys.readouterr().err)[-1] == f"{tmp_path / 'preds'}{os.sep}"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -311,13 +313,18 @@ def model_from_args(args: argparse.Namespace):
 
 
 def print_sweep_result(sweep: Sweep, table: Sequence[tuple[str, str, str]], paths: OutputPaths,
-                       head: Mapping[str, Any], keys: Sequence[str], also: str = "") -> None:
-    """The end of an eval command: the sweep's ``table``, the files written (``also`` after
-    them) on stderr, then ``--result`` and one JSON line: ``head`` and, per setting, its
-    ``keys`` (floats rounded to 4 places)."""
+                       head: Mapping[str, Any], keys: Sequence[str],
+                       also: Sequence[str | os.PathLike] = ()) -> None:
+    """The end of an eval command: the sweep's ``table``, the files its last save wrote and
+    those of ``also`` that exist, on stderr (a file that was not written is not named), then
+    ``--result`` and one JSON line: ``head`` and, per setting, its ``keys`` (floats rounded to
+    4 places)."""
     print(sweep.table(table))
-    written = [str(p) for p in (paths.csv, paths.json, paths.plot) if p is not None]
-    print(f"wrote {', '.join(written)}{also}", file=sys.stderr)
+    order = [p for p in (paths.csv, paths.json, paths.plot) if p in sweep.written]
+    written = [str(p) for p in order if Path(p).exists()]
+    written += [f"{p}{os.sep}" if Path(p).is_dir() else str(p) for p in also if Path(p).exists()]
+    if written:
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
     print("--result")
     print(json.dumps({
         **head,

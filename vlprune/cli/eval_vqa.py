@@ -350,6 +350,6 @@ def run_vqa(args: Any) -> int:
         print_sweep_result(sweep, table, paths,
                            {"model": args.model, "task": args.task, noun: len(records)},
                            (*keys, "agreement", "visual_tokens", "gflops_prefill", "prefill_ms",
-                            "decode_tok_s", "n", "skipped"), also=f" and {predictions}/")
+                            "decode_tok_s", "n", "skipped"), also=[predictions])
     ctx.close()
     return 0

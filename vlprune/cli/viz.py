@@ -153,5 +153,6 @@ def run_viz(args: argparse.Namespace) -> int:
     for layer in summary["layers"]:
         print(f"{layer:>5} {summary['tokens'][layer]:>6} {summary['groups'][layer]:>6} "
               f"{summary['dropped'][layer]:>7} {summary['fused'][layer]:>5}")
-    print(f"wrote {summary['path']}")
+    if Path(summary["path"]).is_file():
+        print(f"wrote {summary['path']}")
     return 0

@@ -361,6 +361,8 @@ class Sweep:
     env: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
     error: str | None = None
+    #: the files the latest :meth:`save` wrote (a plot that failed is not among them)
+    written: list[Path] = field(default_factory=list)
     _plot_warned: bool = field(default=False, repr=False)
 
     def run(self, settings: Sequence[Setting], evaluate: Callable[[Setting], Mapping[str, Any]],
@@ -412,16 +414,20 @@ class Sweep:
         """Rewrite the CSV, JSON and plot from the rows so far (main process only)."""
         if not self.write:
             return
+        self.written = []
         for p in (self.paths.csv, self.paths.json, self.paths.plot):
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
         if self.paths.json is not None:
             atomic_write(self.paths.json, json.dumps(self.to_dict(), indent=2, default=str))
+            self.written.append(self.paths.json)
         if self.paths.csv is not None:
             self._write_csv(self.paths.csv)
+            self.written.append(self.paths.csv)
         if self.paths.plot is not None and self.plot is not None and self.rows:
             try:
                 plot_sweep(self.paths.plot, self.rows, self.plot)
+                self.written.append(self.paths.plot)
             except Exception as e:  # the numbers are saved; a plot is not worth the run
                 if not self._plot_warned:
                     warnings.warn(f"no plot written to {self.paths.plot}: {e}", stacklevel=2)
