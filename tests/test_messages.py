@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vlprune
 from vlprune.cli import main
 
 timm = pytest.importorskip("timm")
@@ -114,3 +115,21 @@ def test_sweep_result_names_written_files_only(tmp_path, capsys):
     print_sweep_result(sweep, [("setting", "setting", "")], paths, {}, (),
                        also=[tmp_path / "preds"])
     assert _wrote(capsys.readouterr().err)[-1] == f"{tmp_path / 'preds'}{os.sep}"
+
+
+# ---- unsupported models ---------------------------------------------------------------------
+
+
+def test_unsupported_model_lists_one_family_per_line():
+    with pytest.raises(vlprune.UnsupportedModelError) as info:
+        vlprune.patch(torch.nn.Linear(3, 3), merge_r=2)
+    head, *lines = str(info.value).splitlines()
+    assert "torch.nn.modules.linear.Linear" in head and head.endswith(":")
+    assert len(lines) >= 9 and all(line.startswith("  ") for line in lines)
+    pairs = [line.strip().split(": ", 1) for line in lines]
+    names = [name for name, _ in pairs]
+    assert {"timm_vit", "open_clip", "hf_clip", "hf_bert", "hf_llava"} <= set(names)
+    # every registered family, each once, with its full text
+    every = vlprune.supported_text()
+    assert all(f"{name} ({text})" in every for name, text in pairs) and len(set(names)) == len(names)
+    assert len(every) == len("; ".join(f"{name} ({text})" for name, text in pairs))

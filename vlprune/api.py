@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import upstream
 from .adapters.base import (
     ATTR,
+    Adapter,
     LayerRecord,
     PatchContext,
     PatchSnapshot,
@@ -71,10 +72,39 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     return model
 
 
+def _families() -> list[tuple[str, str]]:
+    """``(name, what it supports)`` of every registered model family, in registration order."""
+    out: dict[str, str] = {}
+    todo = list(Adapter.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        name = getattr(cls, "name", "")
+        if name and name not in out:
+            try:
+                adapter = find_adapter(nn.Module(), name)  # the registered instance
+            except ValueError:  # a subclass that is not registered
+                continue
+            out[name] = adapter.supported
+    return list(out.items())
+
+
+def _find_adapter(model: nn.Module, family: str | None) -> Adapter:
+    """:func:`find_adapter`, with the families listed one per line when none fits."""
+    try:
+        return find_adapter(model, family)
+    except UnsupportedModelError:
+        cls = type(model)
+        lines = [f"no vlprune adapter supports {cls.__module__}.{cls.__qualname__}. Supported "
+                 "families (family=NAME forces one):"]
+        lines += [f"  {name}: {supported}" for name, supported in _families()]
+        raise UnsupportedModelError("\n".join(lines)) from None
+
+
 def _apply(model: nn.Module, config: ReductionConfig) -> None:
     if ATTR in model.__dict__:  # not a tower patched as part of a larger model: check refuses it
         restore(model)
-    adapter = find_adapter(model, config.family)
+    adapter = _find_adapter(model, config.family)
     adapter.check(model, config)
     ctx = adapter.make_context(model, config)
     adapter.apply(model, ctx)
