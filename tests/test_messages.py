@@ -8,6 +8,7 @@ Commands run through :func:`vlprune.cli.main` (the ``vlprune`` entry point), on 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -133,3 +134,58 @@ def test_unsupported_model_lists_one_family_per_line():
     every = vlprune.supported_text()
     assert all(f"{name} ({text})" in every for name, text in pairs) and len(set(names)) == len(names)
     assert len(every) == len("; ".join(f"{name} ({text})" for name, text in pairs))
+
+
+# ---- describe -------------------------------------------------------------------------------
+
+
+def test_describe_command_shows_what_each_layer_merged(tmp_path, capsys):
+    """test_vit at 160 px: 101 tokens; r=16 merges 16 five times, then only 10 of 21 - 1."""
+    out = tmp_path / "d.json"
+    assert main(["describe", "--model", "test_vit", "--merge-r", "16", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    head, columns, *rows = text.strip().splitlines()
+    assert head.endswith("settings: merge_r=16"), head  # only what differs from the defaults
+    assert "prune_keep" not in head and "None" not in head
+    assert "merged" in columns and "merge r" not in columns
+    cells = [row.split() for row in rows[:6]]
+    assert [c[0] for c in cells] == ["0", "1", "2", "3", "4", "5"]
+    assert [c[3] for c in cells[:5]] == ["16"] * 5 and cells[5][3:6] == ["10", "of", "16"]
+    assert rows[-1].startswith("GFLOPs") and "per sample (batch 1)" in rows[-1]
+    saved = json.loads(out.read_text())
+    assert saved["merged"] == [16, 16, 16, 16, 16, 10] and saved["batch_size"] == 1
+    assert [layer["merge_r"] for layer in saved["layers"]] == [16] * 6  # the schedule asked
+    assert saved["config"]["prune_keep"] is None  # the JSON keeps every setting
+
+
+def test_describe_merged_with_pruning_and_an_impossible_r():
+    model = timm.create_model("test_vit").eval()
+    vlprune.patch(model, merge_r=200)
+    d = vlprune.describe(model)
+    assert d.merged == [lr.tokens_in - lr.tokens_out for lr in d.layers] == [50, 25, 12, 6, 3, 2]
+    assert "50 of 200" in str(d) and " 200 " not in str(d).replace("of 200", "")
+    vlprune.configure(model, prune_keep=0.7, prune_layers=(1,), merge_r=16)
+    d = vlprune.describe(model, batch_size=2)
+    # layer 1 prunes 100 unprotected tokens to 70 first (85 -> 60), then merges 16
+    assert d.layers[1].tokens_in == 85 and d.merged[1] == 16 and d.layers[1].tokens_out == 44
+    # elsewhere at most half of the tokens besides the class token: 28 -> 13, 15 -> 7, 8 -> 3
+    assert d.merged == [16, 16, 16, 13, 7, 3]
+    assert all(m == min(16, (lr.tokens_in - 1) // 2) for m, lr in zip(d.merged, d.layers) if lr.index != 1)
+    assert d.batch_size == 2 and "per forward of batch 2 (" in str(d) and "per sample)" in str(d)
+    assert str(d).splitlines()[0].endswith("settings: merge_r=16, prune_keep=0.7, prune_layers=(1,)")
+
+
+def test_describe_takes_any_mapping_of_inputs():
+    """A tokenizer's BatchEncoding is a Mapping (a UserDict), not a dict."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=100)
+    bert = vlprune.patch(transformers.BertModel(cfg).eval(), merge_r=2)
+    ids = torch.randint(1, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    d = vlprune.describe(bert, batch)
+    assert d.input_shape == {"input_ids": (2, 9), "attention_mask": (2, 9)}
+    assert [lr.tokens_in for lr in d.layers] == [9, 7] and d.merged == [2, 2]
+    assert d.batch_size == 2 and d.flops_ratio > 1

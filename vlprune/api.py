@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -347,7 +347,14 @@ def set_guide(
 
 @dataclass
 class Description:
-    """Effective tokens per layer and FLOPs of a patched model for one input shape."""
+    """Effective tokens per layer and FLOPs of a patched model for one input shape.
+
+    ``layers[i].merge_r`` is the r the schedule asks of that layer; ``merged[i]`` the tokens
+    it merged away (fewer when the layer had fewer to merge: at most half of the mergeable
+    ones). ``flops`` and ``flops_baseline`` count one forward of the whole input
+    (``batch_size`` samples); ``config`` holds every setting, ``str()`` only those that
+    differ from the defaults.
+    """
 
     family: str
     config: dict
@@ -355,6 +362,8 @@ class Description:
     layers: list[LayerRecord] = field(default_factory=list)
     flops: int | None = None
     flops_baseline: int | None = None
+    merged: list[int] = field(default_factory=list)
+    batch_size: int | None = None
 
     @property
     def flops_ratio(self) -> float | None:
@@ -368,11 +377,31 @@ class Description:
         """Tokens removed at each layer (pruned + merged, after capping)."""
         return [lr.tokens_in - lr.tokens_out for lr in self.layers]
 
+    @property
+    def settings(self) -> dict:
+        """The settings that differ from :class:`ReductionConfig`'s defaults."""
+        default = asdict(ReductionConfig())
+        return {k: v for k, v in self.config.items() if k in default and v != default[k]}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["flops_ratio"] = self.flops_ratio
         d["schedule"] = self.schedule
         return d
+
+    def _flops_line(self) -> str:
+        g = self.flops / 1e9
+        if self.batch_size == 1:
+            per = "per sample (batch 1)"
+        elif self.batch_size:
+            per = f"per forward of batch {self.batch_size} ({g / self.batch_size:.3f} per sample)"
+        else:  # inputs of several batch sizes (e.g. texts and images)
+            per = "per forward of the input above"
+        line = f"GFLOPs {g:.3f} {per}"
+        if self.flops_baseline:
+            line += (f"; unpatched {self.flops_baseline / 1e9:.3f}, "
+                     f"{self.flops_ratio:.2f}x fewer")
+        return line
 
     def __str__(self) -> str:
         shape = self.input_shape
@@ -380,42 +409,56 @@ class Description:
             shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items())
         else:
             shape = tuple(shape)
-        lines = [f"vlprune {self.family}  input {shape}  config {self.config}"]
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items()) or "defaults"
+        lines = [f"vlprune {self.family}  input {shape}  settings: {settings}"]
         towers = any(lr.tower for lr in self.layers)
         head = f"{'tower':<6}" if towers else ""
-        lines.append(f"{head}{'layer':>5} {'tokens in':>9} {'keep':>5} {'merge r':>7} {'tokens out':>10}")
-        for lr in self.layers:
+        lines.append(f"{head}{'layer':>5} {'tokens in':>9} {'keep':>5} {'merged':>9} {'tokens out':>10}")
+        merged = self.merged if len(self.merged) == len(self.layers) else [None] * len(self.layers)
+        capped = False
+        for lr, m in zip(self.layers, merged):
             keep = "-" if lr.prune_keep is None else f"{lr.prune_keep:g}"
             tower = f"{lr.tower:<6}" if towers else ""
-            lines.append(
-                f"{tower}{lr.index:>5} {lr.tokens_in:>9} {keep:>5} {lr.merge_r:>7} {lr.tokens_out:>10}"
-            )
-        if self.flops is not None:
-            g = self.flops / 1e9
-            if self.flops_baseline:
-                lines.append(
-                    f"GFLOPs {g:.3f} (unpatched {self.flops_baseline / 1e9:.3f}, "
-                    f"{self.flops_ratio:.2f}x fewer)"
-                )
+            if m is None or m == lr.merge_r:
+                done = str(lr.merge_r if m is None else m)
             else:
-                lines.append(f"GFLOPs {g:.3f}")
+                done, capped = f"{m} of {lr.merge_r}", True
+            lines.append(
+                f"{tower}{lr.index:>5} {lr.tokens_in:>9} {keep:>5} {done:>9} {lr.tokens_out:>10}"
+            )
+        if capped:
+            lines.append("('m of r': the layer had fewer than r tokens to merge; a layer merges "
+                         "at most half of its mergeable tokens)")
+        if self.flops is not None:
+            lines.append(self._flops_line())
         return "\n".join(lines)
+
+
+def _batch_size(inputs: Any) -> int | None:
+    """The batch size of an example input: the first dimension its tensors share, else
+    ``None``."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else None
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    sizes = {int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim()}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def describe(
     model: nn.Module,
-    inputs: Tensor | None = None,
+    inputs: Tensor | Mapping[str, Any] | tuple | None = None,
     *,
     input_size: tuple[int, ...] | None = None,
     batch_size: int = 1,
     flops: bool = True,
 ) -> Description:
-    """Run one forward and report the tokens entering and leaving each layer, and the FLOPs
-    (patched and unpatched, per forward of ``batch_size``).
+    """Run one forward and report the tokens entering and leaving each layer, the tokens each
+    layer merged, and the FLOPs (patched and unpatched, of one forward of the whole input).
 
     ``inputs`` defaults to a random input of the model's default size (or ``input_size``,
-    without the batch dimension): a tensor, or for models with a text tower a dict of keyword
-    inputs (token ids, and images for two-tower models).
+    without the batch dimension) and ``batch_size``: a tensor, or for models with a text
+    tower the keyword inputs (token ids, and images for two-tower models) as any mapping,
+    e.g. a tokenizer's ``BatchEncoding``.
     """
     from .eval.flops import count_flops
 
@@ -423,12 +466,16 @@ def describe(
     adapter = find_adapter(model, ctx.family)
     if inputs is None:
         inputs = adapter.example_input(model, batch_size, input_size)
+    elif isinstance(inputs, Mapping) and not isinstance(inputs, dict):
+        inputs = dict(inputs)  # e.g. transformers' BatchEncoding, a UserDict
     was_training = model.training
     model.eval()
     layers: list[LayerRecord] = []
+    merged: dict[tuple[str, int], int] = {}
     try:
         with torch.no_grad():
-            with ctx.scoped("record", layers):  # this thread's forward only
+            # this thread's forward only
+            with ctx.scoped("record", layers), ctx.scoped("merged", merged):
                 if flops:
                     n = count_flops(lambda: run_model(model, inputs))
                 else:
@@ -446,4 +493,6 @@ def describe(
         layers=layers,
         flops=n,
         flops_baseline=n_base,
+        merged=[merged.get((lr.tower, lr.index), 0) for lr in layers],
+        batch_size=_batch_size(inputs),
     )

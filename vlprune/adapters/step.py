@@ -17,6 +17,7 @@ from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
 from ..core.select import keep_count, prune_plan
 from ..merging.bipartite import bipartite_soft_matching
 from .base import PatchContext
+from .call import lookup
 
 
 def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor | None] | None:
@@ -137,6 +138,7 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
             if metric is not None:
                 metric = take_tokens(metric, plan.keep)
     if r > 0:
+        n = x.shape[1]
         metric = attn.metric() if metric is None else metric
         if state.valid is not None:
             plan = ragged_bipartite(metric, state.valid, r, P)
@@ -144,4 +146,8 @@ def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_
             plan = bipartite_soft_matching(metric, r, P)
         if plan is not None:
             x = state.compact(plan, x)
+        if not torch.compiler.is_compiling():
+            merged = lookup(ctx.key, "merged")  # describe's record of what each layer merged
+            if merged is not None:
+                merged[(ctx.tower, layer)] = n - x.shape[1]
     return x
