@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - without it the two-process test is ski
 
 import vlprune  # noqa: E402
 from vlprune.cli import eval_vqa as cli_vqa  # noqa: E402
+from vlprune.cli.args import RunError, UsageError  # noqa: E402
 from vlprune.eval import caption, generation, vqa  # noqa: E402
 from vlprune.eval import vlm as vlm_mod  # noqa: E402
 from vlprune.eval.image_data import UnreadableImagesError  # noqa: E402
@@ -214,9 +215,9 @@ def test_unknown_setting_and_bad_arguments_error(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse("--data", str(data), "--answer-processing", "loose")
     assert "invalid choice: 'loose'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
+    with pytest.raises(UsageError, match="--batch-size must be >= 1"):
         cli_vqa.run_vqa(_parse(*_argv(data, tmp_path / "x", "-b", "0")))
-    with pytest.raises(SystemExit, match="--visual-score given without --visual-keep"):
+    with pytest.raises(UsageError, match="--visual-score given without --visual-keep"):
         cli_vqa.run_vqa(_parse("--data", str(data), "--visual-score", "random"))
     # a valid key with a value the model refuses: named, before any question is answered
     with pytest.raises(ValueError, match="setting 'visual 1000 cls_attn'.*576"), \
@@ -670,7 +671,7 @@ def test_caption_task_needs_pycocoevalcap(captions, tmp_path, monkeypatch):
     for name in ("pycocoevalcap", "pycocoevalcap.bleu", "pycocoevalcap.bleu.bleu",
                  "pycocoevalcap.cider", "pycocoevalcap.cider.cider"):
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(SystemExit, match="caption metrics need the 'pycocoevalcap' package.*"
+    with pytest.raises(RunError, match="caption metrics need the 'pycocoevalcap' package.*"
                        "pip install pycocoevalcap"):
         cli_vqa.run_vqa(_parse(*_caption_argv(captions, tmp_path / "x")))
 

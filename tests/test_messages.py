@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -189,3 +190,54 @@ def test_describe_takes_any_mapping_of_inputs():
     assert d.input_shape == {"input_ids": (2, 9), "attention_mask": (2, 9)}
     assert [lr.tokens_in for lr in d.layers] == [9, 7] and d.merged == [2, 2]
     assert d.batch_size == 2 and d.flops_ratio > 1
+
+
+# ---- exit statuses --------------------------------------------------------------------------
+
+
+def test_help_documents_the_exit_statuses():
+    proc = subprocess.run([sys.executable, "-m", "vlprune.cli", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0
+    epilog = proc.stdout[proc.stdout.index("exit status:"):]
+    assert "0  done" in epilog and "1  the run failed" in epilog and "2  bad command line" in epilog
+
+
+def test_bad_input_exits_2_from_the_real_command(tmp_path):
+    """``raise SystemExit("message")`` exited 1; bad options are 2, as argparse's own."""
+    proc = subprocess.run([sys.executable, "-m", "vlprune.cli", "describe", "--model", "test_vit",
+                           "--merge-r", "1,2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("vlprune describe: error: describe takes one --merge-r, "
+                                   "--prune-keep and/or --visual-keep value")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--model", "test_vit", "--text-tokens", "3"], "need a llava: model"),
+    (["bench", "--model", "test_vit", "--prune-fuse"], "without --prune-keep"),
+    (["describe", "--model", "no_such_model_xyz"], "unknown timm model 'no_such_model_xyz'"),
+    (["check", "--model", "no_such_model_xyz"], "unknown timm model 'no_such_model_xyz'"),
+    (["eval", "imagenet", "--model", "test_vit"], "give --data DIR"),
+    (["eval", "imagenet", "--model", "test_vit", "--data", "{tree}", "--merge-r", "2",
+      "--setting", "merge_r=2"], "asked for twice"),
+    (["eval", "vqa", "--data", "{missing}"], "not found"),
+    (["eval", "vqa", "--data", "{missing}", "-b", "0"], "--batch-size must be >= 1"),
+    (["viz", "{missing}", "--model", "test_vit", "--merge-r", "2"], "image not found"),
+])
+def test_every_command_exits_2_with_one_line_for_bad_input(data, tmp_path, capsys, argv,
+                                                           message):
+    argv = [a.format(tree=data["tree"], missing=tmp_path / "missing.jsonl") for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    prog = " ".join(["vlprune", *argv[:2]]) if argv[0] == "eval" else f"vlprune {argv[0]}"
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_a_run_that_cannot_finish_exits_1(data, tmp_path, capsys):
+    """A dataset out of reach (no hub here) is not bad input: one line, status 1."""
+    argv = ["eval", "imagenet", "--model", "test_vit", "--dataset", "hfds/no-such-set"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlprune eval imagenet: error: could not open the timm dataset")

@@ -324,9 +324,9 @@ def test_errors(model, image_path, tmp_path):
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlprune viz")
-    viz_cli.add_viz_arguments(parser)
-    return viz_cli.run_viz(parser.parse_args(argv))
+    from vlprune.cli import main
+
+    return main(["viz", *argv])  # errors: one line and the exit status, from main
 
 
 def test_cli_writes_png_and_table(image_path, tmp_path, capsys):

@@ -182,17 +182,21 @@ def test_cli_llava_default_settings_and_describe(capsys):
     assert "hf_llava" in text and "visual    0       576" in text
 
 
-def test_cli_llava_errors():
-    with pytest.raises(SystemExit, match="unknown llava shape"):
-        main(["describe", "--model", "llava:99b"])
-    with pytest.raises(SystemExit, match="--llm-layers / --vision-layers need a llava"):
-        main(["describe", "--model", "test_vit", "--llm-layers", "2"])
-    with pytest.raises(SystemExit, match="--text-tokens / --new-tokens need a llava"):
-        main(["bench", "--model", "test_vit", "--new-tokens", "2", "--no-progress"])
-    with pytest.raises(SystemExit, match="--visual-score given without --visual-keep"):
-        main(["describe", "--model", "llava:tiny", "--visual-score", "random"])
-    with pytest.raises(SystemExit, match="a list of batch sizes needs a llava: model"):
-        main(["bench", "--model", "test_vit", "--batch-size", "1,8", "--no-progress"])
+@pytest.mark.parametrize("argv, match", [
+    (["describe", "--model", "llava:99b"], "unknown llava shape"),
+    (["describe", "--model", "test_vit", "--llm-layers", "2"],
+     "--llm-layers / --vision-layers need a llava"),
+    (["bench", "--model", "test_vit", "--new-tokens", "2", "--no-progress"],
+     "--text-tokens / --new-tokens need a llava"),
+    (["describe", "--model", "llava:tiny", "--visual-score", "random"],
+     "--visual-score given without --visual-keep"),
+    (["bench", "--model", "test_vit", "--batch-size", "1,8", "--no-progress"],
+     "a list of batch sizes needs a llava: model"),
+])
+def test_cli_llava_errors(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vlprune {argv[0]}: error: ") and match in err
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -222,7 +226,7 @@ def test_cli_llava_setting_errors(argv, match, capsys):
                "--no-progress", "--no-memory", *argv])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.startswith("vlprune: error: ") and match in err
+    assert err.startswith("vlprune bench: error: ") and match in err
 
 
 def test_llava_1_5_7b_shape():

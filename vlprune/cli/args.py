@@ -24,6 +24,29 @@ from ..models import HF_SHAPES, LLAVA_SHAPES, ModelBuildError, build_model
 #: the ``--model`` of bench and describe when none is given
 DEFAULT_MODEL = "vit_base_patch16_224"
 
+#: the exit statuses of every command (:func:`vlprune.cli.main.main`)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: how the exit statuses read in ``vlprune --help``
+EXIT_STATUS_HELP = (
+    "exit status:\n"
+    "  0  done\n"
+    "  1  the run failed: a check that failed (vlprune check), a download or a package that\n"
+    "     is missing (one line), or an error while running (with its traceback)\n"
+    "  2  bad command line or input: options, model names, settings, missing or unreadable\n"
+    "     files (one line: 'vlprune COMMAND: error: ...')"
+)
+
+
+class UsageError(Exception):
+    """A command line or input the command cannot use (option values or combinations, model
+    names, missing or unreadable files): one line on stderr, exit status 2."""
+
+
+class RunError(Exception):
+    """The command could not finish for a reason outside its command line (a download that
+    failed, an optional package that is missing): one line on stderr, exit status 1."""
+
 
 
 def visual_score_help() -> str:
@@ -41,10 +64,10 @@ def check_visual_score(args: argparse.Namespace) -> None:
     score, keep = getattr(args, "visual_score", "cls_attn"), getattr(args, "visual_keep", None)
     if score in ADAPTIVE_VISUAL_SCORES:
         if keep:
-            raise SystemExit(f"--visual-score {score} chooses each image's token count itself; "
+            raise UsageError(f"--visual-score {score} chooses each image's token count itself; "
                              "drop --visual-keep")
     elif score != "cls_attn" and not keep:
-        raise SystemExit("--visual-score given without --visual-keep: it would be ignored")
+        raise UsageError("--visual-score given without --visual-keep: it would be ignored")
 
 def parse_merge_list(text: str) -> list:
     """``"0,8,16"`` -> ``[0, 8, 16]``; an item ``R:INFLECT`` is ToMe's ``(r, inflection)``."""
@@ -227,7 +250,7 @@ def prune_options(args: argparse.Namespace) -> dict:
                     prune_recycle=False, prune_seed=0)
     if not args.prune_keep and prune != defaults:
         stray = sorted("--" + k.replace("_", "-") for k in prune if prune[k] != defaults[k])
-        raise SystemExit(f"{', '.join(stray)} given without --prune-keep: they would be ignored")
+        raise UsageError(f"{', '.join(stray)} given without --prune-keep: they would be ignored")
     return prune
 
 
@@ -298,18 +321,21 @@ def eval_settings_from_args(args: argparse.Namespace,
     labels = [r.label for r in rows]
     dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
     if dupes:
-        raise SystemExit(f"setting(s) asked for twice: {dupes}; give each once")
+        raise UsageError(f"setting(s) asked for twice: {dupes}; give each once")
     return rows, methods
 
 
 def model_from_args(args: argparse.Namespace):
-    """The ``--model`` of bench / describe, built (:func:`vlprune.models.build_model`); a
-    model that cannot be built exits with its message."""
+    """The ``--model`` of bench / describe / check, built
+    (:func:`vlprune.models.build_model`); a model that cannot be built raises
+    :class:`UsageError` (:class:`RunError` when its library is not installed)."""
     try:
         return build_model(args.model, args.img_size, args.device, args.dtype, args.tower,
                            args.llm_layers, args.vision_layers)
     except ModelBuildError as e:
-        raise SystemExit(str(e)) from e
+        if isinstance(e.__cause__, ImportError):
+            raise RunError(str(e)) from e
+        raise UsageError(str(e)) from e
 
 
 def print_sweep_result(sweep: Sweep, table: Sequence[tuple[str, str, str]], paths: OutputPaths,

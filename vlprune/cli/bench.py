@@ -14,6 +14,7 @@ from ..eval.bench import run_bench
 from ..eval.vlm_bench import run_vlm_bench
 from ..models import is_llava
 from .args import (
+    UsageError,
     add_model_args,
     add_reduction_args,
     model_from_args,
@@ -57,13 +58,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda given but CUDA is not available here")
+        raise UsageError("--device cuda given but CUDA is not available here")
     llava = is_llava(args.model)
     if not llava and (args.text_tokens is not None or args.new_tokens is not None):
-        raise SystemExit("--text-tokens / --new-tokens need a llava: model")
+        raise UsageError("--text-tokens / --new-tokens need a llava: model")
     batch_sizes = args.batch_size or [1 if llava else 32]
     if not llava and len(batch_sizes) > 1:
-        raise SystemExit(f"--batch-size {','.join(map(str, batch_sizes))}: a list of batch "
+        raise UsageError(f"--batch-size {','.join(map(str, batch_sizes))}: a list of batch "
                          "sizes needs a llava: model; give one batch size")
     settings = settings_from_args(args, default_merge=[0, 8, 16],
                                   default_visual=[192, 128, 64] if llava else None)

@@ -9,6 +9,7 @@ from ..api import describe, patch
 from ..config import ADAPTIVE_VISUAL_SCORES, ReductionConfig
 from ..models import is_llava
 from .args import (
+    UsageError,
     add_model_args,
     add_reduction_args,
     check_visual_score,
@@ -28,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     if len(args.merge_r or []) > 1 or len(args.prune_keep or []) > 1 or len(args.visual_keep or []) > 1:
-        raise SystemExit("describe takes one --merge-r, --prune-keep and/or --visual-keep value")
+        raise UsageError("describe takes one --merge-r, --prune-keep and/or --visual-keep value")
     prune = prune_options(args)
     check_visual_score(args)
     kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}

@@ -22,7 +22,10 @@ from ..eval.image_data import (
 )
 from ..eval.imagenet import build_classifier, eval_imagenet, num_classes_of, open_dataset
 from ..eval.sweep import Setting, output_paths, slug
+from ..eval.weights import load_weights
 from .args import (
+    RunError,
+    UsageError,
     add_reduction_args,
     eval_settings_from_args,
     parse_dtype,
@@ -34,16 +37,16 @@ from .args import (
 def cmd(args: argparse.Namespace) -> int:
     """``vlprune eval imagenet``: check the options, then :func:`run`."""
     if args.data is None and not args.dataset:
-        raise SystemExit("vlprune eval imagenet: give --data DIR (an ImageFolder tree or a "
+        raise UsageError("give --data DIR (an ImageFolder tree or a "
                          "folder with labels.csv) or --dataset NAME (a timm dataset)")
     if args.pretrained and args.weights:
-        raise SystemExit("give --pretrained (hub weights) or --weights FILE, not both")
+        raise UsageError("give --pretrained (hub weights) or --weights FILE, not both")
     for name in ("batch_size", "limit", "num_classes"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.workers < 0:
-        raise SystemExit(f"--workers must be >= 0, got {args.workers}")
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     settings, methods = eval_settings_from_args(args, default_merge=EVAL_DEFAULT_MERGE)
     return run(args, settings, methods)
 
@@ -184,10 +187,15 @@ def run(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) -> i
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     try:
-        model = build_classifier(args.model, pretrained=args.pretrained, weights=args.weights,
+        model = build_classifier(args.model, pretrained=args.pretrained,
                                  num_classes=args.num_classes, img_size=args.img_size)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"vlprune: error: {e}") from e
+    except RuntimeError as e:  # no hub, no timm
+        raise RunError(str(e)) from e
+    if args.weights is not None:
+        try:
+            load_weights(model, args.weights)
+        except RuntimeError as e:  # a checkpoint that does not fit the model: bad input
+            raise UsageError(str(e)) from e
     override: dict[str, Any] = {}
     if args.img_size:
         override["input_size"] = (3, args.img_size, args.img_size)
@@ -198,8 +206,8 @@ def run(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) -> i
     try:
         dataset = open_dataset(args.data, eval_transform(model, override), dataset=args.dataset,
                                split=args.split, limit=args.limit, download=args.dataset_download)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"vlprune: error: {e}") from e
+    except RuntimeError as e:  # a timm dataset that cannot be opened here
+        raise RunError(str(e)) from e
     check_labels(dataset, num_classes_of(model), model_name=args.model)
     if not args.pretrained and args.weights is None and ctx.is_main:
         warnings.warn(f"{args.model} has random weights (no --weights or --pretrained): "

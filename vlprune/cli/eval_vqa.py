@@ -31,6 +31,8 @@ from ..eval.vqa_data import (
 )
 from ..eval.vqa_metric import ANSWER_PROCESSING
 from .args import (
+    RunError,
+    UsageError,
     add_reduction_args,
     eval_settings_from_args,
     parse_dtype,
@@ -263,7 +265,7 @@ def _load_records(args: Any) -> tuple[list[Record], str]:
                            image_pattern=args.image_pattern, limit=args.limit)
         return records, fmt
     except FileNotFoundError as e:
-        raise SystemExit(f"vlprune: error: {e}") from e
+        raise UsageError(str(e)) from e
 
 
 def run_vqa(args: Any) -> int:
@@ -271,7 +273,7 @@ def run_vqa(args: Any) -> int:
     for name in ("batch_size", "limit", "max_new_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     _check_task_options(args)
     caption = args.task == "caption"
     noun = "images" if caption else "questions"
@@ -279,7 +281,7 @@ def run_vqa(args: Any) -> int:
         try:
             caption_scorers_available()
         except ImportError as e:
-            raise SystemExit(f"vlprune: error: {e}") from e
+            raise RunError(str(e)) from e
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     settings, methods = _settings(args)
     if args.threads:
@@ -287,7 +289,7 @@ def run_vqa(args: Any) -> int:
     ctx = init_distributed(args.device)
     records, fmt = _load_records(args)
     if not records:
-        raise SystemExit(f"vlprune: error: no {noun} in {args.data}")
+        raise UsageError(f"no {noun} in {args.data}")
     progress = not args.no_progress
     # before the model is loaded: a --strict run with a missing image stops here
     bad = unreadable_images(records, ctx, progress=progress)
@@ -297,8 +299,8 @@ def run_vqa(args: Any) -> int:
     try:
         vlm = load_vlm(args.model, records=records, device=ctx.device, dtype=dtype,
                        seed=args.seed)
-    except RuntimeError as e:
-        raise SystemExit(f"vlprune: error: {e}") from e
+    except RuntimeError as e:  # no transformers, weights or processor that cannot be loaded
+        raise RunError(str(e)) from e
     if vlm.weights == "random" and ctx.is_main:
         outputs = "captions" if caption else "answers"
         warnings.warn(f"{args.model} has random weights: its {outputs} are noise (use it to "

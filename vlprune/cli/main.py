@@ -22,6 +22,7 @@ import sys
 
 from ..adapters import UnsupportedModelError
 from . import bench, check, describe, eval_imagenet, eval_vqa
+from .args import EXIT_FAILED, EXIT_STATUS_HELP, EXIT_USAGE, RunError, UsageError
 from .viz import add_viz_arguments, run_viz
 
 
@@ -35,12 +36,24 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     eval_vqa.add_parser(esub)
 
 
+def _name_commands(sub: argparse._SubParsersAction) -> None:
+    """Give every command's parser its own name (``vlprune eval imagenet``) as the default
+    ``cli_prog``, the prefix of its one-line errors (argparse's own errors use it too)."""
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _name_commands(nested[0])
+        else:
+            parser.set_defaults(cli_prog=parser.prog)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The ``vlprune`` parser with every command."""
     from ..version import __version__
 
     parser = argparse.ArgumentParser(
-        prog="vlprune", description="Training-free token reduction for vision transformers."
+        prog="vlprune", description="Training-free token reduction for vision transformers.",
+        epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vlprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,23 +69,35 @@ def make_parser() -> argparse.ArgumentParser:
                        "which were dropped.")
     add_viz_arguments(v)
     v.set_defaults(func=run_viz)
+    _name_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vlprune ARGS``; returns the exit status. Configuration errors (ValueError,
-    :class:`~vlprune.UnsupportedModelError`) print one line and return 2; the commands exit
-    with their own message for bad options (SystemExit)."""
+    """Run ``vlprune ARGS``; returns the exit status, one convention for every command
+    (:data:`~vlprune.cli.args.EXIT_STATUS_HELP`):
+
+    * 0: done;
+    * 1: the run failed: :class:`~vlprune.cli.args.RunError` (a download or an optional
+      package that is missing) prints one line; a check that failed returns 1 itself; any
+      other error while running propagates with its traceback (Python exits with 1);
+    * 2: bad command line or input: argparse's errors (it exits itself),
+      :class:`~vlprune.cli.args.UsageError`, ValueError (invalid settings, unreadable
+      checkpoints or images, ...), :class:`~vlprune.UnsupportedModelError` and
+      FileNotFoundError print one line ``vlprune COMMAND: error: ...``.
+    """
     parser = make_parser()
     args = parser.parse_args(argv)
     for name in ("rounds", "iters"):  # --batch-size: checked by parse_batch_list
         value = getattr(args, name, 1)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    prog = getattr(args, "cli_prog", parser.prog)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:  # configuration errors: one line, no traceback
-        if isinstance(e, (ValueError, UnsupportedModelError)):
-            print(f"vlprune: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except RunError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (UsageError, ValueError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

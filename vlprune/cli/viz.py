@@ -4,17 +4,15 @@ shown) and the run around :func:`vlprune.viz.visualize` (a line per layer, the P
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..adapters import UnsupportedModelError
 from ..core.scores import SCORE_NAMES
 from ..eval.weights import load_weights
 from ..viz import COLOR_MODES, DEFAULT_MODEL, visualize
-from .args import parse_int_tuple, parse_list
+from .args import RunError, UsageError, parse_int_tuple, parse_list
 
 
 def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
@@ -111,15 +109,15 @@ def _build_timm_model(args: argparse.Namespace) -> nn.Module:
     try:
         import timm
     except ImportError as e:
-        raise ImportError("vlprune viz needs timm: pip install 'vlprune[timm]'") from e
+        raise RunError("vlprune viz needs timm: pip install 'vlprune[timm]'") from e
     if not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown timm model {args.model!r}; similar names: {close}")
+        raise UsageError(f"unknown timm model {args.model!r}; similar names: {close}")
     if args.pretrained:
         try:
             model = timm.create_model(args.model, pretrained=True)
         except Exception as e:  # no network, no hub weights for this name, ...
-            raise ValueError(
+            raise RunError(
                 f"cannot load timm's pretrained weights for {args.model!r} ({type(e).__name__}: {e}); "
                 "use --weights PATH for a local checkpoint"
             ) from None
@@ -128,25 +126,25 @@ def _build_timm_model(args: argparse.Namespace) -> nn.Module:
     if args.weights:
         try:
             load_weights(model, args.weights)
-        except RuntimeError as e:
-            raise ValueError(str(e)) from None
+        except RuntimeError as e:  # a checkpoint that does not fit the model
+            raise UsageError(str(e)) from e
     return model
 
 
 def run_viz(args: argparse.Namespace) -> int:
-    """``vlprune viz``: build the model, draw the PNG, print a line per layer. Returns the
-    exit status (2 with a one-line error for bad input)."""
+    """``vlprune viz``: build the model, draw the PNG, print a line per layer. Bad input
+    raises (:class:`~vlprune.cli.args.UsageError`, ValueError, ...), which
+    :func:`vlprune.cli.main.main` turns into one line and exit status 2."""
+    setting = _setting_from_args(args)
+    image = Path(args.image)
+    if not image.is_file():
+        raise UsageError(f"image not found: {image}")
+    model = _build_timm_model(args).to(args.device)
     try:
-        setting = _setting_from_args(args)
-        image = Path(args.image)
-        if not image.is_file():
-            raise FileNotFoundError(f"image not found: {image}")
-        model = _build_timm_model(args).to(args.device)
         summary = visualize(model, image, path=args.out, layers=args.layers, colors=args.colors,
                             **setting)
-    except (FileNotFoundError, ValueError, UnsupportedModelError, ImportError) as e:
-        print(f"vlprune viz: error: {e}", file=sys.stderr)
-        return 2
+    except ImportError as e:  # numpy, PIL or matplotlib missing (the message says which)
+        raise RunError(str(e)) from e
     print(f"{args.model}  {setting}  grid {summary['grid'][0]}x{summary['grid'][1]}  "
           f"prefix tokens {summary['num_prefix']}")
     print(f"{'layer':>5} {'tokens':>6} {'groups':>6} {'dropped':>7} {'fused':>5}")
