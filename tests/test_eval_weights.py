@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlprune.eval.weights import SUFFIXES, load_weights, read_state_dict
+from vlprune.eval.weights import SUFFIXES, CheckpointError, load_weights, read_state_dict
 
 timm = pytest.importorskip("timm")
 
@@ -117,8 +117,11 @@ class _Payload:
 def test_pickles_with_code_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _model(0).state_dict(), "obj": _Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    # refused by torch's weights-only unpickler, named in one line (the class it would run)
+    with pytest.raises(CheckpointError, match=r"evil.pth: it holds .*_Payload, which "
+                       r"torch.load\(weights_only=True\) does not load") as info:
         load_weights(_model(1), path)
+    assert isinstance(info.value.__context__, pickle.UnpicklingError)
 
 
 def test_big_vision_npz(tmp_path: Path) -> None:

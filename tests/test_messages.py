@@ -241,3 +241,88 @@ def test_a_run_that_cannot_finish_exits_1(data, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlprune eval imagenet: error: could not open the timm dataset")
+
+
+# ---- bad files: one line naming the file and what is expected -------------------------------
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    np = pytest.importorskip("numpy")
+    import argparse
+
+    files = {}
+    files["text.pth"] = folder / "text.pth"
+    files["text.pth"].write_text("these are not weights\n")
+    noise = bytes((i * 37 + 11) % 256 for i in range(300))
+    files["random.safetensors"] = folder / "random.safetensors"
+    files["random.safetensors"].write_bytes(noise)
+    files["objects.npz"] = folder / "objects.npz"
+    np.savez(files["objects.npz"], a=np.array([{"w": 1}], dtype=object))
+    files["random.npz"] = folder / "random.npz"
+    files["random.npz"].write_bytes(noise)
+    files["namespace.pth"] = folder / "namespace.pth"
+    torch.save({"args": argparse.Namespace(lr=1), "model": {"w": torch.ones(1)}},
+               files["namespace.pth"])
+    return files
+
+
+BAD_FILES = {
+    "text.pth": "not a torch checkpoint",
+    "random.safetensors": "SafetensorError",
+    "objects.npz": "object arrays",
+    "random.npz": "not an .npz archive",
+    "namespace.pth": "argparse.Namespace",
+}
+
+
+@pytest.mark.parametrize("command", ["eval imagenet", "viz"])
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_unreadable_weights_get_one_line(data, tmp_path, capsys, command, name):
+    path = _bad_files(tmp_path)[name]
+    if command == "viz":
+        argv = ["viz", str(data["image"]), "--model", "test_vit", "--weights", str(path),
+                "--merge-r", "2", "--out", str(tmp_path / "v.png")]
+    else:
+        argv = _eval_args(data, tmp_path / "e", "--merge-r", "2", "-j", "0")
+        argv[argv.index("--weights") + 1] = str(path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"vlprune {command}: error: cannot read {path}: "), lines[0]
+    assert BAD_FILES[name] in lines[0] and "; expected " in lines[0]
+    for noise in ("Traceback", "file an issue", "allow_pickle", "weights_only` set to `False"):
+        assert noise not in err
+
+
+def test_read_state_dict_raises_checkpoint_errors(tmp_path):
+    from vlprune.eval.weights import CheckpointError, read_state_dict
+
+    for name, path in _bad_files(tmp_path).items():
+        with pytest.raises(CheckpointError, match=BAD_FILES[name]) as info:
+            read_state_dict(path)
+        assert isinstance(info.value, ValueError) and str(path) in str(info.value)
+
+
+def test_corrupt_image_given_to_viz(data, tmp_path, capsys):
+    good = data["image"].read_bytes()
+    for name, content in (("truncated.png", good[: len(good) // 2]), ("noise.jpg", b"\xff" * 99)):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        out = tmp_path / "viz.png"
+        assert main(["viz", str(bad), "--model", "test_vit", "--merge-r", "2",
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"vlprune viz: error: cannot read {bad} as an image")
+        assert "expected an image file" in lines[0] and not out.exists()
+
+
+def test_patch_and_describe_name_what_they_take():
+    for value, shown in ((None, "got None"), ("vit_base_patch16_224", "got str 'vit_base")):
+        with pytest.raises(TypeError, match=r"vlprune.patch\(\) takes the model \(a "
+                           rf"torch.nn.Module\) first, {shown}"):
+            vlprune.patch(value, merge_r=8)
+    with pytest.raises(TypeError, match=r"vlprune.describe\(\) takes the model"):
+        vlprune.describe(None)

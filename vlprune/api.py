@@ -38,6 +38,12 @@ def _context(model: nn.Module) -> PatchContext:
     return ctx
 
 
+def _require_module(model: Any, verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        got = "None" if model is None else f"{type(model).__name__} {model!r:.60}"
+        raise TypeError(f"vlprune.{verb}() takes the model (a torch.nn.Module) first, got {got}")
+
+
 def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings: Any) -> nn.Module:
     """Make ``model`` run on fewer tokens, in place; returns the same ``model``.
 
@@ -49,6 +55,7 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     fingerprint is none of the tested versions', :mod:`vlprune.upstream`), :func:`check` runs
     on the model first: a pass warns once, a failure refuses the patch.
     """
+    _require_module(model, "patch")
     if config is not None and settings:
         raise TypeError("pass either a ReductionConfig or keyword settings, not both")
     if config is None:
@@ -462,6 +469,7 @@ def describe(
     """
     from .eval.flops import count_flops
 
+    _require_module(model, "describe")
     ctx = _context(model)
     adapter = find_adapter(model, ctx.family)
     if inputs is None:

@@ -500,8 +500,9 @@ def _load_image(image: Any) -> Any:
         try:
             with Image.open(p) as img:
                 return img.convert("RGB")
-        except Image.UnidentifiedImageError as e:
-            raise ValueError(f"cannot read {p} as an image (PIL: {e})") from None
+        except (OSError, SyntaxError, ValueError) as e:  # not an image, truncated, damaged
+            raise ValueError(f"cannot read {p} as an image ({type(e).__name__}: {e}); expected "
+                             "an image file PIL can decode (JPEG, PNG, ...)") from None
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     raise TypeError(
