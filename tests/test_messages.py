@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,8 @@ def test_describe_command_shows_what_each_layer_merged(tmp_path, capsys):
 def test_describe_merged_with_pruning_and_an_impossible_r():
     model = timm.create_model("test_vit").eval()
     vlprune.patch(model, merge_r=200)
-    d = vlprune.describe(model)
+    with pytest.warns(UserWarning, match="asks for more tokens"):
+        d = vlprune.describe(model)
     assert d.merged == [lr.tokens_in - lr.tokens_out for lr in d.layers] == [50, 25, 12, 6, 3, 2]
     assert "50 of 200" in str(d) and " 200 " not in str(d).replace("of 200", "")
     vlprune.configure(model, prune_keep=0.7, prune_layers=(1,), merge_r=16)
@@ -326,3 +328,90 @@ def test_patch_and_describe_name_what_they_take():
             vlprune.patch(value, merge_r=8)
     with pytest.raises(TypeError, match=r"vlprune.describe\(\) takes the model"):
         vlprune.describe(None)
+
+
+# ---- merge_r beyond what the input can merge ------------------------------------------------
+
+
+def _merge_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "asks for more tokens" in str(w.message)]
+
+
+def test_impossible_merge_r_warns_once_with_the_effective_schedule():
+    """test_vit at 160 px: 101 tokens (1 protected); r=200 can merge 50, 25, 12, 6, 3, 2."""
+    model = timm.create_model("test_vit").eval()
+    x = torch.randn(1, 3, 160, 160)
+    vlprune.patch(model, merge_r=200)
+    with pytest.warns(UserWarning) as caught, torch.no_grad():
+        model(x)
+    (message,) = _merge_warnings(caught)
+    assert message.startswith("merge_r=200 asks for more tokens than this input has to merge")
+    assert "101 tokens enter (1 protected)" in message and "asks for 1200 in all" in message
+    effective = "[50, 25, 12, 6, 3, 2]"
+    assert f"Merged per layer for this input: {effective} (101 -> 3 tokens)" in message
+    assert str(vlprune.describe(model, flops=False).merged) == effective  # describe agrees
+    with warnings.catch_warnings(record=True) as again, torch.no_grad():
+        warnings.simplefilter("always")
+        model(x)
+        vlprune.describe(model, flops=False)
+    assert not _merge_warnings(again)  # once per patched model
+
+    vlprune.configure(model, merge_r=[0, 60])  # a new schedule: more than one layer can merge
+    with pytest.warns(UserWarning) as caught, torch.no_grad():
+        model(x)
+    (message,) = _merge_warnings(caught)
+    assert "merge_r=[0, 60]" in message and "[0, 50, 0, 0, 0, 0] (101 -> 51 tokens)" in message
+    vlprune.patch(model, merge_r=[0, 60])  # patched anew: warned anew
+    with pytest.warns(UserWarning, match="asks for more tokens"), torch.no_grad():
+        model(x)
+
+
+def test_schedules_the_input_can_hold_do_not_warn():
+    """r=16 merges only 10 at the last layer (half of what is left, as ToMe); that is the
+    documented cap, shown by describe, not a mistake worth a warning. Hybrids alike, and
+    padded text, whose budgets depend on each text's length."""
+    model = timm.create_model("test_vit").eval()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        vlprune.patch(model, merge_r=16)
+        model(torch.randn(2, 3, 160, 160))
+        assert vlprune.describe(model, flops=False).merged[-1] == 10
+        vlprune.patch(model, merge_r=16, prune_keep=0.5, prune_layers=(1,))
+        model(torch.randn(2, 3, 160, 160))
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=100)
+        bert = vlprune.patch(transformers.BertModel(cfg).eval(), merge_r=50)
+        bert(input_ids=torch.randint(1, 100, (2, 9)), attention_mask=torch.ones(2, 9, dtype=torch.long))
+    assert not _merge_warnings(caught)
+
+
+def test_merge_warning_stays_out_of_compiled_graphs():
+    model = vlprune.patch(timm.create_model("test_vit").eval(), merge_r=200)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break raises
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = compiled(torch.randn(1, 3, 160, 160))
+    assert out.shape == (1, 1000) and not _merge_warnings(caught)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(merge_r=200),
+    dict(merge_r=(8, 0.5)),
+    dict(merge_r=[7, 5, 3, 7, 1, 9]),
+    dict(merge_r=4, prune_keep=0.5, prune_layers=(0, 2)),
+    dict(merge_r=6, prune_keep=0.3, prune_layers=(1,), prune_fuse=True),
+    dict(merge_r=5, prune_keep=[0.7, 0.01], prune_layers=(2, 4), prune_recycle=True),
+    dict(merge_r=3, prune_keep=0.01, prune_layers=(0,), prune_fuse=True),
+])
+@pytest.mark.parametrize("size", [64, 160])
+def test_the_warned_schedule_is_what_describe_shows(settings, size):
+    from vlprune.adapters.step import effective_merges
+
+    model = vlprune.patch(timm.create_model("test_vit", img_size=size).eval(), **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = vlprune.describe(model, flops=False)
+    ctx = model._vlprune
+    merged, left = effective_merges(ctx, 0, d.layers[0].tokens_in, 1)
+    assert merged == d.merged and left == d.layers[-1].tokens_out

@@ -7,6 +7,8 @@ a Plan, ToMe matching merges what is left, and the token state follows every com
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -15,7 +17,7 @@ from ..core.plan import take_tokens
 from ..core.ragged import ragged_bipartite, ragged_prune_plan
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
 from ..core.select import keep_count, prune_plan
-from ..merging.bipartite import bipartite_soft_matching
+from ..merging.bipartite import bipartite_soft_matching, max_merge
 from .base import PatchContext
 from .call import lookup
 
@@ -103,12 +105,67 @@ def guided_scores(ctx: PatchContext, x: Tensor) -> Tensor:
         return (e @ g.transpose(0, 1)).amax(dim=-1)
 
 
+# (context key, schedule) pairs already warned about: warn once per patched model and schedule
+_WARNED: set[tuple[int, tuple[int, ...]]] = set()
+
+
+def effective_merges(ctx: PatchContext, start: int, num_tokens: int,
+                     num_protected: int) -> tuple[list[int], int]:
+    """What each layer merges when ``num_tokens`` tokens (``num_protected`` protected) enter
+    layer ``start`` (dense tokens, no padding): the tokens merged per layer (capped at half
+    the mergeable ones, after the layer's pruning) and the tokens leaving the last layer."""
+    merged = [0] * len(ctx.schedule)
+    free = num_tokens - num_protected
+    fuse = ctx.config.prune_mode == "fuse"
+    for i in range(start, len(ctx.schedule)):
+        keep = ctx.prune_schedule[i]
+        if keep is not None and keep < 1.0:
+            kept = keep_count(free + num_protected, num_protected, keep)
+            if kept < free:
+                free = kept + (1 if fuse else 0)  # the fused token can merge later
+        merged[i] = min(ctx.schedule[i], max_merge(free + num_protected, num_protected))
+        free -= merged[i]
+    return merged, free + num_protected
+
+
+def warn_merge_cap(ctx: PatchContext, layer: int, x: Tensor, num_protected: int) -> None:
+    """Warn once per patched model (and schedule) when its merge schedule asks for more
+    tokens than the input has to merge: called by the first reducing layer of a forward,
+    whose input ``x`` holds every token. Not inside compiled graphs, nor on padded text
+    batches, whose per-row budgets depend on each text's length."""
+    if torch.compiler.is_compiling() or not any(ctx.schedule):
+        return
+    state = ctx.state
+    if state is None or state.valid is not None:
+        return
+    if any(ctx.needs_attn(i) for i in range(layer)):  # not the first reducing layer
+        return
+    key = (ctx.key, tuple(ctx.schedule))
+    n, P = x.shape[1], num_protected
+    asked = sum(ctx.schedule)
+    # more than the input holds in all, or more than even a layer seeing every token can merge
+    if key in _WARNED or (asked <= n - P and max(ctx.schedule) <= max_merge(n, P)):
+        return
+    _WARNED.add(key)
+    merged, left = effective_merges(ctx, layer, n, P)
+    tower = f" (the {ctx.tower} tower)" if ctx.tower else ""
+    warnings.warn(
+        f"merge_r={ctx.config.merge_r!r}{tower} asks for more tokens than this input has to "
+        f"merge: {n} tokens enter ({P} protected), a layer merges at most half of its "
+        f"mergeable tokens, and the schedule asks for {asked} in all. Merged per layer for "
+        f"this input: {merged} ({n} -> {left} tokens). Lower merge_r; vlprune.describe(model) "
+        "shows each layer.",
+        stacklevel=3,
+    )
+
+
 def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
     """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
     call = ctx.call
     state = call.state
     cfg = ctx.config
     P = state.num_protected
+    warn_merge_cap(ctx, layer, x, P)
     r = ctx.schedule[layer]
     keep = ctx.prune_schedule[layer]
     valid = state.valid  # padded sequences: per-row budgets (vlprune.core.ragged)
