@@ -193,9 +193,9 @@ def expected_tower_layers(opts: dict, tower: Tower) -> list[tuple[int, int, int,
     rs = tome_schedule(opts["merge_r"], tower.layers)
     keeps = keep_schedule(opts["keep"], opts["layers"], tower.layers)
     rows = list(tower.real)
-    if not any(rs) and all(k is None for k in keeps):  # runs untouched, padding included
+    if not any(rs) and all(k in (None, 1.0) for k in keeps):  # runs as upstream, padding included
         n = tower.width or P + max(rows)
-        return [(n, n, 0, None)] * tower.layers
+        return [(n, n, 0, k) for k in keeps]
     out = []
     for r, keep in zip(rs, keeps):
         n_in = P + max(rows)
@@ -277,8 +277,8 @@ def check_sources(model: nn.Module, kw: dict, towers: dict[str, Tower], batch: i
     for name, tower in towers.items():
         opts = tower_options(kw, name, two_towers=len(towers) > 1)
         keeps = keep_schedule(opts["keep"], opts["layers"], tower.layers)
-        if not any(tome_schedule(opts["merge_r"], tower.layers)) and all(k is None for k in keeps):
-            continue  # the tower ran untouched: it has no token state
+        if not any(tome_schedule(opts["merge_r"], tower.layers)) and all(k in (None, 1.0) for k in keeps):
+            continue  # the tower removes no token: it runs as upstream (text towers: no token state)
         source = vlprune.get_source(model, name if len(towers) > 1 else None)
         if source is None:  # nothing merged or dropped: every token holds only itself
             continue

@@ -88,7 +88,7 @@ def _family(name):
         refusals.append(("guide", {**prune, "prune_score": "key_norm", "guide": "text"}))
     return Family(
         build=lambda: _build(name), inputs=lambda batch, seed: _x(batch, seed), settings=settings,
-        identity={"r0": 0.0, "keep1": 1e-5}, towers=_towers, concurrency=("hybrid", "fuse"),
+        identity={"r0": 0.0, "keep1": 0.0}, towers=_towers, concurrency=("hybrid", "fuse"),
         refusals=tuple(refusals),
     )
 

@@ -164,9 +164,17 @@ class PatchContext:
 
     @property
     def reduces(self) -> bool:
+        """Does a forward in the calling thread remove any token (at some layer of some tower)?
+        ``False`` also for settings that reduce nothing (``merge_r=0``, ``prune_keep=1.0``):
+        those run exactly as upstream, refusing nothing upstream accepts."""
         if self.children:
             return self.enabled and any(c.reduces for c in self.children.values())
-        return self.enabled and (any(self.schedule) or any(k is not None for k in self.prune_schedule))
+        return self.enabled and any(self.needs_attn(i) for i in range(len(self.schedule)))
+
+    @property
+    def prunes(self) -> bool:
+        """Does some layer's schedule prune (keep rate below 1)?"""
+        return any(k is not None and k < 1.0 for k in self.prune_schedule)
 
     def needs_attn(self, layer: int) -> bool:
         """Does the block at ``layer`` reduce tokens (and so need the attention inputs)?"""
@@ -187,7 +195,7 @@ class PatchContext:
         if not self.enabled:
             return None
         call.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
-        if self.config.prune_score == "random" and any(k is not None for k in self.prune_schedule):
+        if self.config.prune_score == "random" and self.prunes:
             call.random_key = self.config.prune_seed
             if training:
                 call.random_key = step_key(self.config.prune_seed, self.train_calls)
@@ -203,6 +211,14 @@ class PatchContext:
                     self.tower,
                 )
             )
+
+
+def config_prunes(config: ReductionConfig) -> bool:
+    """Does ``config`` prune its tower (``prune_keep`` set and below 1 somewhere)? A keep
+    rate of 1.0 everywhere removes nothing, so it needs nothing pruning needs (a class token
+    for class-attention scores, ...)."""
+    keep = config.prune_keep
+    return keep is not None and any(k < 1.0 for k in (keep if isinstance(keep, list) else [keep]))
 
 
 def refuse_grad_checkpointing(ctx: PatchContext, grad_checkpointing: bool) -> None:

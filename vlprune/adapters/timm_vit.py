@@ -30,6 +30,7 @@ from .base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
+    config_prunes,
     register_adapter,
     swap_class,
 )
@@ -190,7 +191,7 @@ class TimmViTAdapter(Adapter):
                     f"blocks[{i}].attn is {type(attn).__qualname__}; the timm adapter supports "
                     f"timm.layers.Attention only. Supported: {self.supported}"
                 )
-        prunes = config.prune_keep is not None
+        prunes = config_prunes(config)
         if prunes and config.prune_score in NEEDS_CLASS_TOKEN and getattr(model, "cls_token", None) is None:
             raise ValueError(
                 f"prune_score={config.prune_score!r} ranks tokens by class-token attention, but this "

@@ -46,6 +46,7 @@ from ..base import (
     RootMixin,
     UnsupportedModelError,
     class_path_in_mro,
+    config_prunes,
     hf_image_input_size,
     swap_class,
 )
@@ -116,7 +117,7 @@ def check_hf_vision_tower(tower: nn.Module, config: ReductionConfig, guided: boo
                 "SiglipMultiheadAttentionPoolingHead, so merged tokens could not be weighted "
                 "by their size"
             )
-    prunes = config.prune_keep is not None and not guided
+    prunes = config_prunes(config) and not guided
     if prunes and config.prune_score in NEEDS_CLASS_TOKEN and not _has_class_token(tower):
         raise ValueError(
             f"prune_score={config.prune_score!r} ranks tokens by class-token attention, but this "

@@ -40,7 +40,13 @@ from ...config import ReductionConfig, default_prune_layers, parse_prune_schedul
 from ...core.scores import NEEDS_CLASS_TOKEN
 from ...core.select import keep_count
 from ...merging import max_merge
-from ..base import PatchContext, UnsupportedModelError, class_path_in_mro, hf_image_input_size
+from ..base import (
+    PatchContext,
+    UnsupportedModelError,
+    class_path_in_mro,
+    config_prunes,
+    hf_image_input_size,
+)
 from ..hf_clip.vision import (
     VisionTowerMixin,
     check_hf_vision_tower,
@@ -181,7 +187,7 @@ def _resolve(config: ReductionConfig, g: _Geometry) -> tuple[list[int], list[flo
                 f"prune_layers {late} at or after the layer LLaVA reads ({_where(g)}): pruning there "
                 f"would be wasted or change the tokens it reads; give layers in 0..{n - 1}"
             )
-        if config.prune_score in NEEDS_CLASS_TOKEN and not g.num_protected:
+        if config.prune_score in NEEDS_CLASS_TOKEN and not g.num_protected and config_prunes(config):
             raise ValueError(
                 f"prune_score={config.prune_score!r} ranks tokens by class-token attention, but "
                 "this vision tower has no class token; use one of 'key_norm', 'attn_entropy', "

@@ -1,0 +1,315 @@
+"""Patched models behave exactly like upstream wherever they reduce nothing (tiny random
+models of every family).
+
+* settings that remove no token (``merge_r=0``, ``prune_keep=1.0`` at every pruning layer,
+  LLaVA's ``visual_keep=1.0``) give the unpatched outputs bit for bit and refuse nothing the
+  unpatched model accepts (gradient checkpointing, ``forward_intermediates`` in NCHW).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlprune
+
+timm = pytest.importorskip("timm")
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+
+IMG = 32
+IDENTITY = {
+    "r0": dict(merge_r=0),
+    "r0_list": dict(merge_r=[0, 0, 0]),
+    "keep1": dict(prune_keep=1.0, prune_layers=(0, 1)),
+    "keep1_list": dict(prune_keep=[1.0, 1.0], prune_layers=(1, 2), merge_r=0),
+}
+
+
+def _pixels(batch=2, seed=1, size=IMG):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(vocab=99, lengths=(5, 9), eos=None, pad=0):
+    """Token rows of different lengths, padded on the right, and their attention mask."""
+    g = torch.Generator().manual_seed(0)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab - 2, (n,), generator=g)
+        if eos is not None:
+            ids[i, n - 1] = eos
+        mask[i, :n] = 1
+    return ids, mask
+
+
+# --- tiny models of every family, and their inputs ------------------------------------------
+
+
+def _timm_vit():
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=3,
+                             embed_dim=32, num_heads=2, num_classes=5)
+
+
+def _timm_vit_no_cls():
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=3,
+                             embed_dim=32, num_heads=2, num_classes=5, class_token=False,
+                             global_pool="avg")
+
+
+def _open_clip_visual():
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(image_size=IMG, patch_size=8, width=32, layers=3, heads=2,
+                             mlp_ratio=2.0, output_dim=16)
+
+
+def _open_clip_model():
+    return open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=IMG, patch_size=8, width=32, layers=3, head_width=16),
+        text_cfg=dict(context_length=12, vocab_size=99, width=32, heads=2, layers=3),
+    )
+
+
+def _hf_clip_vision(cls_name="CLIPVisionModel"):
+    cfg = transformers.CLIPVisionConfig(image_size=IMG, patch_size=8, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=2, projection_dim=16)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def _siglip_vision():
+    cfg = transformers.SiglipVisionConfig(image_size=IMG, patch_size=8, hidden_size=32,
+                                          intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=2)
+    return transformers.SiglipVisionModel(cfg)
+
+
+def _hf_text_config(cls, **kw):
+    return cls(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=2, max_position_embeddings=16, **kw)
+
+
+def _hf_clip_text():
+    return transformers.CLIPTextModel(_hf_text_config(transformers.CLIPTextConfig, eos_token_id=98))
+
+
+def _hf_clip_model():
+    cfg = transformers.CLIPConfig(
+        text_config=_hf_text_config(transformers.CLIPTextConfig, eos_token_id=98).to_dict(),
+        vision_config=_hf_clip_vision().config.to_dict(), projection_dim=16,
+    )
+    return transformers.CLIPModel(cfg)
+
+
+def _siglip_model():
+    cfg = transformers.SiglipConfig(
+        text_config=_hf_text_config(transformers.SiglipTextConfig).to_dict(),
+        vision_config=_siglip_vision().config.to_dict(),
+    )
+    return transformers.SiglipModel(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=3, num_attention_heads=2,
+                                  max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg)
+
+
+def _text_inputs(hf=True, eos=98):
+    ids, mask = _ids(eos=eos)
+    return dict(input_ids=ids, attention_mask=mask) if hf else ids
+
+
+# name -> (build, inputs, the output tensors to compare)
+FAMILIES = {
+    "timm_vit": (_timm_vit, lambda: _pixels(), lambda out: [out]),
+    "timm_vit_no_cls": (_timm_vit_no_cls, lambda: _pixels(), lambda out: [out]),
+    "open_clip_visual": (_open_clip_visual, lambda: _pixels(), lambda out: [out]),
+    "open_clip_clip": (
+        _open_clip_model,
+        lambda: dict(image=_pixels(), text=torch.cat([_ids(eos=98)[0], torch.zeros(2, 3, dtype=torch.long)], 1)),
+        lambda out: [out[0], out[1]],
+    ),
+    "hf_clip_vision": (_hf_clip_vision, lambda: dict(pixel_values=_pixels()),
+                       lambda out: [out.last_hidden_state, out.pooler_output]),
+    "hf_siglip_vision": (_siglip_vision, lambda: dict(pixel_values=_pixels()),
+                         lambda out: [out.last_hidden_state, out.pooler_output]),
+    "hf_clip_text": (_hf_clip_text, _text_inputs,
+                     lambda out: [out.last_hidden_state, out.pooler_output]),
+    "hf_clip_model": (_hf_clip_model, lambda: dict(**_text_inputs(), pixel_values=_pixels()),
+                      lambda out: [out.logits_per_image, out.text_embeds, out.image_embeds]),
+    "hf_siglip_model": (_siglip_model, lambda: dict(input_ids=_ids(lengths=(7, 7))[0], pixel_values=_pixels()),
+                        lambda out: [out.logits_per_image, out.text_embeds, out.image_embeds]),
+    "hf_bert": (_bert, lambda: dict(zip(("input_ids", "attention_mask"), _ids())),
+                lambda out: [out.last_hidden_state, out.pooler_output]),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    return FAMILIES[name][0]().eval()
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _settings(name, kw):
+    """Two-tower models and text models take the text tower's options too."""
+    if name in ("open_clip_clip", "hf_clip_model", "hf_siglip_model") and "prune_keep" in kw:
+        return {**kw, "text_prune_keep": kw["prune_keep"], "text_prune_layers": kw["prune_layers"]}
+    return kw
+
+
+def _assert_equal(got, want, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and torch.equal(a, b), (
+            f"{what}: output {i} differs from the unpatched model by "
+            f"{(a.float() - b.float()).abs().max() if a.shape == b.shape else (a.shape, b.shape)}")
+
+
+# --- item 2: reducing nothing is upstream --------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", list(IDENTITY))
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_reducing_nothing_is_upstream_bit_for_bit(name, setting):
+    build, inputs, outputs = FAMILIES[name]
+    model, x = _build(name), inputs()
+    ref = outputs(_run(model, x))
+    # the default score of the unpruned layers (class attention) needs no class token either
+    vlprune.patch(model, **_settings(name, IDENTITY[setting]))
+    _assert_equal(outputs(_run(model, x)), ref, f"{name} patched with {setting}")
+    desc = vlprune.describe(model, x)
+    assert all(lr.tokens_out == lr.tokens_in for lr in desc.layers)
+    vlprune.unpatch(model)
+    _assert_equal(outputs(_run(model, x)), ref, f"{name} unpatched")
+
+
+def _train_step(model, x, outputs):
+    """Loss and gradients of one training forward (no dropout in these models)."""
+    model.zero_grad(set_to_none=True)
+    out = outputs(model(**x) if isinstance(x, dict) else model(x))
+    loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None}
+
+
+def _checkpointing_on(model):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers (was gradient_checkpointing_enable)
+        model.activation_checkpointing_enable()
+    elif hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        model.visual.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("setting", ["r0", "keep1"])
+@pytest.mark.parametrize("name", ["timm_vit", "open_clip_visual", "hf_clip_vision", "hf_clip_text",
+                                  "hf_bert", "open_clip_clip"])
+def test_reducing_nothing_allows_gradient_checkpointing(name, setting):
+    build, inputs, outputs = FAMILIES[name]
+    model, x = _build(name), inputs()
+    _checkpointing_on(model)
+    model.train()
+    ref, ref_grads = _train_step(model, x, outputs)
+    vlprune.patch(model, **_settings(name, IDENTITY[setting]))
+    out, grads = _train_step(model, x, outputs)
+    _assert_equal(out, ref, f"{name} {setting} with gradient checkpointing")
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    # a setting that reduces still refuses (the recomputed blocks would see other tokens)
+    vlprune.configure(model, merge_r=1)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        _train_step(model, x, outputs)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """The tensors of a ``forward_intermediates`` result (timm: a tuple, open_clip: a dict)."""
+    if isinstance(out, tuple):
+        return [out[0], *out[1]]
+    return [t for v in out.values() for t in (v if isinstance(v, list) else [v])]
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "open_clip_visual"])
+def test_reducing_nothing_allows_nchw_intermediates(name):
+    model, x = _build(name), _pixels()
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, output_fmt="NCHW")
+        vlprune.patch(model, prune_keep=1.0, prune_layers=(0, 1))
+        got = model.forward_intermediates(x, output_fmt="NCHW")
+    _assert_equal(_flat(got), _flat(ref), f"{name} forward_intermediates NCHW")
+    vlprune.configure(model, prune_keep=0.5)
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        model.forward_intermediates(x, output_fmt="NCHW")
+
+
+# --- LLaVA ------------------------------------------------------------------------------------
+
+LLAVA_IMAGE_ID = 199
+
+
+def _llava(cls_name="LlavaForConditionalGeneration"):
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=200, pad_token_id=0, max_position_embeddings=128),
+        image_token_index=LLAVA_IMAGE_ID, image_seq_length=16,
+    )
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def _llava_inputs(batch=2):
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(1, LLAVA_IMAGE_ID, (batch, 7), generator=g)
+    ids = torch.cat([text[:, :3], torch.full((batch, 16), LLAVA_IMAGE_ID), text[:, 3:]], dim=1)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=_pixels(batch))
+
+
+LLAVA_IDENTITY = {
+    "visual_keep1": dict(visual_keep=1.0),
+    "tower_keep1": dict(prune_keep=1.0, prune_layers=(0,)),
+    "tower_r0_list": dict(merge_r=[0]),
+    "all_keep1": dict(visual_keep=1.0, prune_keep=1.0, prune_layers=(0,), llm_layer=1, llm_keep=1.0),
+}
+
+
+@pytest.mark.parametrize("setting", list(LLAVA_IDENTITY))
+def test_llava_reducing_nothing_is_upstream_bit_for_bit(setting):
+    model, x = _llava(), _llava_inputs()
+    with torch.no_grad():
+        ref = model(**x).logits
+        ref_gen = model.generate(**x, max_new_tokens=3, do_sample=False)
+        vlprune.patch(model, **LLAVA_IDENTITY[setting])
+        assert torch.equal(model(**x).logits, ref)
+        assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False), ref_gen)
+        vlprune.unpatch(model)
+        assert torch.equal(model(**x).logits, ref)
+
+
+def test_llava_tower_reducing_nothing_allows_gradient_checkpointing():
+    model, x = _llava(), _llava_inputs()
+    _checkpointing_on(model)
+    model.train()
+    logits = lambda out: [out.logits]  # noqa: E731
+    ref, ref_grads = _train_step(model, x, logits)
+    vlprune.patch(model, prune_keep=1.0, prune_layers=(0,))
+    out, grads = _train_step(model, x, logits)
+    _assert_equal(out, ref, "LLaVA tower keep 1.0 with gradient checkpointing")
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    vlprune.configure(model, prune_keep=0.5)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        _train_step(model, x, logits)
