@@ -415,3 +415,16 @@ def test_the_warned_schedule_is_what_describe_shows(settings, size):
     ctx = model._vlprune
     merged, left = effective_merges(ctx, 0, d.layers[0].tokens_in, 1)
     assert merged == d.merged and left == d.layers[-1].tokens_out
+
+
+def test_bench_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
+    import vlprune.cli.bench as bench_cli
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmark must not run")
+
+    monkeypatch.setattr(bench_cli, "run_bench", no_run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--model", "test_vit", "--plot", "b.png", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "vlprune bench: error: --plot needs matplotlib: pip install 'vlprune[eval]'"

@@ -14,6 +14,7 @@ from ..eval.bench import run_bench
 from ..eval.vlm_bench import run_vlm_bench
 from ..models import is_llava
 from .args import (
+    RunError,
     UsageError,
     add_model_args,
     add_reduction_args,
@@ -59,6 +60,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda given but CUDA is not available here")
+    if args.plot:  # before the run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise RunError("--plot needs matplotlib: pip install 'vlprune[eval]'") from e
     llava = is_llava(args.model)
     if not llava and (args.text_tokens is not None or args.new_tokens is not None):
         raise UsageError("--text-tokens / --new-tokens need a llava: model")
