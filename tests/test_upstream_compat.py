@@ -3,7 +3,9 @@ models of every family).
 
 * settings that remove no token (``merge_r=0``, ``prune_keep=1.0`` at every pruning layer,
   LLaVA's ``visual_keep=1.0``) give the unpatched outputs bit for bit and refuse nothing the
-  unpatched model accepts (gradient checkpointing, ``forward_intermediates`` in NCHW).
+  unpatched model accepts (gradient checkpointing, ``forward_intermediates`` in NCHW);
+* ``torch.jit.script`` of a patched model refuses with one clear message saying how to script
+  (unpatch first); the unpatched model scripts as upstream.
 """
 
 from __future__ import annotations
@@ -313,3 +315,29 @@ def test_llava_tower_reducing_nothing_allows_gradient_checkpointing():
     vlprune.configure(model, prune_keep=0.5)
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         _train_step(model, x, logits)
+
+# --- item 1: TorchScript -------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["timm_vit", "open_clip_visual"])
+def test_scripting_a_patched_model_says_how(name):
+    model, x = _build(name), _pixels()
+    with torch.no_grad():
+        ref = model(x)
+        # upstream scripts this model
+        assert torch.allclose(torch.jit.script(model)(x), ref, atol=1e-5)
+        for kw in (dict(merge_r=2), dict(prune_keep=1.0, prune_layers=(1,))):
+            vlprune.patch(model, **kw)
+            with pytest.raises(RuntimeError, match=r"vlprune\.unpatch\(model\) first") as err:
+                torch.jit.script(model)
+            assert "torch.jit.script" in str(err.value)
+            blocks = model.blocks if hasattr(model, "blocks") else model.transformer.resblocks
+            with pytest.raises(RuntimeError, match=r"vlprune\.unpatch"):  # a patched part alone
+                torch.jit.script(blocks[0])
+            assert vlprune.is_patched(model)  # the refusal changed nothing
+            vlprune.unpatch(model)
+            scripted = torch.jit.script(model)
+            assert torch.allclose(scripted(x), ref, atol=1e-5)
+            assert torch.equal(model(x), ref)
+

@@ -268,6 +268,16 @@ class RootMixin:
         return new
 
 
+def _refuse_script(self):
+    # torch.jit.script calls this on every module before compiling anything
+    raise RuntimeError(
+        f"torch.jit.script cannot compile a vlprune-patched {type(self).__bases__[-1].__name__}: "
+        "token reduction keeps per-call state in Python that TorchScript cannot express. Script "
+        "the unpatched model instead: call vlprune.unpatch(model) first (and patch again after "
+        "scripting), or script a copy made before patching; torch.compile runs patched models"
+    )
+
+
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
 
 
@@ -276,7 +286,8 @@ def swap_class(module: nn.Module, mixin: type, ctx: PatchContext, **attrs) -> No
     cls = type(module)
     new_cls = _CLASS_CACHE.get((mixin, cls))
     if new_cls is None:
-        new_cls = type(f"VLPrune{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+        new_cls = type(f"VLPrune{cls.__name__}", (mixin, cls),
+                       {"__module__": mixin.__module__, "__prepare_scriptable__": _refuse_script})
         _CLASS_CACHE[(mixin, cls)] = new_cls
     module.__dict__[_ORIG_CLASS] = cls
     module.__dict__["_vlprune_ctx"] = ctx
