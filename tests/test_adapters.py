@@ -424,3 +424,18 @@ def test_open_clip_forward_intermediates():
         model.forward_intermediates(_x())
     out = model.forward_intermediates(_x(), output_fmt="NLC")
     assert out["image_intermediates"][-1].shape[1] < (IMG // 16) ** 2
+
+
+def test_torch_fx_traces_an_avg_pooled_vit_that_reduces_nothing():
+    """timm's own fx tests (test_model_forward_fx) on an avg-pooled ViT: patched at merge_r=0
+    it traces and equals upstream (the size-weighted pooling used to test a traced shape)."""
+    pytest.importorskip("torchvision")
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    upstream = _build("test_vit2_reg_avg_ls")
+    model = vlprune.patch(_build("test_vit2_reg_avg_ls"), merge_r=0)
+    _, nodes = get_graph_node_names(model)  # what timm's test does: trace, take the last node
+    traced = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(traced(x).values())), upstream(x), atol=0, rtol=0)

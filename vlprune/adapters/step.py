@@ -46,7 +46,9 @@ def pool_sizes(ctx: PatchContext, x: Tensor) -> tuple[Tensor, Tensor] | None:
     The sizes are those of the latest forward of this model in the calling thread; tokens of
     another shape cannot be the output of that forward (e.g. ``forward_head`` on features kept
     from an earlier call), so that raises instead of pooling with wrong weights."""
-    state = ctx.state if ctx.enabled else None
+    if not ctx.reduces:  # settings that reduce nothing pool exactly as upstream (torch.fx too)
+        return None
+    state = ctx.state
     if state is None or x.shape[1] == 1:  # one token per sequence: weights cannot matter
         return None  # (a guided tower maps each token alone through its pooling head)
     count = state.num_tokens if state.size is None else state.size.shape[1]
