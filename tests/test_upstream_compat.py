@@ -5,10 +5,15 @@ models of every family).
   LLaVA's ``visual_keep=1.0``) give the unpatched outputs bit for bit and refuse nothing the
   unpatched model accepts (gradient checkpointing, ``forward_intermediates`` in NCHW);
 * ``torch.jit.script`` of a patched model refuses with one clear message saying how to script
-  (unpatch first); the unpatched model scripts as upstream.
+  (unpatch first); the unpatched model scripts as upstream;
+* the swapped classes look like upstream's from outside: names and modules (transformers'
+  ``is_custom_code``, checkpoint conversion mappings, ``config.architectures``, weight
+  initialisation), method signatures, class-level constructors that build upstream models.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -316,6 +321,7 @@ def test_llava_tower_reducing_nothing_allows_gradient_checkpointing():
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         _train_step(model, x, logits)
 
+
 # --- item 1: TorchScript -------------------------------------------------------------------
 
 
@@ -341,3 +347,127 @@ def test_scripting_a_patched_model_says_how(name):
             assert torch.allclose(scripted(x), ref, atol=1e-5)
             assert torch.equal(model(x), ref)
 
+
+# --- item 3: the swapped classes look like upstream's -----------------------------------------
+
+HF_FAMILIES = ["hf_clip_vision", "hf_siglip_vision", "hf_clip_text", "hf_clip_model",
+               "hf_siglip_model", "hf_bert"]
+PATCHES = {"hf_bert": dict(merge_r=1), "hf_siglip_vision": dict(merge_r=1)}
+
+
+def _patched_modules(model, before):
+    """``(name, module, upstream class)`` of every module whose class the patch swapped."""
+    return [(n, m, before[n]) for n, m in model.named_modules() if type(m) is not before[n]]
+
+
+def _upstream_methods(module, upstream):
+    """The public methods a patched module overrides, with their upstream versions."""
+    return [(name, getattr(module, name), getattr(upstream, name).__get__(module))
+            for name in dir(type(module)) if not name.startswith("_")
+            and inspect.isfunction(vars(type(module)).get(name))
+            and inspect.isfunction(getattr(upstream, name, None))]
+
+
+FAMILY_NAMES = [*FAMILIES, "llava"]
+
+
+def _build_any(name):
+    return _llava() if name == "llava" else _build(name)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_patched_classes_keep_upstream_names_and_signatures(name):
+    model = _build_any(name)
+    before = {n: type(m) for n, m in model.named_modules()}
+    vlprune.patch(model, **(dict(visual_keep=4) if name == "llava" else dict(merge_r=1)))
+    patched = _patched_modules(model, before)
+    assert patched and any(n == "" for n, _, _ in patched)  # the root is swapped too
+    checked = 0
+    for where, module, upstream in patched:
+        cls = type(module)
+        assert issubclass(cls, upstream) and isinstance(module, upstream)
+        assert (cls.__name__, cls.__qualname__, cls.__module__) == (
+            upstream.__name__, upstream.__qualname__, upstream.__module__), where
+        for method, got, want in _upstream_methods(module, upstream):
+            assert inspect.signature(got) == inspect.signature(want), f"{where}.{method}"
+            checked += 1
+    assert checked >= 2
+    vlprune.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("name", [*HF_FAMILIES, "llava"])
+def test_transformers_sees_upstream_classes(name):
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+
+    model = _build_any(name)
+    ref_custom = model.is_custom_code()
+    ref_conv = repr(extract_weight_conversions_for_model(model))
+    vlprune.patch(model, **(dict(visual_keep=4) if name == "llava" else PATCHES.get(name, dict(merge_r=1))))
+    assert model.is_custom_code() is ref_custom is False
+    assert type(model).is_custom_code() is False
+    assert repr(extract_weight_conversions_for_model(model)) == ref_conv
+    # the patched classes' parts (towers, layers) answer as upstream's do
+    for module in model.modules():
+        if hasattr(module, "is_custom_code"):
+            assert module.is_custom_code() is False
+
+
+def _all_missing_init(model) -> dict[str, torch.Tensor]:
+    """The weights transformers gives a model none of whose weights a checkpoint holds: every
+    module and weight marked uninitialised, then ``initialize_weights`` (seeded)."""
+    for m in model.modules():
+        m.__dict__.pop("_is_hf_initialized", None)
+    for t in [*model.parameters(), *model.buffers()]:
+        if hasattr(t, "_is_hf_initialized"):
+            del t._is_hf_initialized
+    torch.manual_seed(0)
+    model.initialize_weights()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["hf_clip_model", "hf_siglip_model", "llava"])
+def test_missing_weights_are_initialised_as_upstream(name):
+    ref = _all_missing_init(_build_any(name))
+    model = _build_any(name)
+    vlprune.patch(model, **(dict(visual_keep=4) if name == "llava" else dict(merge_r=1)))
+    got = _all_missing_init(model)
+    assert got.keys() == ref.keys()
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
+@pytest.mark.parametrize("name", ["hf_clip_vision", "hf_clip_model", "hf_bert", "llava"])
+def test_class_constructors_of_a_patched_class_build_upstream_models(name, tmp_path):
+    import json
+
+    model = _build_any(name)
+    upstream = type(model)
+    vlprune.patch(model, **(dict(visual_keep=4) if name == "llava" else dict(merge_r=1)))
+    patched_cls = type(model)
+    assert patched_cls is not upstream
+    # save_pretrained of a patched model: upstream's architecture name, loadable weights
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [upstream.__name__]
+    for built in (patched_cls.from_pretrained(tmp_path), patched_cls._from_config(model.config)):
+        assert type(built) is upstream
+        assert not vlprune.is_patched(built)
+    loaded = patched_cls.from_pretrained(tmp_path)
+    sd, ref_sd = loaded.state_dict(), model.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    # and patching what they built works like patching any upstream model
+    vlprune.patch(loaded, **(dict(visual_keep=4) if name == "llava" else dict(merge_r=1)))
+    assert type(loaded) is patched_cls
+    vlprune.unpatch(loaded)
+    assert type(loaded) is upstream
+
+
+def test_an_unpatched_instance_of_a_patched_class_can_be_patched():
+    """``type(patched)(config)`` builds an instance of the patched class without a patch; a
+    patch of it works (no MRO error) and unpatching leaves the upstream class."""
+    model = _build("hf_clip_vision")
+    vlprune.patch(model, merge_r=1)
+    stray = type(model)(model.config).eval()
+    vlprune.patch(stray, merge_r=1)
+    assert type(stray) is type(model)
+    vlprune.unpatch(stray)
+    assert type(stray) is transformers.CLIPVisionModel

@@ -5,7 +5,10 @@ root module); every patched submodule holds a reference to the same object
 (``_vlprune_ctx``). The state of a forward in flight is per call, not per model: see
 :mod:`vlprune.adapters.call`. Patching
 swaps an instance's class for a dynamic subclass of that very class (so ``isinstance`` keeps
-working and no parameter changes) and remembers the original for :func:`restore`.
+working and no parameter changes) and remembers the original for :func:`restore`. The
+subclass looks like the original from outside (name, module, method signatures, class-level
+constructors; :func:`_patched_class`); it refuses pickling and TorchScript with a message
+saying what to do instead.
 """
 
 from __future__ import annotations
@@ -252,43 +255,137 @@ class RootMixin:
                     "or run inside `with vlprune.disabled(model):`"
                 )
 
-    def __reduce_ex__(self, protocol):
-        raise TypeError(
-            f"a vlprune-patched {type(self).__bases__[-1].__name__} cannot be pickled (its classes "
-            "are made at patch time): save model.state_dict(), which patching leaves unchanged, "
-            "or call vlprune.unpatch(model) before torch.save(model) and patch again after loading"
-        )
 
-    def __deepcopy__(self, memo):
-        # what deepcopy does by default, spelled out because __reduce_ex__ above refuses
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
+# -- the patched classes ----------------------------------------------------------------------
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+_UPSTREAM: dict[type, type] = {}  # patched class -> the upstream class it extends
+
+
+def upstream_class(cls: type) -> type:
+    """The upstream class a class made by :func:`swap_class` extends (any other class: itself)."""
+    return _UPSTREAM.get(cls, cls)
+
+
+def _refuse_pickle(self, protocol):
+    raise TypeError(
+        f"a vlprune-patched {upstream_class(type(self)).__name__} cannot be pickled (its classes "
+        "are made at patch time): save model.state_dict(), which patching leaves unchanged, "
+        "or call vlprune.unpatch(model) before torch.save(model) and patch again after loading"
+    )
 
 
 def _refuse_script(self):
     # torch.jit.script calls this on every module before compiling anything
     raise RuntimeError(
-        f"torch.jit.script cannot compile a vlprune-patched {type(self).__bases__[-1].__name__}: "
+        f"torch.jit.script cannot compile a vlprune-patched {upstream_class(type(self)).__name__}: "
         "token reduction keeps per-call state in Python that TorchScript cannot express. Script "
         "the unpatched model instead: call vlprune.unpatch(model) first (and patch again after "
         "scripting), or script a copy made before patching; torch.compile runs patched models"
     )
 
 
-_CLASS_CACHE: dict[tuple[type, type], type] = {}
+def _deepcopy(self, memo):
+    # what deepcopy does by default, spelled out because __reduce_ex__ refuses
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    for key, value in self.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _copy(self):
+    # what copy.copy does by default for a module (a new object sharing the attributes)
+    new = type(self).__new__(type(self))
+    new.__dict__.update(self.__dict__)
+    return new
+
+
+def _with_signature(fn: Callable, upstream: Callable) -> Callable:
+    """``fn`` (a mixin's method, shared by every class the mixin patches) as a method of one
+    patched class: the same code, shown with the signature and docstring of ``upstream``, the
+    method it overrides (``inspect.signature``, ``help``, transformers' argument routing)."""
+
+    def method(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    method.__name__, method.__qualname__, method.__module__ = fn.__name__, fn.__qualname__, fn.__module__
+    method.__doc__ = upstream.__doc__
+    with contextlib.suppress(TypeError, ValueError):  # no signature (a builtin): keep ours
+        method.__signature__ = inspect.signature(upstream)
+    return method
+
+
+def _upstream_classmethod(cls: type, name: str) -> classmethod:
+    """``cls``'s classmethod ``name`` bound to ``cls``: called on the patched class
+    (``from_pretrained``, ``_from_config``, ...) it builds and answers as upstream does."""
+    func = getattr(cls, name).__func__
+
+    def method(patched, *args, **kwargs):
+        return func(cls, *args, **kwargs)
+
+    method.__name__, method.__qualname__ = name, f"{cls.__qualname__}.{name}"
+    method.__doc__ = func.__doc__
+    with contextlib.suppress(TypeError, ValueError):
+        method.__signature__ = inspect.signature(func)
+    return classmethod(method)
+
+
+def _patched_class(mixin: type, cls: type) -> type:
+    """The class ``mixin + cls``, looking like ``cls`` from outside: the same name, qualified
+    name and module (what transformers and others look classes up by: ``is_custom_code``,
+    checkpoint conversion mappings, ``config.architectures``, output capture, loss type), the
+    same method signatures, and class-level constructors that build upstream instances. It
+    refuses pickling and TorchScript with a message saying what to do instead."""
+    mixin_names = {n for base in mixin.__mro__ if base is not object for n in vars(base)}
+    ns: dict = {
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+        "__reduce_ex__": _refuse_pickle, "__deepcopy__": _deepcopy, "__copy__": _copy,
+        "__prepare_scriptable__": _refuse_script,
+    }
+    seen: set[str] = set()
+    for base in mixin.__mro__:
+        for name, fn in vars(base).items():
+            if name in seen or name.startswith("_") or not inspect.isfunction(fn):
+                continue
+            seen.add(name)
+            upstream = getattr(cls, name, None)
+            if inspect.isfunction(upstream):
+                ns[name] = _with_signature(fn, upstream)
+    for base in cls.__mro__:
+        for name, value in vars(base).items():
+            if (isinstance(value, classmethod) and name not in ns and name not in mixin_names
+                    and not (name.startswith("__") and name.endswith("__"))):
+                ns[name] = _upstream_classmethod(cls, name)
+    new_cls = type(cls.__name__, (mixin, cls), ns)
+    _UPSTREAM[new_cls] = cls
+    return new_cls
+
+
+def upstream_arguments(module: nn.Module, method: str, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of the upstream ``method`` of a patched ``module``, by name
+    (extra keyword arguments merged in): what a patched method that takes ``*args,
+    **kwargs`` was given, as upstream's signature assigns it."""
+    sig = inspect.signature(getattr(upstream_class(type(module)), method))
+    bound = sig.bind(module, *args, **kwargs).arguments
+    named = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif i > 0:  # self
+            named[name] = value
+    return named
 
 
 def swap_class(module: nn.Module, mixin: type, ctx: PatchContext, **attrs) -> None:
-    """Give ``module`` the class ``mixin + type(module)`` and a reference to ``ctx``."""
-    cls = type(module)
+    """Give ``module`` the class ``mixin + type(module)`` (:func:`_patched_class`) and a
+    reference to ``ctx``."""
+    if _ORIG_CLASS in module.__dict__:  # one mixin per module: restore() puts back one class
+        raise RuntimeError(f"{type(module).__name__} is swapped already; combine the mixins")
+    cls = upstream_class(type(module))  # an instance of a patched class made without a patch
     new_cls = _CLASS_CACHE.get((mixin, cls))
     if new_cls is None:
-        new_cls = type(f"VLPrune{cls.__name__}", (mixin, cls),
-                       {"__module__": mixin.__module__, "__prepare_scriptable__": _refuse_script})
-        _CLASS_CACHE[(mixin, cls)] = new_cls
+        new_cls = _CLASS_CACHE[(mixin, cls)] = _patched_class(mixin, cls)
     module.__dict__[_ORIG_CLASS] = cls
     module.__dict__["_vlprune_ctx"] = ctx
     for k, v in attrs.items():

@@ -54,10 +54,10 @@ from .base import (
     refuse_grad_checkpointing,
     register_adapter,
     swap_class,
+    upstream_arguments,
 )
 from .hf_common import (
     BIAS_IMPLEMENTATIONS,
-    register_output_capture,
     same_forward,
     transformers_version,
 )
@@ -172,16 +172,17 @@ class _BertModelMixin(RootMixin):
     reduces; then embeddings, the shared sequence path and the patched layers (see the module
     docstring for the outputs)."""
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                inputs_embeds: Tensor | None = None, **kwargs):
+    def forward(self, *args, **kwargs):
         ctx: PatchContext = self._vlprune.children["text"]
         if not ctx.reduces:
             ctx.call.state = None
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   token_type_ids=token_type_ids, position_ids=position_ids,
-                                   inputs_embeds=inputs_embeds, **kwargs)
+            return super().forward(*args, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        kwargs = upstream_arguments(self, "forward", args, kwargs) if args else dict(kwargs)
+        input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
+        token_type_ids, position_ids = kwargs.pop("token_type_ids", None), kwargs.pop("position_ids", None)
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
 
         _refuse(kwargs, self.config)
         if (input_ids is None) == (inputs_embeds is None):
@@ -320,7 +321,6 @@ class HFBertAdapter(Adapter):
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         swap_class(model, _BertModelMixin, ctx)
-        register_output_capture(model)
         model.__dict__["_vlprune"] = ctx
         patch_hf_bert(model, ctx.children["text"])
 

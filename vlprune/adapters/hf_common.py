@@ -21,12 +21,3 @@ def same_forward(module: nn.Module, cls: type) -> bool:
     GradientCheckpointingLayer subclass's forward: compare the functions inside the wrappers."""
     return inspect.unwrap(type(module).forward) is inspect.unwrap(cls.forward)
 
-
-def register_output_capture(model: nn.Module) -> None:
-    """transformers looks up what ``output_hidden_states`` / ``output_attentions`` record by the
-    model's class name; register the swapped class under the upstream entry."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # other transformers versions: nothing keyed on the class
-        return
-    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)

@@ -31,9 +31,9 @@ from ..base import (
     hf_image_input_size,
     register_adapter,
     swap_class,
+    upstream_arguments,
 )
 from ..call import scoped
-from ..hf_common import register_output_capture
 from ..text import random_ids
 from .layers import CLIP, SIGLIP
 from .text import (
@@ -84,11 +84,15 @@ class TwoTowerMixin(RootMixin):
     runs first; its pooled embeddings guide the other tower's pruning and its output is handed
     back (not recomputed) when upstream ``forward`` asks for it."""
 
-    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
-                attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **kwargs):
+    def forward(self, *args, **kwargs):
         ctx: PatchContext = self._vlprune
         guided = next((c for c in ctx.children.values() if c.guided_by), None)
-        if guided is None or not guided.reduces or input_ids is None or pixel_values is None:
+        if guided is None or not guided.reduces:
+            return super().forward(*args, **kwargs)
+        kwargs = upstream_arguments(self, "forward", args, kwargs) if args else kwargs
+        input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
+        attention_mask, position_ids = kwargs.pop("attention_mask", None), kwargs.pop("position_ids", None)
+        if input_ids is None or pixel_values is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                    attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         tower_kw = {k: v for k, v in kwargs.items() if k != "return_loss"}
@@ -156,7 +160,6 @@ class HFClipAdapter(Adapter):
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         image, text = ctx.children["image"], ctx.children["text"]
         swap_class(model, TwoTowerMixin, ctx)
-        register_output_capture(model)
         model.__dict__["_vlprune"] = ctx
         patch_hf_vision_tower(model.vision_model, image)
         patch_hf_text_tower(model.text_model, text)

@@ -27,7 +27,7 @@ from ..base import (
     refuse_grad_checkpointing,
     swap_class,
 )
-from ..hf_common import BIAS_IMPLEMENTATIONS, register_output_capture
+from ..hf_common import BIAS_IMPLEMENTATIONS
 from ..text import TextLayout, random_ids, start_text
 from .layers import (
     CLIP,
@@ -91,7 +91,6 @@ def patch_hf_text_tower(tower: nn.Module, ctx: PatchContext) -> None:
     """Swap the classes of one CLIP / SigLIP text tower so it reduces tokens as ``ctx`` says."""
     module_name, _ = _text_upstream(tower)
     swap_class(tower, TextTowerMixin, ctx)
-    register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
         swap_class(layer, EncoderLayerMixin, ctx, layer=i)
         swap_class(layer.self_attn, AttentionMixin, ctx, upstream=module_name)

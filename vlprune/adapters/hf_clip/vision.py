@@ -50,7 +50,7 @@ from ..base import (
     hf_image_input_size,
     swap_class,
 )
-from ..hf_common import BIAS_IMPLEMENTATIONS, register_output_capture, same_forward
+from ..hf_common import BIAS_IMPLEMENTATIONS, same_forward
 from ..step import pool_sizes
 from .layers import (
     CLIP,
@@ -139,7 +139,6 @@ def patch_hf_vision_tower(tower: nn.Module, ctx: PatchContext, mixin: type | Non
     if not issubclass(mixin, VisionTowerMixin):
         raise TypeError(f"mixin must subclass {VisionTowerMixin.__qualname__}, got {mixin!r}")
     swap_class(tower, mixin, ctx, num_protected=int(_has_class_token(tower)))
-    register_output_capture(tower)
     for i, layer in enumerate(tower.encoder.layers):
         swap_class(layer, EncoderLayerMixin, ctx, layer=i)
         swap_class(layer.self_attn, AttentionMixin, ctx, upstream=module_name)

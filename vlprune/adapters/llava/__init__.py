@@ -60,7 +60,7 @@ from ..base import (
 from .detect import check_llava, encoder_layers, llava_family, vision_tokens, visual_keep_count
 from .encode import install_captures
 from .llm import FastVLayerMixin, FastVPoint, FastVRankLayerMixin, llm_layers
-from .model import LlavaMixin, mixin_for
+from .model import LlavaMixin
 from .tower import llava_context, patch_llava_tower
 
 __all__ = [
@@ -98,7 +98,7 @@ class LlavaAdapter(Adapter):
         return llava_context(model, config, self.name, self.num_layers(model))
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
-        swap_class(model, mixin_for(type(model)), ctx)
+        swap_class(model, LlavaMixin, ctx)
         model.__dict__["_vlprune"] = ctx
         patch_llava_tower(model, ctx)
         install_captures(model, ctx)

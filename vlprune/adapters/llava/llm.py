@@ -235,7 +235,7 @@ class FastVRankLayerMixin:
     attention map this layer outputs, which FastV ranks the visual tokens with -- then runs
     unchanged on the full sequence."""
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, *args,
                 position_embeddings=None, **kwargs):
         point: FastVPoint = self._vlprune_llm
         st = point.call()
@@ -245,7 +245,7 @@ class FastVRankLayerMixin:
             st.scores = last_token_attention(self, hidden_states, position_embeddings, st.last,
                                              st.valid)
         return super().forward(
-            hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            hidden_states, attention_mask, position_ids, *args,
             position_embeddings=position_embeddings, **kwargs,
         )
 
@@ -291,7 +291,7 @@ class FastVLayerMixin:
             record.append(LayerRecord(point.layer, sum(st.row_lens[0]), kept_visual[0], 0, None, "llm"))
         return st.kept
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, *args,
                 position_embeddings=None, **kwargs):
         point: FastVPoint = self._vlprune_llm
         st = point.call()
@@ -320,6 +320,6 @@ class FastVLayerMixin:
                 position_embeddings = point.rotary(hidden_states, position_ids)
         # the cache and the rest pass through under whatever names this transformers uses
         return super().forward(
-            hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            hidden_states, attention_mask, position_ids, *args,
             position_embeddings=position_embeddings, **kwargs,
         )

@@ -1,8 +1,8 @@
 """The patched LLaVA root: its ``forward`` and ``generate`` entry points.
 
-Owns :class:`LlavaMixin` (the class swapped onto the root model), :func:`mixin_for` (one
-mixin per family whose ``forward`` shows that family's signature) and the orchestration of a
-call (:func:`prepare_call`): encode the images once, select, merge videos over time, drop
+Owns :class:`LlavaMixin` (the class swapped onto the root model; the swapped class shows
+upstream's ``forward`` signature, which ``generate`` reads to route its arguments) and the
+orchestration of a call (:func:`prepare_call`): encode the images once, select, merge videos over time, drop
 prompt tokens, rewrite ``input_ids`` and the aligned sequences with one keep mask, and hand
 the kept features to upstream as ``mm_encoder_outputs``. ``generate`` does the rewrite once,
 runs upstream ``generate`` on the shorter prompt (so the KV cache holds the shorter sequence)
@@ -15,12 +15,10 @@ FastV's kept columns in the call state of the thread.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 
-from ..base import PatchContext, RootMixin
+from ..base import PatchContext, RootMixin, upstream_arguments
 from .detect import ATTN_SCORES, vision_tokens
 from .encode import encode_images, image_kwargs
 from .rewrite import rewrite_sequences, span_keep, span_rows, text_drop, text_embeds
@@ -47,21 +45,6 @@ def _video_rewrites(model: nn.Module) -> bool:
 
 def _llm_active(model: nn.Module) -> bool:
     return model._vlprune.enabled and not model._vlprune.config.llm_is_identity
-
-
-def bind_forward(model: nn.Module, args, kwargs) -> dict:
-    """Upstream ``forward``'s arguments by name (extra keyword arguments merged in)."""
-    upstream = type(model).__bases__[-1].forward
-    sig = inspect.signature(upstream)
-    bound = sig.bind(model, *args, **kwargs).arguments
-    named = {}
-    for name, value in bound.items():
-        param = sig.parameters[name]
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif name != "self":
-            named[name] = value
-    return named
 
 
 def prepare_call(model: nn.Module, named: dict) -> None:
@@ -152,7 +135,7 @@ class LlavaMixin(RootMixin):
     """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens."""
 
     def forward(self, *args, **kwargs):
-        named = bind_forward(self, args, kwargs)
+        named = upstream_arguments(self, "forward", args, kwargs)
         cfg = self._vlprune.config
         llm = "_vlprune_llm" in self.__dict__
         if cfg.llm_keep is not None and (not llm or self.__dict__["_vlprune_llm"].layer != cfg.llm_layer):
@@ -224,21 +207,3 @@ class LlavaMixin(RootMixin):
         out.sequences = full
         return out
 
-
-_FAMILY_MIXINS: dict[type, type] = {}
-
-
-def mixin_for(cls: type) -> type:
-    """:class:`LlavaMixin` whose ``forward`` shows the signature of ``cls.forward`` (which
-    ``generate`` reads to validate and route its arguments)."""
-    mixin = _FAMILY_MIXINS.get(cls)
-    if mixin is None:
-        def forward(self, *args, **kwargs):
-            return LlavaMixin.forward(self, *args, **kwargs)
-
-        forward.__signature__ = inspect.signature(cls.forward)
-        forward.__doc__ = cls.forward.__doc__
-        mixin = type(f"_LlavaMixin_{cls.__name__}", (LlavaMixin,),
-                     {"forward": forward, "__module__": __name__})
-        _FAMILY_MIXINS[cls] = mixin
-    return mixin
