@@ -8,7 +8,10 @@ models of every family).
   (unpatch first); the unpatched model scripts as upstream;
 * the swapped classes look like upstream's from outside: names and modules (transformers'
   ``is_custom_code``, checkpoint conversion mappings, ``config.architectures``, weight
-  initialisation), method signatures, class-level constructors that build upstream models.
+  initialisation), method signatures, class-level constructors that build upstream models;
+* models a user would patch are supported: ``CLIPForImageClassification`` and
+  ``SiglipForImageClassification`` (size-weighted mean of the patch tokens), the LLaVA base
+  models (``LlavaModel`` and the anyres ones) without the language-model head.
 """
 
 from __future__ import annotations
@@ -471,3 +474,126 @@ def test_an_unpatched_instance_of_a_patched_class_can_be_patched():
     assert type(stray) is type(model)
     vlprune.unpatch(stray)
     assert type(stray) is transformers.CLIPVisionModel
+
+
+# --- item 4: models a user would patch -------------------------------------------------------
+
+
+def _classifier(kind):
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16)
+    if kind == "clip":
+        cfg = transformers.CLIPConfig(vision_config=_hf_clip_vision().config.to_dict(),
+                                      text_config=text, num_labels=5)
+        return transformers.CLIPForImageClassification(cfg)
+    cfg = transformers.SiglipConfig(vision_config=_siglip_vision().config.to_dict(),
+                                    text_config=text, num_labels=5)
+    return transformers.SiglipForImageClassification(cfg)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_image_classifiers(kind):
+    torch.manual_seed(0)
+    model, x = _classifier(kind).eval(), _pixels()
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        ref = model(pixel_values=x, labels=labels)
+        for kw in IDENTITY.values():
+            vlprune.patch(model, **kw)
+            out = model(pixel_values=x, labels=labels)
+            assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+        # merging: fewer tokens, and the classifier's mean weighs each token by its size
+        vlprune.patch(model, merge_r=3, trace_source=True)
+        out = model(pixel_values=x, labels=labels)
+        desc = vlprune.describe(model, x, flops=False)
+        n = 1 + (IMG // 8) ** 2 if kind == "clip" else (IMG // 8) ** 2
+        assert [(lr.tokens_in, lr.tokens_out) for lr in desc.layers] == [
+            (n, n - 3), (n - 3, n - 6), (n - 6, n - 9)]
+        model(pixel_values=x)
+        source = vlprune.get_source(model)  # (B, N, N0): input tokens each output token holds
+        hidden = model.vision_model(pixel_values=x).last_hidden_state
+        start = 1 if kind == "clip" else 0  # CLIP's classifier leaves out the class token
+        size = source.sum(-1, keepdim=True)[:, start:]
+        pooled = (hidden[:, start:] * size).sum(1) / size.sum(1)
+        torch.testing.assert_close(out.logits, model.classifier(pooled), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out.logits, ref.logits)
+        assert torch.isfinite(out.loss)
+        # positional arguments and tuples, as upstream
+        assert torch.equal(model(x, labels, return_dict=False)[1], out.logits)
+        # pruning
+        vlprune.patch(model, prune_keep=0.5, prune_layers=(1,), prune_score="key_norm")
+        desc = vlprune.describe(model, x, flops=False)
+        assert desc.layers[1].tokens_out < desc.layers[1].tokens_in
+        assert model(pixel_values=x).logits.shape == ref.logits.shape
+        vlprune.unpatch(model)
+        assert torch.equal(model(pixel_values=x, labels=labels).logits, ref.logits)
+        assert type(model) in (transformers.CLIPForImageClassification,
+                               transformers.SiglipForImageClassification)
+
+
+LLAVA_BASE_REDUCING = {
+    "visual_keep": dict(visual_keep=4),
+    "tower_merge": dict(merge_r=2),
+    "fastv": dict(llm_layer=1, llm_keep=4),
+    "text_keep": dict(visual_keep=8, text_keep=0.5),
+}
+
+
+def _lm_input(model, inputs):
+    """The hidden states a LLaVA's language-model head reads (its last_hidden_state)."""
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_llava_base_model():
+    base, x = _llava("LlavaModel"), _llava_inputs()
+    full = _llava()  # the same weights with a head: its patched LM reads what the base returns
+    with torch.no_grad():
+        ref = base(**x).last_hidden_state
+        for kw in LLAVA_IDENTITY.values():
+            vlprune.patch(base, **kw)
+            assert torch.equal(base(**x).last_hidden_state, ref), kw
+        for name, kw in LLAVA_BASE_REDUCING.items():
+            vlprune.patch(base, **kw)
+            out = base(**x).last_hidden_state
+            assert out.shape[1] < ref.shape[1] or name == "fastv", name
+            desc = vlprune.describe(base, x, flops=False)
+            assert any(lr.tokens_out < lr.tokens_in for lr in desc.layers), name
+            vlprune.patch(full, **kw)
+            want = _lm_input(full, x)
+            assert out.shape == want.shape and torch.equal(out, want), name
+        assert not hasattr(base, "generate")  # a base model has none, patched or not
+        vlprune.unpatch(base)
+        assert type(base) is transformers.LlavaModel
+        assert torch.equal(base(**x).last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "llava_next_video"])
+def test_llava_anyres_base_models(family):
+    """A base anyres model patched alone reduces as the inner model of the full one: the
+    hidden states equal what the full patched model's head reads."""
+    from llava_family_models import batch, build
+
+    full = build(family)
+    base = build(family).model  # the same weights; patched as the root
+    x = batch(full, [dict(seed=0, before=3, after=2, images=[(64, 32, 0)]),
+                     dict(seed=1, before=5, after=1, images=[(32, 32, 1)])])
+    with torch.no_grad():
+        ref = base(**x).last_hidden_state
+        vlprune.patch(base, visual_keep=1.0)
+        assert torch.equal(base(**x).last_hidden_state, ref)
+        for kw in (dict(visual_keep=0.5), dict(visual_keep=0.5, visual_score="random")):
+            vlprune.patch(base, **kw)
+            out = base(**x).last_hidden_state
+            vlprune.patch(full, **kw)
+            want = _lm_input(full, x)
+            assert out.shape[1] < ref.shape[1]
+            assert out.shape == want.shape and torch.equal(out, want), kw
+        vlprune.unpatch(base)
+        assert torch.equal(base(**x).last_hidden_state, ref)

@@ -1,6 +1,7 @@
 """Hugging Face transformers 5.x image towers: ``CLIPVisionModel``,
 ``CLIPVisionModelWithProjection`` and ``SiglipVisionModel`` (also when the tower is the
-``vision_model`` of a ``CLIPModel`` / ``SiglipModel``).
+``vision_model`` of a ``CLIPModel`` / ``SiglipModel``), and the image classifiers on them,
+``CLIPForImageClassification`` and ``SiglipForImageClassification``.
 
 Reduction point: inside each ``CLIPEncoderLayer`` / ``SiglipEncoderLayer``, between the
 attention branch and the MLP branch, as for timm. What is patched (by
@@ -15,7 +16,8 @@ attention branch and the MLP branch, as for timm. What is patched (by
   size bias, the copied projections and the configured attention function with ``log(size)``
   as the additive ``attention_mask``; otherwise the upstream forward runs untouched;
 * SigLIP's ``SiglipMultiheadAttentionPoolingHead``: after merging (with ``prop_attn``), its probe
-  attends with the size bias, so a merged token weighs as much as the tokens it holds.
+  attends with the size bias, so a merged token weighs as much as the tokens it holds;
+* an image classifier: its mean of the patch tokens is weighted by their sizes.
 
 Refused: proportional attention with an attention implementation other than ``eager`` or
 ``sdpa`` (flash attention takes no additive bias), an ``attention_mask`` while reducing,
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import Tensor, nn
 
 from ...config import ReductionConfig
@@ -49,9 +52,10 @@ from ..base import (
     config_prunes,
     hf_image_input_size,
     swap_class,
+    upstream_arguments,
 )
 from ..hf_common import BIAS_IMPLEMENTATIONS, same_forward
-from ..step import pool_sizes
+from ..step import pool_sizes, weighted_mean
 from .layers import (
     CLIP,
     SIGLIP,
@@ -70,17 +74,20 @@ _TOWERS = {
     f"{SIGLIP}.SiglipVisionModel": (SIGLIP, "Siglip"),
 }
 _WITH_PROJECTION = (f"{CLIP}.CLIPVisionModelWithProjection",)
+# image classifiers on a vision tower (``vision_model``): mean of the patch tokens, a linear head
+_CLASSIFIERS = (f"{CLIP}.CLIPForImageClassification", f"{SIGLIP}.SiglipForImageClassification")
 
 SUPPORTED = (
-    "transformers>=5 CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel (also "
-    "CLIPModel.vision_model / SiglipModel.vision_model) with the upstream encoder layers, "
-    "eager or sdpa attention (flash/flex only with prop_attn=False)"
+    "transformers>=5 CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, "
+    "CLIPForImageClassification, SiglipForImageClassification (also CLIPModel.vision_model / "
+    "SiglipModel.vision_model) with the upstream encoder layers, eager or sdpa attention "
+    "(flash/flex only with prop_attn=False)"
 )
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The ``CLIPVisionModel`` / ``SiglipVisionModel`` that holds the encoder of ``model``."""
-    return inner_tower(model, _WITH_PROJECTION, "vision_model")
+    return inner_tower(model, _WITH_PROJECTION + _CLASSIFIERS, "vision_model")
 
 
 def _upstream(tower: nn.Module) -> tuple[str, str]:
@@ -194,6 +201,38 @@ class _PoolingHeadMixin:
         return hidden_state[:, 0]
 
 
+class ImageClassifierMixin(RootMixin):
+    """Patched ``CLIPForImageClassification`` / ``SiglipForImageClassification``: upstream
+    forward unless the tower reduces; then upstream's mean of the patch tokens is weighted by
+    their sizes (a merged token counts for every token it holds)."""
+
+    def forward(self, *args, **kwargs):
+        ctx: PatchContext = self._vlprune
+        if not ctx.reduces:
+            return super().forward(*args, **kwargs)
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        # Follows CLIPForImageClassification.forward / SiglipForImageClassification.forward
+        # (transformers 5.25) and their can_return_tuple decorator.
+        named = upstream_arguments(self, "forward", args, kwargs)
+        return_dict = named.pop("return_dict", None)
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        labels = named.pop("labels", None)
+        outputs = self.vision_model(named.pop("pixel_values", None), **named)
+        tokens = outputs.last_hidden_state
+        start = self.vision_model._vlprune_num_protected  # CLIP leaves out its class token
+        sizes = pool_sizes(ctx, tokens)
+        if sizes is None:
+            pooled = torch.mean(tokens[:, start:, :], dim=1)
+        else:
+            pooled = weighted_mean(tokens[:, start:], sizes[0][:, start:])
+        logits = self.classifier(pooled)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()
+
+
 class HFClipVisionAdapter(Adapter):
     """``hf_clip_vision``: a CLIP / SigLIP vision model (registered by the package)."""
 
@@ -202,7 +241,7 @@ class HFClipVisionAdapter(Adapter):
 
     def matches(self, model: nn.Module) -> bool:
         paths = class_path_in_mro(model)
-        return any(p in _TOWERS or p in _WITH_PROJECTION for p in paths)
+        return any(p in _TOWERS or p in _WITH_PROJECTION or p in _CLASSIFIERS for p in paths)
 
     def check(self, model: nn.Module, config: ReductionConfig) -> None:
         check_hf_vision_tower(vision_tower(model), config)
@@ -211,6 +250,8 @@ class HFClipVisionAdapter(Adapter):
         return len(vision_tower(model).encoder.layers)
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
+        if any(p in _CLASSIFIERS for p in class_path_in_mro(model)):
+            swap_class(model, ImageClassifierMixin, ctx)
         patch_hf_vision_tower(vision_tower(model), ctx)
         model.__dict__["_vlprune"] = ctx
 

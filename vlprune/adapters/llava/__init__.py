@@ -4,7 +4,10 @@ language model, and fewer prompt tokens too.
 Families: ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration``
 (anyres: a base image, unpadded crops and row-end ``image_newline`` tokens),
 ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, ``anyres_max`` packing) and
-``LlavaNextVideoForConditionalGeneration`` (images, and videos with temporal merging).
+``LlavaNextVideoForConditionalGeneration`` (images, and videos with temporal merging), and
+their base models without the language-model head (``LlavaModel``, ``LlavaNextModel``,
+``LlavaOnevisionModel``, ``LlavaNextVideoModel``: the same reductions in ``forward``, whose
+``last_hidden_state`` then holds the shorter sequence).
 
 Reduction points, combinable:
 
@@ -39,8 +42,9 @@ The package, one concern a module: :mod:`.detect` (families, token counts, check
 :mod:`.encode` (the tower and projector run once, scores captured), :mod:`.select` (kept
 tokens per image), :mod:`.rewrite` (placeholder spans, prompt dropping, the shorter
 sequences), :mod:`.video` (temporal merging), :mod:`.model` (the patched ``forward`` /
-``generate``), :mod:`.llm` (FastV), :mod:`.tower` (LLaVA-1.5 tower merging / pruning); this
-module holds the adapter and its registration.
+``generate``), :mod:`.llm` (FastV), :mod:`.tower` (LLaVA-1.5 tower merging / pruning),
+:mod:`.parts` (the base model of either kind); this module holds the adapter and its
+registration.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ from ..base import (
 from .detect import check_llava, encoder_layers, llava_family, vision_tokens, visual_keep_count
 from .encode import install_captures
 from .llm import FastVLayerMixin, FastVPoint, FastVRankLayerMixin, llm_layers
-from .model import LlavaMixin
+from .model import LlavaBaseMixin, LlavaMixin, LlavaPackBaseMixin
+from .parts import inner_model, is_base_model
 from .tower import llava_context, patch_llava_tower
 
 __all__ = [
@@ -78,7 +83,8 @@ class LlavaAdapter(Adapter):
     name = "hf_llava"
     supported = (
         "transformers>=5 LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-        "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration: "
+        "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration and their "
+        "base models (LlavaModel, LlavaNextModel, LlavaOnevisionModel, LlavaNextVideoModel): "
         "visual tokens reduced before the language model (visual_keep) and inside it "
         "(llm_layer/llm_keep), prompt tokens dropped (text_keep), videos merged over time "
         "(temporal_keep/temporal_threshold; NeXT-Video, OneVision)"
@@ -98,14 +104,18 @@ class LlavaAdapter(Adapter):
         return llava_context(model, config, self.name, self.num_layers(model))
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
-        swap_class(model, LlavaMixin, ctx)
+        if not is_base_model(model):
+            mixin = LlavaMixin
+        else:  # no generate; an anyres one also records its own pack_image_features calls
+            mixin = LlavaPackBaseMixin if hasattr(model, "pack_image_features") else LlavaBaseMixin
+        swap_class(model, mixin, ctx)
         model.__dict__["_vlprune"] = ctx
         patch_llava_tower(model, ctx)
         install_captures(model, ctx)
         cfg = ctx.config
         if cfg.llm_keep is None:
             return
-        lm = model.model.language_model
+        lm = inner_model(model).language_model
         state = FastVPoint(ctx, cfg.llm_layer, getattr(lm, "rotary_emb", None), visual_keep_count)
         model.__dict__["_vlprune_llm"] = state
         layers = llm_layers(model)
@@ -141,7 +151,7 @@ class LlavaAdapter(Adapter):
             out["pixel_values"] = torch.randn(batch_size, crops, *size, device=device, dtype=dtype)
             out["image_sizes"] = sizes
             with torch.no_grad():
-                feats = model.model.get_image_features(
+                feats = inner_model(model).get_image_features(
                     pixel_values=out["pixel_values"][:1], image_sizes=sizes[:1], return_dict=True
                 ).pooler_output
             n = feats[0].shape[0]

@@ -17,6 +17,7 @@ from ...core.select import count_of
 from ..base import UnsupportedModelError, class_path_in_mro, hf_image_input_size
 from .exact import EXACT_SCORES, check_exact
 from .llm import check_decoder_layers, llm_layers
+from .parts import inner_model
 from .tower import TOWER_OPTIONS, check_llava_tower, tower_requested, tower_tokens_per_image
 
 _FAMILIES = {
@@ -27,6 +28,13 @@ _FAMILIES = {
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "transformers.models.llava_next_video.modeling_llava_next_video."
     "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+    # the base models (no language-model head): the same families
+    "transformers.models.llava.modeling_llava.LlavaModel": "llava",
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": "llava_next",
+    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel":
+        "llava_onevision",
+    "transformers.models.llava_next_video.modeling_llava_next_video.LlavaNextVideoModel":
+        "llava_next_video",
 }
 # visual_score values that read the vision tower's attention at the feature layer
 ATTN_SCORES = ("cls_attn", "dominant_contextual")
@@ -58,7 +66,7 @@ def visual_keep_count(keep: int | float, num_tokens: int, name: str = "visual_ke
 
 
 def _vision_inner(model: nn.Module) -> nn.Module:
-    tower = getattr(model.model, "vision_tower", None)
+    tower = getattr(inner_model(model), "vision_tower", None)
     return getattr(tower, "vision_model", tower)
 
 
@@ -66,7 +74,7 @@ def encoder_layers(model: nn.Module):
     """The vision tower's encoder layers (``encoder.layers``, or under ``vision_model``)."""
     layers = getattr(getattr(_vision_inner(model), "encoder", None), "layers", None)
     if layers is None:
-        tower = getattr(model.model, "vision_tower", None)
+        tower = getattr(inner_model(model), "vision_tower", None)
         raise UnsupportedModelError(
             f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP- or SigLIP-like "
             "tower with encoder.layers"

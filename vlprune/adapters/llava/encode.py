@@ -24,6 +24,7 @@ from ..base import add_pre_hook, swap_class
 from ..call import lookup, scoped
 from .detect import encoder_layers, has_class_token, vision_tokens
 from .exact import EXACT_SCORES, reduce_hidden
+from .parts import inner_model
 
 
 class Encoded:
@@ -68,7 +69,7 @@ def tower_attention(layer: nn.Module, x: Tensor, class_token: bool) -> Tensor:
 
 def image_kwargs(model: nn.Module, named: dict) -> dict:
     """The arguments of ``get_image_features`` besides the pixels, taken out of ``named``."""
-    params = inspect.signature(model.model.get_image_features).parameters
+    params = inspect.signature(inner_model(model).get_image_features).parameters
     out = {}
     for name in params:
         if name not in ("pixel_values", "kwargs", "self") and name in named:
@@ -93,9 +94,10 @@ def _capture_input(module: nn.Module, args, kwargs) -> None:
         cap.x = args[0] if args else kwargs["hidden_states"]
 
 
-class _PackRouteMixin:
+class PackRouteMixin:
     """The inner LLaVA model whose ``pack_image_features`` calls are recorded for the call
-    that asked (the upstream method runs unchanged)."""
+    that asked (the upstream method runs unchanged). A base model patched as the root
+    (``LlavaNextModel``, ...) has it in its root mixin."""
 
     def pack_image_features(self, *args, **kwargs):
         cap = lookup(self._vlprune_ctx.key, "encode")
@@ -110,10 +112,10 @@ def install_captures(model: nn.Module, ctx) -> None:
     call that asked (:func:`encode_images`)."""
     for layer in encoder_layers(model):
         add_pre_hook(layer, _capture_input, ctx)
-    inner = model.model
+    inner = inner_model(model)
     pack = getattr(inner, "pack_image_features", None)
-    if pack is not None:
-        swap_class(inner, _PackRouteMixin, ctx)
+    if pack is not None and inner is not model:  # a base model's root mixin routes it
+        swap_class(inner, PackRouteMixin, ctx)
 
 
 def upstream_pack(inner: nn.Module):
@@ -147,7 +149,7 @@ def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
         idx = _feature_layer_index(layer, len(layers))
         if idx < 0:
             raise ValueError("attention scores need a vision_feature_layer after the embeddings")
-    inner = model.model
+    inner = inner_model(model)
     cap = _Capture(layers[idx] if need_attn else None)
     with scoped([model._vlprune.key], "encode", cap):  # this call's record, this thread only
         out = inner.get_image_features(pixel_values=pixel_values, **image_kwargs, return_dict=True)
@@ -198,7 +200,7 @@ def encode_exact(model: nn.Module, pixel_values: Tensor, image_kwargs: dict, spa
     :class:`Encoded` whose ``feats`` are already the kept
     projected tokens (``selected``) and whose ``lens`` are the placeholder spans."""
     cfg = model._vlprune.config
-    inner = model.model
+    inner = inner_model(model)
     layer = image_kwargs.get("vision_feature_layer", model.config.vision_feature_layer)
     if not isinstance(layer, int):
         raise ValueError(

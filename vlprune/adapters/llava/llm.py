@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import LayerRecord, PatchContext, UnsupportedModelError
+from .parts import inner_model
 
 _DECODER_LAYERS = (
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
@@ -156,8 +157,9 @@ class FastVCall:
 
 
 def llm_layers(model: nn.Module):
-    """The decoder layers of a LLaVA's language model (``model.model.language_model.layers``)."""
-    lm = getattr(model.model, "language_model", None)
+    """The decoder layers of a LLaVA's language model (``language_model.layers`` of its base
+    model)."""
+    lm = getattr(inner_model(model), "language_model", None)
     layers = getattr(lm, "layers", None)
     if layers is None:
         raise UnsupportedModelError(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..base import PatchContext, RootMixin, upstream_arguments
 from .detect import ATTN_SCORES, vision_tokens
-from .encode import encode_images, image_kwargs
+from .encode import PackRouteMixin, encode_images, image_kwargs
 from .rewrite import rewrite_sequences, span_keep, span_rows, text_drop, text_embeds
 from .select import select_images
 from .video import merge_videos, video_kwargs
@@ -104,7 +104,12 @@ def prepare_call(model: nn.Module, named: dict) -> None:
     if named.get("pixel_values_videos") is not None:
         # upstream refuses raw video pixels next to mm_encoder_outputs: encode the videos
         # (unchanged) the way generate does, so they ride along as features too
-        model._prepare_multimodal_encoder_kwargs_for_generation(named)
+        prepare = getattr(model, "_prepare_multimodal_encoder_kwargs_for_generation", None)
+        if prepare is None:  # a base model (no generate): the same preparation, from generate's
+            from transformers.generation.utils import GenerationMixin
+
+            prepare = GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation.__get__(model)
+        prepare(named)
 
 
 def _llm_begin(model: nn.Module, named: dict) -> None:
@@ -131,8 +136,9 @@ def _refuse_both(named: dict, has_pixels: bool, has_videos: bool) -> None:
                          "not both")
 
 
-class LlavaMixin(RootMixin):
-    """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens."""
+class LlavaBaseMixin(RootMixin):
+    """A LLaVA-style model that feeds its language model fewer visual (and prompt) tokens:
+    its ``forward`` (a base model such as ``LlavaModel`` has nothing else to patch)."""
 
     def forward(self, *args, **kwargs):
         named = upstream_arguments(self, "forward", args, kwargs)
@@ -171,6 +177,11 @@ class LlavaMixin(RootMixin):
             if llm:
                 st.end()
 
+
+class LlavaMixin(LlavaBaseMixin):
+    """A LLaVA with a language-model head (``*ForConditionalGeneration``): ``forward`` and
+    ``generate``."""
+
     def generate(self, inputs=None, *args, **kwargs):
         if self.__dict__.get("_vlprune_llm") is not None and _llm_active(self):
             gen_cfg = kwargs.get("generation_config") or self.generation_config
@@ -207,3 +218,8 @@ class LlavaMixin(RootMixin):
         out.sequences = full
         return out
 
+
+class LlavaPackBaseMixin(LlavaBaseMixin, PackRouteMixin):
+    """An anyres base model (``LlavaNextModel``, ...) patched as the root: its own
+    ``pack_image_features`` calls are recorded as the inner model's are under a
+    ``*ForConditionalGeneration`` (:func:`~vlprune.adapters.llava.encode.install_captures`)."""

@@ -53,14 +53,21 @@ from ..hf_clip.vision import (
     patch_hf_vision_tower,
     vision_tower,
 )
+from .parts import inner_model
 
-_LLAVA = "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration"
+_LLAVA = {
+    "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration",
+    "transformers.models.llava.modeling_llava.LlavaModel",
+}
 _ANYRES = {
     "transformers.models.llava_next.modeling_llava_next.LlavaNextForConditionalGeneration",
     "transformers.models.llava_onevision.modeling_llava_onevision."
     "LlavaOnevisionForConditionalGeneration",
     "transformers.models.llava_next_video.modeling_llava_next_video."
     "LlavaNextVideoForConditionalGeneration",
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextModel",
+    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel",
+    "transformers.models.llava_next_video.modeling_llava_next_video.LlavaNextVideoModel",
 }
 
 # The options a LLaVA passes to its vision tower (ReductionConfig.for_tower("image")).
@@ -121,11 +128,11 @@ def _read_layers(feature_layer, num_layers: int) -> list[int]:
 
 
 def _tower(model: nn.Module) -> nn.Module:
-    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    tower = getattr(inner_model(model), "vision_tower", None)
     if tower is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no model.vision_tower: expected a transformers>=5 "
-            "LlavaForConditionalGeneration"
+            f"{type(model).__name__} has no vision_tower: expected a transformers>=5 "
+            "LlavaForConditionalGeneration or LlavaModel"
         )
     return vision_tower(tower)
 
@@ -263,10 +270,10 @@ def check_llava_tower(model: nn.Module, config: ReductionConfig) -> None:
                 "prune_keep too"
             )
         return
-    if _LLAVA not in paths:
+    if _LLAVA.isdisjoint(paths):
         raise UnsupportedModelError(
-            f"merging or pruning inside the vision tower supports LlavaForConditionalGeneration, "
-            f"got {type(model).__name__}"
+            f"merging or pruning inside the vision tower supports LlavaForConditionalGeneration "
+            f"and LlavaModel, got {type(model).__name__}"
         )
     image = config.for_tower("image", two_towers=False)
     if config.visual_keep is not None and config.visual_score == "pool" and not image.is_identity:
@@ -290,7 +297,7 @@ def llava_context(model: nn.Module, config: ReductionConfig, family: str, num_la
     holding the vision tower's context as its child ``"image"`` when ``config`` asks for tower
     reduction."""
     children = {}
-    if tower_requested(config) and _LLAVA in class_path_in_mro(model):
+    if tower_requested(config) and not _LLAVA.isdisjoint(class_path_in_mro(model)):
         g = _geometry(model)
         children["image"] = _TowerContext(
             config=config.for_tower("image", two_towers=False), family=family,
@@ -313,7 +320,7 @@ def tower_tokens_per_image(model: nn.Module, config: ReductionConfig,
     tokens, less the class token for the ``"default"`` strategy), or ``None`` when ``config``
     removes no token in the tower. ``strategy`` defaults to the model's
     ``vision_feature_select_strategy``."""
-    if not tower_requested(config) or _LLAVA not in class_path_in_mro(model):
+    if not tower_requested(config) or _LLAVA.isdisjoint(class_path_in_mro(model)):
         return None
     image = config.for_tower("image", two_towers=False)
     if image.is_identity:

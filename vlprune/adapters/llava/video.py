@@ -18,13 +18,14 @@ from torch import Tensor, nn
 from ...merging.temporal import temporal_merge
 from ..base import LayerRecord, PatchContext
 from .detect import llava_family
+from .parts import inner_model
 
 
 def video_kwargs(model: nn.Module, named: dict) -> dict:
     """The arguments of ``get_video_features`` besides the pixels, read (not taken) from
     ``named``: images and videos share some tower arguments, so read them before the images
     take theirs."""
-    params = inspect.signature(model.model.get_video_features).parameters
+    params = inspect.signature(inner_model(model).get_video_features).parameters
     return {n: named[n] for n in params if n not in ("pixel_values_videos", "kwargs")
             and named.get(n) is not None}
 
@@ -34,7 +35,7 @@ def merge_videos(model: nn.Module, videos: Tensor, video_kwargs: dict) -> tuple[
     kept tokens and the length of its placeholder span."""
     ctx: PatchContext = model._vlprune
     cfg = ctx.config
-    out = model.model.get_video_features(pixel_values_videos=videos, **video_kwargs,
+    out = inner_model(model).get_video_features(pixel_values_videos=videos, **video_kwargs,
                                          return_dict=True)
     pooled = out.pooler_output  # (V, T * N [+ 1 image_newline], D)
     V, T = videos.shape[:2]
