@@ -60,6 +60,9 @@ KNOWN: dict[str, dict[str, list[str]]] = {
     'transformers.models.clip.modeling_clip:CLIPEncoderLayer.forward': {
         '4e70ff8211cf2587': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
     },
+    'transformers.models.clip.modeling_clip:CLIPForImageClassification.forward': {
+        'c6561a0080cf6034': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
     'transformers.models.clip.modeling_clip:CLIPTextModel.forward': {
         'c1825413f14c3009': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
         'd54b887199c43685': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
@@ -74,6 +77,10 @@ KNOWN: dict[str, dict[str, list[str]]] = {
     'transformers.models.llava.modeling_llava:LlavaForConditionalGeneration.forward': {
         '6880a69fbefd4f3c': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
         'e1ecc6febb7e3a30': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.llava.modeling_llava:LlavaModel.forward': {
+        '32ea0aa9de621741': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+        '58e19daac415fcfe': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
     },
     'transformers.models.roberta.modeling_roberta:RobertaLayer.forward': {
         'da012ec5f4f55ff4': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
@@ -92,6 +99,9 @@ KNOWN: dict[str, dict[str, list[str]]] = {
     },
     'transformers.models.siglip.modeling_siglip:SiglipEncoderLayer.forward': {
         '6fe700ee8e42163d': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.siglip.modeling_siglip:SiglipForImageClassification.forward': {
+        'efe4484409a2d3e2': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
     },
     'transformers.models.siglip.modeling_siglip:SiglipMultiheadAttentionPoolingHead.forward': {
         '9cfcb30438ee4776': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],

@@ -54,6 +54,23 @@ def _bert_family() -> list[torch.nn.Module]:
             for n in ("Bert", "Roberta", "XLMRoberta")]
 
 
+def _heads_and_bases() -> list[torch.nn.Module]:
+    """Tiny CLIP / SigLIP image classifiers and the LLaVA base model (no LM head): classes
+    whose overridden ``forward`` the :data:`RECORDING` models do not use."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return []
+    out = []
+    for kind, tower in (("CLIP", "hf_clip:ViT-B-32"), ("Siglip", "hf_siglip:base-patch16-224")):
+        vision = build_model(tower, None, "cpu", torch.float32, "image").config.to_dict()
+        cfg = getattr(tf, f"{kind}Config")(vision_config=vision, num_labels=3)
+        out.append(patch(getattr(tf, f"{kind}ForImageClassification")(cfg).eval(), merge_r=2))
+    base = build_model("llava:tiny", None, "cpu", torch.float32, "image").model
+    out.append(patch(base.eval(), visual_keep=8))
+    return out
+
+
 def recording_models() -> list[torch.nn.Module]:
     """The :data:`RECORDING` models and the BERT family, patched (a library that is not
     installed is left out)."""
@@ -66,6 +83,7 @@ def recording_models() -> list[torch.nn.Module]:
             continue
         models.append(patch(model, **settings))
     models += [patch(m, prune_keep=0.5, prune_layers=(1,)) for m in _bert_family()]
+    models += _heads_and_bases()
     return models
 
 
