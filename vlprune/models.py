@@ -24,6 +24,7 @@ __all__ = [
     "build_open_clip_tower",
     "build_timm",
     "is_llava",
+    "is_vlm",
 ]
 
 
@@ -89,6 +90,31 @@ def is_llava(name: str) -> bool:
     return name.partition(":")[0] == "llava"
 
 
+# The other VLM families, each built by its own module: name prefix -> (module, builder).
+# A builder takes ``(shape, img_size, llm_layers, vision_layers)`` and returns the model
+# (random weights, float32, eval mode not required); its module also has ``SHAPES`` and
+# ``dummy_inputs(model, batch_size, text_tokens, image_size=None, seed=0)``.
+VLM_BUILDERS = {
+    "qwen2.5-vl": ("vlprune.models_qwen", "build_qwen2_5_vl"),
+    "qwen3-vl": ("vlprune.models_qwen", "build_qwen3_vl"),
+    "internvl": ("vlprune.models_internvl", "build_internvl"),
+}
+
+
+def is_vlm(name: str) -> bool:
+    """Whether ``name`` is a vision-language model (``llava:`` or a :data:`VLM_BUILDERS`
+    family), whose ``--llm-layers`` / ``--vision-layers`` apply."""
+    return is_llava(name) or name.partition(":")[0] in VLM_BUILDERS
+
+
+def vlm_module(name: str):
+    """The module that builds the :data:`VLM_BUILDERS` family of ``name``."""
+    import importlib
+
+    module, _ = VLM_BUILDERS[name.partition(":")[0]]
+    return importlib.import_module(module)
+
+
 def build_llava(shape: str, img_size: int | None = None, llm_layers: int | None = None,
                 vision_layers: int | None = None):
     """A ``LlavaForConditionalGeneration`` of a :data:`LLAVA_SHAPES` shape, random weights
@@ -135,12 +161,16 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
     families ``tower`` picks the image tower or a text tower of the same shape.
     """
     family, _, config = name.partition(":")
-    if family != "llava" and (llm_layers is not None or vision_layers is not None):
-        raise ModelBuildError(f"--llm-layers / --vision-layers need a llava: model, got {name!r}")
+    if not is_vlm(name) and (llm_layers is not None or vision_layers is not None):
+        raise ModelBuildError("--llm-layers / --vision-layers need a vision-language model "
+                              f"(llava:, {', '.join(f'{f}:' for f in VLM_BUILDERS)}), got {name!r}")
     if tower != "image" and family not in ("open_clip", *HF_SHAPES):
         raise ModelBuildError(f"--tower {tower} needs an open_clip:, hf_clip: or hf_siglip: model, got {name!r}")
     if family == "llava":
         model = build_llava(config, img_size, llm_layers, vision_layers)
+    elif family in VLM_BUILDERS:
+        model = getattr(vlm_module(name), VLM_BUILDERS[family][1])(config, img_size, llm_layers,
+                                                                   vision_layers)
     elif family == "open_clip":
         model = build_open_clip_tower(config, img_size, tower)
     elif family in HF_SHAPES:
