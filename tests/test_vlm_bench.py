@@ -185,13 +185,13 @@ def test_cli_llava_default_settings_and_describe(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["describe", "--model", "llava:99b"], "unknown llava shape"),
     (["describe", "--model", "test_vit", "--llm-layers", "2"],
-     "--llm-layers / --vision-layers need a llava"),
+     "--llm-layers / --vision-layers need a vision-language model (llava:, qwen2.5-vl:"),
     (["bench", "--model", "test_vit", "--new-tokens", "2", "--no-progress"],
      "--text-tokens / --new-tokens need a llava"),
     (["describe", "--model", "llava:tiny", "--visual-score", "random"],
      "--visual-score given without --visual-keep"),
     (["bench", "--model", "test_vit", "--batch-size", "1,8", "--no-progress"],
-     "a list of batch sizes needs a llava: model"),
+     "a list of batch sizes needs a vision-language model (llava:, qwen2.5-vl:"),
 ])
 def test_cli_llava_errors(argv, match, capsys):
     assert main(argv) == 2

@@ -255,7 +255,8 @@ def prune_options(args: argparse.Namespace) -> dict:
 
 
 def settings_from_args(args: argparse.Namespace, default_merge: list,
-                       default_visual: list | None = None) -> list:
+                       default_visual: list | None = None,
+                       default_score: str = "cls_attn") -> list:
     """The rows asked for on the command line (merge rows, prune rows, visual-token rows,
     free-form rows); with none, ``default_visual`` visual rows when given, else merge rows."""
     prune = prune_options(args)
@@ -268,7 +269,7 @@ def settings_from_args(args: argparse.Namespace, default_merge: list,
     rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
     rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
     if not rows and default_visual is not None:
-        return [Setting.of(visual_keep=k, visual_score="cls_attn") for k in default_visual]
+        return [Setting.of(visual_keep=k, visual_score=default_score) for k in default_visual]
     return rows or [Setting.of(merge_r=r) for r in default_merge]
 
 

@@ -1,5 +1,6 @@
 """``vlprune bench``: throughput, FLOPs and memory of reduction settings on a named model
-(:func:`vlprune.eval.bench.run_bench`; ``llava:`` models: prefill and decode,
+(:func:`vlprune.eval.bench.run_bench`; ``llava:``, ``qwen2.5-vl:``, ``qwen3-vl:`` and
+``internvl:`` models: prefill and decode,
 :func:`vlprune.eval.vlm_bench.run_vlm_bench`)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from ..eval.bench import run_bench
 from ..eval.vlm_bench import run_vlm_bench
-from ..models import is_llava
+from ..models import is_llava, is_vlm, vlm_module
 from .args import (
     RunError,
     UsageError,
@@ -29,19 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="throughput, FLOPs and memory of reduction settings",
                        description="Benchmark an unpatched model against reduction settings, "
                        "interleaved, with medians, speedup and efficiency (speedup / FLOPs ratio). "
-                       "On llava: models: prefill latency and FLOPs, decode tokens/s and the "
+                       "On vision-language models (llava:, qwen2.5-vl:, qwen3-vl:, internvl:): prefill latency and FLOPs, decode tokens/s and the "
                        "visual tokens reaching the language model (and its last layer) per "
                        "visual_keep / llm_keep setting, at one or several batch sizes.")
     add_model_args(b)
     add_reduction_args(b, many=True)
     b.add_argument("--batch-size", "-b", type=parse_batch_list, default=None,
-                   help="default: 32; 1 for llava: models, which also take a list (e.g. 1,8: "
+                   help="default: 32; 1 for vision-language models, which also take a list (e.g. 1,8: "
                    "rows per batch size)")
     b.add_argument("--text-tokens", type=int, default=None,
-                   help="llava: text tokens of the longest prompt (default 40); rows of a batch "
+                   help="VLMs: text tokens of the longest prompt (default 40); rows of a batch "
                    "are 3 tokens shorter each, left padded")
     b.add_argument("--new-tokens", type=int, default=None,
-                   help="llava: tokens generated per timed call (default 8): the prefill gives the "
+                   help="VLMs: tokens generated per timed call (default 8): the prefill gives the "
                    "first, the decode timing covers the others; 0 or 1: prefill only")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds over all settings")
     b.add_argument("--iters", type=int, default=2, help="timed calls per setting and round")
@@ -51,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     b.add_argument("--csv", metavar="PATH", help="write one CSV row per setting (and batch size)")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of speedup against FLOPs reduction "
-                   "(llava: prefill, one series per batch size)")
+                   "(VLMs: prefill, one series per batch size)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -65,20 +66,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError as e:
             raise RunError("--plot needs matplotlib: pip install 'vlprune[eval]'") from e
-    llava = is_llava(args.model)
-    if not llava and (args.text_tokens is not None or args.new_tokens is not None):
-        raise UsageError("--text-tokens / --new-tokens need a llava: model")
-    batch_sizes = args.batch_size or [1 if llava else 32]
-    if not llava and len(batch_sizes) > 1:
+    vlm = is_vlm(args.model)
+    if not vlm and (args.text_tokens is not None or args.new_tokens is not None):
+        raise UsageError("--text-tokens / --new-tokens need a llava: model (or another "
+                         "vision-language model)")
+    batch_sizes = args.batch_size or [1 if vlm else 32]
+    if not vlm and len(batch_sizes) > 1:
         raise UsageError(f"--batch-size {','.join(map(str, batch_sizes))}: a list of batch "
-                         "sizes needs a llava: model; give one batch size")
-    settings = settings_from_args(args, default_merge=[0, 8, 16],
-                                  default_visual=[192, 128, 64] if llava else None)
+                         "sizes needs a vision-language model (llava:, qwen2.5-vl:, ...); give one batch size")
+    if not vlm:
+        default_visual, default_score = None, "cls_attn"
+    elif is_llava(args.model):  # LLaVA-1.5's 576 tokens: FastV / SparseVLM's budgets
+        default_visual, default_score = [192, 128, 64], "cls_attn"
+    else:  # dynamic token counts: ratios; Qwen's towers have no class token
+        default_visual = [0.25, 0.11]
+        default_score = "attn" if args.model.startswith("qwen") else "cls_attn"
+    settings = settings_from_args(args, default_merge=[0, 8, 16], default_visual=default_visual,
+                                  default_score=default_score)
     model = model_from_args(args)
-    if llava:
+    if vlm:
+        text_tokens = 40 if args.text_tokens is None else args.text_tokens
+        inputs = None
+        if not is_llava(args.model):  # the family's own prompts (dynamic image sizes, tiles)
+            make = vlm_module(args.model).dummy_inputs
+            inputs = lambda b: make(model, b, text_tokens, image_size=args.img_size)  # noqa: E731
         result = run_vlm_bench(
-            model, settings, model_name=args.model, batch_size=batch_sizes,
-            text_tokens=40 if args.text_tokens is None else args.text_tokens,
+            model, settings, model_name=args.model, batch_size=batch_sizes, inputs=inputs,
+            text_tokens=text_tokens,
             new_tokens=8 if args.new_tokens is None else args.new_tokens,
             rounds=args.rounds, iters=args.iters, warmup=args.warmup,
             measure_memory=not args.no_memory, progress=not args.no_progress,

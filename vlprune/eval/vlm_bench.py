@@ -36,7 +36,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +99,17 @@ def llava_prompts(model: nn.Module, batch_size: int, text_tokens: int = 40,
         "attention_mask": mask.to(device),
         "pixel_values": pixels.to(device=device, dtype=dtype),
     }
+
+
+def _input_size(model: nn.Module, x: dict[str, Tensor]) -> tuple[int, ...]:
+    """The image input of one row: ``(C, H, W)`` of LLaVA's pixels, or ``(C, H, W)`` from the
+    grid ``(t, h, w)`` of a dynamic-resolution model (``image_grid_thw`` times the patch)."""
+    grid = x.get("image_grid_thw")
+    if grid is not None:
+        patch = getattr(model.config.vision_config, "patch_size", 1)
+        chans = getattr(model.config.vision_config, "in_channels", 3)
+        return (chans, int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)
+    return tuple(x["pixel_values"].shape[1:])
 
 
 def llm_lengths(model: nn.Module, run) -> tuple[int, int, int, object]:
@@ -322,6 +333,7 @@ def run_vlm_bench(
     warmup: int = 1,
     measure_memory: bool = True,
     progress: bool = True,
+    inputs: Callable[[int], dict[str, Tensor]] | None = None,
 ) -> VlmBenchResult:
     """Benchmark visual-token ``settings`` on a LLaVA ``model`` (on its device and dtype,
     unpatched) at one batch size or several (``batch_size=[1, 8]``: one row per setting and
@@ -331,6 +343,11 @@ def run_vlm_bench(
     ``max(new_tokens, 1)`` tokens, each giving one prefill and (``new_tokens > 1``) one decode
     time; warmup rounds are not timed. Every setting is patched once before anything runs, so
     a bad one fails at once.
+
+    ``inputs(b)`` builds the prompts of batch size ``b`` (row 0 the longest, no padding); the
+    default is :func:`llava_prompts` (LLaVA models). Other families pass their own builder
+    (e.g. ``vlprune.models_qwen.dummy_inputs``), whose batches need not slice by rows (Qwen's
+    flattened patches).
     """
     sizes = _batch_sizes(batch_size)
     if rounds < 1 or iters < 1 or warmup < 0 or new_tokens < 0:
@@ -347,11 +364,16 @@ def run_vlm_bench(
     if warning:
         warnings.warn(warning, stacklevel=2)
 
-    x_all = llava_prompts(model, max(sizes), text_tokens)
-    xs = {b: {k: v[:b] for k, v in x_all.items()} for b in sizes}
-    x1 = {k: v[:1] for k, v in x_all.items()}
+    if inputs is None:
+        x_all = llava_prompts(model, max(sizes), text_tokens)
+        xs = {b: {k: v[:b] for k, v in x_all.items()} for b in sizes}
+        x1 = {k: v[:1] for k, v in x_all.items()}
+    else:
+        xs = {b: inputs(b) for b in sizes}
+        x1 = xs[1] if 1 in xs else inputs(1)
     image_id = model.config.image_token_id
-    n_text = int((x1["input_ids"] != image_id).sum())
+    n_image = int((x1["input_ids"][0] == image_id).sum())
+    n_text = int(x1["attention_mask"][0].sum()) - n_image
     pad = model.config.text_config.pad_token_id
     decode = new_tokens > 1
     n_gen = max(new_tokens, 1)
@@ -437,11 +459,10 @@ def run_vlm_bench(
                 times_decode_ms=t_dec[b, s.label] if decode else [],
             ))
     return VlmBenchResult(
-        **run_fields(model, model_name, sizes[0], tuple(x_all["pixel_values"].shape[1:]),
-                     device, dtype, warning),
+        **run_fields(model, model_name, sizes[0], _input_size(model, x1), device, dtype, warning),
         rows=rows,
         batch_sizes=sizes,
         text_tokens=n_text,
-        image_tokens=_image_tokens(model),
+        image_tokens=n_image,
         new_tokens=new_tokens if decode else 0,
     )
