@@ -3,7 +3,7 @@
 Each adapter module imports its model library lazily; importing this package registers them.
 """
 
-from . import hf_bert, hf_clip, llava, open_clip, timm_vit  # noqa: F401  (importing registers the adapters)
+from . import hf_bert, hf_clip, llava, open_clip, qwen_vl, timm_vit  # noqa: F401  (importing registers the adapters)
 from .base import UnsupportedModelError, supported_text
 
 __all__ = ["UnsupportedModelError", "supported_text"]
