@@ -76,7 +76,7 @@ from .sweep import (
     progress_bar,
     slug,
 )
-from .vlm import ARCHITECTURES, Prompter
+from .vlm import ARCHITECTURES, Prompter, vlm_family
 from .vlm_bench import GenerateClock, llm_lengths
 from .vqa_data import Record
 
@@ -245,17 +245,15 @@ class GenerationEval(ABC):
                  prompter: Prompter | None = None, strict: bool = False, progress: bool = True,
                  predictions: str | os.PathLike | None = None,
                  unreadable: Mapping[int, str] | None = None) -> None:
-        from ..adapters.llava import llava_family
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not records:
             raise ValueError(f"no {self.noun} to evaluate")
-        family = llava_family(model)
+        family = vlm_family(model)
         if family is None:
-            raise ValueError(f"{type(model).__name__} is not a LLaVA-style model; supported: "
+            raise ValueError(f"{type(model).__name__} is not a supported vision-language model; supported: "
                              f"{sorted(ARCHITECTURES)}")
         self.model = model.eval()
         self.processor = processor

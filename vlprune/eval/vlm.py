@@ -39,6 +39,7 @@ __all__ = [
     "Prompter",
     "load_vlm",
     "offline_processor",
+    "vlm_family",
 ]
 
 #: the instruction LLaVA's VQAv2 / GQA evaluation appends to every question
@@ -48,6 +49,8 @@ ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 #: caption tasks)
 CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
 
+_QWEN_TEMPLATE = ("<|im_start|>user\n<|vision_start|><image><|vision_end|>{question}<|im_end|>\n"
+                  "<|im_start|>assistant\n")
 #: per-family prompts, used when the processor has no chat template (``{question}`` holds the
 #: question and :data:`ANSWER_SUFFIX`, or :data:`CAPTION_INSTRUCTION`; ``<image>`` is replaced
 #: by the processor's image token)
@@ -56,6 +59,8 @@ PROMPT_TEMPLATES = {
     "llava_next": "USER: <image>\n{question} ASSISTANT:",
     "llava_next_video": "USER: <image>\n{question} ASSISTANT:",
     "llava_onevision": "<|im_start|>user <image>\n{question}<|im_end|><|im_start|>assistant\n",
+    "qwen2_5_vl": _QWEN_TEMPLATE,
+    "qwen3_vl": _QWEN_TEMPLATE,
 }
 
 #: the LLaVA classes a hub / local model may have (config architecture -> family)
@@ -64,6 +69,8 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 
 #: the special tokens of :func:`offline_processor` (pad, bos, eos, unk)
@@ -117,59 +124,19 @@ def offline_processor(config: Any, words: Iterable[str] = (), *, image_token: st
     the model's number of visual tokens (576 for ``llava:tiny`` and ``llava:1.5-7b``).
     """
     try:
-        from tokenizers import (
-            AddedToken,
-            Tokenizer,
-            decoders,
-            models,
-            normalizers,
-            pre_tokenizers,
-            processors,
-        )
-        from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+        from transformers import CLIPImageProcessor, LlavaProcessor
     except ImportError as e:
         raise RuntimeError("the offline processor needs transformers and tokenizers: "
                            "pip install 'vlprune[hf]'") from e
     from ..adapters.base import hf_image_input_size
     from ..adapters.llava import vision_tokens
+    from .vlm_offline import word_tokenizer
 
     tcfg, vcfg = config.text_config, config.vision_config
-    size = int(tcfg.vocab_size)
     ids = {"<pad>": tcfg.pad_token_id, "<s>": tcfg.bos_token_id, "</s>": tcfg.eos_token_id,
            image_token: config.image_token_id}
-    if any(v is None for v in ids.values()):
-        raise ValueError(f"the offline tokenizer needs the config's pad, bos, eos and image "
-                         f"token ids; got {ids}")
-    if len(set(ids.values())) != len(ids) or max(ids.values()) >= size:
-        raise ValueError(f"the config's special token ids {ids} must be distinct and below "
-                         f"vocab_size={size}")
-    taken = set(ids.values())
-    free = (i for i in range(size) if i not in taken)
-    vocab = dict(ids)
-    vocab["<unk>"] = next(free)
-    for word in words:
-        if word in vocab:
-            continue
-        i = next(free, None)
-        if i is None:
-            break
-        vocab[word] = i
-    for i in free:
-        vocab[f"<unused{i}>"] = i
-
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces
-    bos = ids["<s>"]
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in (*SPECIAL_TOKENS, image_token)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", model_max_length=tcfg.max_position_embeddings,
-    )
+    tokenizer = word_tokenizer(int(tcfg.vocab_size), ids, words, bos="<s>", pad="<pad>",
+                               eos="</s>", max_length=tcfg.max_position_embeddings)
     _, h, w = hf_image_input_size(vcfg)
     image_processor = CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": min(h, w)}, resample=3, do_center_crop=True,
@@ -264,10 +231,42 @@ def _vocabulary_texts(records: Sequence[Record]) -> list[str]:
     return texts
 
 
+def vlm_family(model: nn.Module) -> str | None:
+    """The :data:`ARCHITECTURES` family of ``model`` (by the class names of its MRO: a
+    patched model keeps its upstream class name), or None."""
+    return next((ARCHITECTURES[c.__name__] for c in type(model).__mro__
+                 if c.__name__ in ARCHITECTURES), None)
+
+
+def _load_random(name: str, records: Sequence[Record], device: torch.device, dtype: torch.dtype,
+                 seed: int, build_model, build_error) -> VLM:
+    """A ``qwen2.5-vl:`` / ``qwen3-vl:`` model with random weights and an offline processor
+    (:func:`vlprune.eval.vlm_offline.offline_qwen_processor`)."""
+    from .vlm_offline import offline_qwen_processor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = build_model(name, None, "cpu", torch.float32)
+        except build_error as e:
+            raise ValueError(str(e)) from e
+    family = vlm_family(model)
+    if family not in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"{name!r}: vlprune eval vqa runs random-weight models of llava:, "
+                         f"qwen2.5-vl: and qwen3-vl: (offline processors); load this one "
+                         f"from a hub name or a local folder")
+    words = _words([PROMPT_TEMPLATES[family].replace("<image>", " ").replace("{question}", " "),
+                    *_vocabulary_texts(records)])
+    processor = offline_qwen_processor(model.config, words)
+    return VLM(model.to(device=device, dtype=dtype).eval(), processor, family, name, "random")
+
+
 def load_vlm(name: str, *, records: Sequence[Record] = (), device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, seed: int = 0) -> VLM:
     """The model and processor to evaluate, in eval mode on ``device`` / ``dtype``.
 
+    - ``qwen2.5-vl:<shape>`` / ``qwen3-vl:<shape>``: the same, with a Qwen processor built in
+      code (:func:`vlprune.eval.vlm_offline.offline_qwen_processor`);
     - ``llava:<shape>`` (a :data:`vlprune.models.LLAVA_SHAPES` key, e.g. ``llava:tiny``): built
       from the config with random weights (seeded by ``seed``, the same in every process),
       and :func:`offline_processor` with a vocabulary from the prompt template and the
@@ -295,10 +294,12 @@ def load_vlm(name: str, *, records: Sequence[Record] = (), device: str | torch.d
         processor = offline_processor(model.config, _words(_vocabulary_texts(records)))
         model = model.to(device=device, dtype=dtype).eval()
         return VLM(model, processor, "llava", name, "random")
-    model, processor = _load_pretrained(name, device, dtype)
-    from ..adapters.llava import llava_family
+    from ..models import VLM_BUILDERS, ModelBuildError, build_model
 
-    family = llava_family(model)
+    if name.partition(":")[0] in VLM_BUILDERS:
+        return _load_random(name, records, device, dtype, seed, build_model, ModelBuildError)
+    model, processor = _load_pretrained(name, device, dtype)
+    family = vlm_family(model)
     if family is None:
         raise ValueError(f"{name!r} loaded as {type(model).__name__}, which vlprune does not "
                          f"reduce; LLaVA-style models: {sorted(ARCHITECTURES)}")
