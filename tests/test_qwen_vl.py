@@ -21,7 +21,7 @@ FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 IMAGE, VIDEO, START, END = 250, 251, 252, 253
 PAD = 0
 PATCH_DIM = 3 * 2 * 4 * 4  # channels x temporal patch x patch x patch
-SCORES = ("cls_attn", "text", "diversity", "random")
+SCORES = ("attn", "text", "diversity", "random")
 # rows: text runs ("t", n), images ("img", h, w) and videos ("vid", t, h, w) in patches
 R_IMG = (("t", 3), ("img", 6, 8), ("t", 4))  # 12 merged tokens, several windows
 R_TWO = (("t", 2), ("img", 4, 4), ("t", 1), ("img", 4, 6), ("t", 3))  # 4 + 6 tokens
@@ -174,7 +174,7 @@ def test_unpatch_is_exact(model):
     ref, _ = run(model, inputs)
     cls = type(model)
     keys = list(model.state_dict())
-    vlprune.patch(model, visual_keep=0.5, visual_score="cls_attn", text_keep=0.5)
+    vlprune.patch(model, visual_keep=0.5, visual_score="attn", text_keep=0.5)
     assert run(model, inputs)[0].shape[1] < ref.shape[1]
     vlprune.unpatch(model)
     assert type(model) is cls and list(model.state_dict()) == keys
@@ -206,7 +206,7 @@ def test_every_score_generates_within_budget(model, score, rows):
     assert all(c["inputs_embeds"].shape[1] == 1 for c in calls[1:])
 
 
-@pytest.mark.parametrize("score", ["cls_attn", "text"])
+@pytest.mark.parametrize("score", ["attn", "text"])
 def test_rows_equal_their_prompt_alone(model, score):
     vlprune.patch(model, visual_keep=0.5, visual_score=score)
     inputs = batch(model, MIXED)
@@ -234,7 +234,7 @@ def test_kept_tokens_keep_upstream_positions(model, text_keep):
     inputs = batch(model, MIXED)
     _, ref = run(model, inputs)  # upstream's own positions, as its language model gets them
     _, ref_gen = run(model, inputs, generate=3)
-    vlprune.patch(model, visual_keep=0.4, visual_score="cls_attn", text_keep=text_keep)
+    vlprune.patch(model, visual_keep=0.4, visual_score="attn", text_keep=text_keep)
     _, red = run(model, inputs)
     _, red_gen = run(model, inputs, generate=3)
     full_pos, red_pos = ref[0]["position_ids"], red[0]["position_ids"]
@@ -289,7 +289,7 @@ def test_decode_without_positions_continues_upstream(model):
     path): after a reduced forward it lands where upstream's step after the full prompt does."""
     inputs = {k: v for k, v in batch(model, (R_IMG,)).items() if k != "attention_mask"}
     _, ref_gen = run(model, inputs, generate=3)
-    vlprune.patch(model, visual_keep=0.5, visual_score="cls_attn")
+    vlprune.patch(model, visual_keep=0.5, visual_score="attn")
     gen, _ = run(model, inputs, generate=3)
     L = inputs["input_ids"].shape[1]
     with torch.no_grad(), LMInputs(model) as lm:
@@ -350,7 +350,7 @@ def test_attn_score_equals_eager_reference(model, monkeypatch):
         order = [int((tower_rows == row).all(dim=1).nonzero()[0]) for row in f]
         ref.append(per_group[order])
     monkeypatch.undo()
-    vlprune.patch(model, visual_keep=3, visual_score="cls_attn")
+    vlprune.patch(model, visual_keep=3, visual_score="attn")
     with torch.no_grad():
         enc = encode(model, "image", inputs["pixel_values"], inputs["image_grid_thw"], True)
     for s, r in zip(enc.scores, ref):
@@ -392,7 +392,7 @@ def test_deepstack_follows_kept_tokens(model):
 
 def test_video_keeps_its_budget(model):
     inputs = batch(model, (R_VID,))
-    vlprune.patch(model, visual_keep=3, visual_score="cls_attn")
+    vlprune.patch(model, visual_keep=3, visual_score="attn")
     out, calls = run(model, inputs, generate=2)
     real = int(inputs["attention_mask"].sum())
     assert int(real_counts(calls[0])) == real - (8 - 3)
@@ -418,8 +418,8 @@ def test_base_model_forward(model):
     base = type(inner)(model.config).eval()
     base.load_state_dict(inner.state_dict())
     inputs = batch(model, MIXED)
-    vlprune.patch(model, visual_keep=0.5, visual_score="cls_attn")
-    vlprune.patch(base, visual_keep=0.5, visual_score="cls_attn")
+    vlprune.patch(model, visual_keep=0.5, visual_score="attn")
+    vlprune.patch(base, visual_keep=0.5, visual_score="attn")
     with torch.no_grad():
         logits = model(**inputs).logits
         hidden = base(**inputs).last_hidden_state
@@ -430,7 +430,7 @@ def test_base_model_forward(model):
 
 def test_dummy_inputs_run(model):
     x = dummy_inputs(model, 3, 5, image_size=24)
-    vlprune.patch(model, visual_keep=0.5)
+    vlprune.patch(model, visual_keep=0.5, visual_score="random")
     _, calls = run(model, x)
     assert torch.equal(calls[0]["attention_mask"].sum(dim=1),
                        x["attention_mask"].sum(dim=1) - (9 - 5))
@@ -446,6 +446,7 @@ def test_dummy_inputs_run(model):
     (dict(visual_keep=4, visual_score="dominant_contextual"), "no single 3-D"),
     (dict(visual_keep=4, visual_score="pool"), "no single 3-D"),
     (dict(visual_keep=4, visual_score="visionzip"), "no class token"),
+    (dict(visual_keep=4), "no class token; visual_score='attn'"),
     (dict(visual_score="prumerge"), "no class token"),
 ])
 def test_refusals_say_why(model, kwargs, words):
@@ -455,7 +456,7 @@ def test_refusals_say_why(model, kwargs, words):
 
 
 def test_count_above_an_image_is_refused_at_run(model):
-    vlprune.patch(model, visual_keep=5)
+    vlprune.patch(model, visual_keep=5, visual_score="attn")
     with pytest.raises(ValueError, match="only 4 visual tokens"):
         run(model, batch(model, (R_SMALL,)))
 

@@ -15,9 +15,9 @@ Reduction points, combinable, with the option names and meanings of the LLaVA ad
 
 * **before the LLM** (``visual_keep`` / ``visual_score``): each image, and each video, keeps
   ``visual_keep`` of its merged tokens (a count, or a ratio of that item's tokens). Scores:
-  ``cls_attn`` (as on LLaVA towers without a class token: the mean attention each token
-  receives, here in the tower's last full-attention block, summed over the 2x2 patches a
-  merged token holds), ``text`` (the prompt), ``diversity``, ``random``. Every kept token stays
+  ``attn`` (the mean attention each token receives, what ``cls_attn`` falls back to on
+  LLaVA towers without a class token; here in the tower's last full-attention block, summed
+  over the 2x2 patches a merged token holds), ``text`` (the prompt), ``diversity``, ``random``. Every kept token stays
   at its own placeholder place and keeps upstream's 3-D position (:mod:`.positions`); on
   Qwen3-VL the same tokens of every DeepStack feature are kept.
 * **prompt dropping** (``text_keep``): droppable prompt tokens of a row with images or videos
@@ -28,8 +28,8 @@ Reduction points, combinable, with the option names and meanings of the LLaVA ad
 Refused at ``patch()``: tower merging / pruning (``merge_r``, ``prune_*``: the tower packs all
 patches of a batch into one sequence, windowed on Qwen2.5-VL, and its merger needs every 2x2
 group), ``temporal_keep`` / ``temporal_threshold`` (not supported yet), and the scores that
-make tokens with no single position or need a class token (``dominant_contextual``,
-``pool``, ``visionzip``, ``prumerge``, ``prumerge_plus``).
+make tokens with no single position or need a class token (``cls_attn``: use ``attn``;
+``dominant_contextual``, ``pool``, ``visionzip``, ``prumerge``, ``prumerge_plus``).
 
 The package: :mod:`.detect` (families, checks), :mod:`.encode` (the tower once, the attention
 score), :mod:`.select` (kept tokens), :mod:`.rewrite` (keep mask, shorter sequences),
@@ -77,7 +77,7 @@ class QwenVLAdapter(Adapter):
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
         swap_class(model, QwenVLBaseMixin if is_base_model(model) else QwenVLMixin, ctx)
         model.__dict__["_vlprune"] = ctx
-        if ctx.config.visual_keep is not None and ctx.config.visual_score == "cls_attn":
+        if ctx.config.visual_keep is not None and ctx.config.visual_score == "attn":
             install_captures(model, ctx)
         if ctx.config.llm_keep is not None:
             from .llm import patch_llm

@@ -1,7 +1,7 @@
 """Which Qwen-VL family a model is, where its parts are, and the patch-time checks.
 
 Owns family detection (:func:`qwen_family`), the base model holding ``visual`` and
-``language_model`` (:func:`inner_model`), the vision block whose attention the ``cls_attn``
+``language_model`` (:func:`inner_model`), the vision block whose attention the ``attn``
 score reads (:func:`score_block`) and :func:`check_qwen`, which refuses a
 :class:`~vlprune.config.ReductionConfig` the model cannot run before anything is patched.
 """
@@ -22,8 +22,10 @@ _FAMILIES = {
 }
 
 # visual_score values and why the others are refused on these models
-SCORES = ("cls_attn", "text", "diversity", "random")
+SCORES = ("attn", "text", "diversity", "random")
 _REFUSED_SCORES = {
+    "cls_attn": "it ranks by the class token's attention, and the Qwen vision towers have no "
+    "class token; visual_score='attn' ranks by the attention each token receives",
     "dominant_contextual": "its contextual tokens average several visual tokens, and such an "
     "average has no single 3-D (t, h, w) M-RoPE position to keep",
     "pool": "it averages 2x2 groups of tokens, which the tower's patch merger has already "
@@ -63,7 +65,7 @@ def is_base_model(model: nn.Module) -> bool:
 
 
 def score_block(model: nn.Module) -> int:
-    """Index of the vision block whose attention ``cls_attn`` reads: Qwen2.5-VL's last
+    """Index of the vision block whose attention ``attn`` reads: Qwen2.5-VL's last
     full-attention block (``fullatt_block_indexes``; the others attend within windows),
     Qwen3-VL's last block (every block attends fully)."""
     visual = inner_model(model).visual
@@ -73,7 +75,7 @@ def score_block(model: nn.Module) -> int:
     full = [i for i in full if 0 <= i < len(visual.blocks)]
     if not full:
         raise ValueError(
-            "visual_score='cls_attn' reads the attention of the vision tower's last "
+            "visual_score='attn' reads the attention of the vision tower's last "
             "full-attention block, but fullatt_block_indexes names none of its "
             f"{len(visual.blocks)} blocks; use visual_score 'text', 'diversity' or 'random'"
         )
@@ -126,7 +128,9 @@ def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
             "visual_seed (reduction before the language model), text_keep, text_protect_last "
             "(prompt dropping) and llm_layer, llm_keep (pruning inside it)"
         )
-    if config.visual_score in _REFUSED_SCORES:
+    # (cls_attn is the default score: refused only when visual tokens are ranked)
+    if config.visual_score in _REFUSED_SCORES and (
+            not config.visual_is_identity or config.visual_score != "cls_attn"):
         raise ValueError(
             f"visual_score={config.visual_score!r} not supported on {name}: "
             f"{_REFUSED_SCORES[config.visual_score]}; use one of {list(SCORES)}"
@@ -136,7 +140,7 @@ def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
             "give visual_keep (an int count or a float ratio in (0, 1] of each image's or "
             f"video's tokens), text_keep, or llm_layer and llm_keep to patch {name}"
         )
-    if config.visual_keep is not None and config.visual_score == "cls_attn":
+    if config.visual_keep is not None and config.visual_score == "attn":
         score_block(model)
     if config.llm_keep is not None:
         from .llm import check_llm

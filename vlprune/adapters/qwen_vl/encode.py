@@ -1,5 +1,5 @@
 """Encoding the images (or videos) of one call: the vision tower runs once, and what the
-``cls_attn`` score needs is captured on the way.
+``attn`` score needs is captured on the way.
 
 Owns :class:`Encoded` (per image or video: its merged tokens, the DeepStack features of
 Qwen3-VL, the scores) and :func:`encode`, which runs upstream's ``get_image_features`` /

@@ -90,7 +90,7 @@ def prepare_call(model: nn.Module, named: dict, positions: Tensor | None = None)
             continue
         token_id = getattr(model.config, id_key)
         enc = encode(model, modality, pixels, named.get(grid_key),
-                     reduce and cfg.visual_score == "cls_attn")
+                     reduce and cfg.visual_score == "attn")
         rows = span_rows(input_ids, token_id, enc.lens, modality)
         if need_text and text_pos is None:
             text_pos, embs = text_embeds(model, input_ids, mask, set(range(input_ids.shape[0])))

@@ -2,7 +2,7 @@
 
 Owns :func:`select_tokens`: each encoded image or video keeps ``visual_keep`` of its merged
 tokens (a count, or a ratio of that item's tokens), ranked by ``visual_score`` -- the tower's
-attention (``cls_attn``, :func:`~.encode.received_attention`), the prompt (``text``), feature
+attention (``attn``, :func:`~.encode.received_attention`), the prompt (``text``), feature
 diversity or a seeded random draw -- and returns their indices, ascending, so each kept token
 keeps its place (and its 3-D position) in the prompt.
 """
@@ -33,7 +33,7 @@ def select_tokens(ctx: PatchContext, enc: Encoded, texts: list[Tensor | None],
     for j, f in enumerate(enc.feats):
         n = f.shape[0]
         k = keep_count(cfg.visual_keep, n)
-        if score == "cls_attn":
+        if score == "attn":
             s = enc.scores[j]
         elif score == "text":
             s = text_attention_scores(f, texts[j])
