@@ -257,7 +257,15 @@ def _load_random(name: str, records: Sequence[Record], device: torch.device, dty
                          f"from a hub name or a local folder")
     words = _words([PROMPT_TEMPLATES[family].replace("<image>", " ").replace("{question}", " "),
                     *_vocabulary_texts(records)])
-    processor = offline_qwen_processor(model.config, words)
+    from ..models import vlm_module
+
+    family_name, _, shape = name.partition(":")
+    # the images the shape was sized for (448 px on the real shapes), at least an 8 x 8 grid
+    # of merged tokens (64 visual tokens on the tiny shapes)
+    vcfg = model.config.vision_config
+    image_size = max(vlm_module(name).SHAPES[family_name][shape]["img_size"],
+                     8 * vcfg.patch_size * vcfg.spatial_merge_size)
+    processor = offline_qwen_processor(model.config, words, image_size=image_size)
     return VLM(model.to(device=device, dtype=dtype).eval(), processor, family, name, "random")
 
 
