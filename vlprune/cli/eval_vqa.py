@@ -84,7 +84,7 @@ CAPTION_TABLE = (("setting", "setting", ""), ("cider", "CIDEr", ".2f"),
 
 
 DESCRIPTION = (
-    "Visual question answering (--task vqa) or captioning (--task caption) with a LLaVA-style "
+    "Visual question answering (--task vqa) or captioning (--task caption) with a LLaVA-style or Qwen-VL "
     "model, unpatched and with each reduction setting: VQA accuracy and exact match, or CIDEr "
     "and BLEU-1..4 (pycocoevalcap); agreement with the unpatched outputs, the visual "
     "tokens reaching the language model, prefill GFLOPs, prefill ms per batch and decode "
@@ -148,12 +148,13 @@ def add_vqa_arguments(parser: Any) -> None:
 
     m = parser.add_argument_group("model")
     m.add_argument("--model", "-m", default="llava:tiny", metavar="NAME",
-                   help="a Hugging Face LLaVA model (e.g. llava-hf/llava-1.5-7b-hf, "
-                   "llava-hf/llava-v1.6-mistral-7b-hf) or a local folder with its weights and "
-                   "processor; llava:<shape> (tiny, 1.5-7b) builds one with random weights and "
-                   "an offline processor (default: llava:tiny)")
+                   help="a Hugging Face LLaVA or Qwen-VL model (e.g. llava-hf/llava-1.5-7b-hf, "
+                   "Qwen/Qwen2.5-VL-7B-Instruct) or a local folder with its weights and "
+                   "processor; llava:<shape> (tiny, 1.5-7b), qwen2.5-vl:<shape> (tiny, 7b) and "
+                   "qwen3-vl:<shape> build one with random weights and an offline processor "
+                   "(default: llava:tiny)")
     m.add_argument("--seed", type=int, default=0,
-                   help="seed of the random weights of llava:<shape> (default: 0)")
+                   help="seed of the random weights of llava:<shape> / qwen*:<shape> (default: 0)")
     m.add_argument("--prompt", metavar="TEMPLATE", default=None,
                    help="prompt template with {question} and <image>, e.g. "
                    "'USER: <image>\\n{question} ASSISTANT:'; with --task caption {question} "
