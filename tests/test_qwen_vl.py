@@ -466,3 +466,75 @@ def test_unknown_shape_names_known():
         build_qwen2_5_vl("huge")
     with pytest.raises(ModelBuildError, match="known: .*8b"):
         build_qwen3_vl("nope")
+
+
+# -- FastV inside the language model ----------------------------------------------------------
+
+
+R_IMG2 = (("t", 6), ("img", 6, 8), ("t", 1))  # R_IMG's image shape, other text lengths
+
+
+def test_fastv_keep_all_equals_unpatched(model):
+    inputs = batch(model, (R_IMG, R_IMG2))
+    ref, _ = run(model, inputs)
+    ref_gen, _ = run(model, inputs, generate=4)
+    vlprune.patch(model, llm_layer=1, llm_keep=1.0)
+    assert torch.equal(run(model, inputs)[0], ref)
+    assert torch.equal(run(model, inputs, generate=4)[0], ref_gen)
+    vlprune.patch(model, llm_layer=1, llm_keep=12)  # every visual token, through the pruning path
+    torch.testing.assert_close(run(model, inputs)[0], ref, rtol=0, atol=1e-5)
+    assert torch.equal(run(model, inputs, generate=4)[0], ref_gen)
+
+
+@pytest.mark.parametrize("visual_keep", [None, 0.5])
+def test_fastv_keeps_mrope_positions(model, visual_keep):
+    """The pruned layers get the rotary (cos, sin) of the kept tokens' own 3-D positions:
+    each kept column's equals upstream's at one prompt place, in order, every text place
+    kept, each image down to its budget."""
+    inputs = batch(model, (R_IMG, R_IMG2))
+    layer = model.model.language_model.layers[1].self_attn
+    seen = []
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_embeddings"]), with_kwargs=True)
+    try:
+        ref, _ = run(model, inputs)
+        extra = {} if visual_keep is None else dict(visual_keep=visual_keep, visual_score="attn")
+        vlprune.patch(model, llm_layer=1, llm_keep=0.5, **extra)
+        out, _ = run(model, inputs, generate=3)  # prefill, then decode steps on the kept cache
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        red, _ = run(model, inputs)
+    finally:
+        hook.remove()
+    (cos_f, sin_f), (cos_r, sin_r) = seen[0], seen[-1]
+    n_vis = 12 if visual_keep is None else 6
+    for b in range(2):
+        cols = []
+        for c in range(cos_r.shape[1]):
+            hit = ((cos_f[b] == cos_r[b, c]).all(dim=1) & (sin_f[b] == sin_r[b, c]).all(dim=1))
+            cols.append(int(hit.nonzero()[0]) if hit.any() else -1)
+        real = inputs["attention_mask"][b].bool()
+        visual = (inputs["input_ids"][b] == IMAGE) & real
+        text_cols = (real & ~visual).nonzero()[:, 0].tolist()
+        got = [c for c in cols if c >= 0 and real[c]]
+        assert got == sorted(set(got))
+        assert set(text_cols) <= set(got)
+        assert sum(bool(visual[c]) for c in got) == math.ceil(0.5 * n_vis)
+
+
+def test_fastv_refusals(model):
+    with pytest.raises(ValueError, match="3-D"):
+        vlprune.patch(model, llm_layer=1, llm_keep=0.5, llm_renumber_positions=True)
+    with pytest.raises(ValueError, match="out of range"):
+        vlprune.patch(model, llm_layer=2, llm_keep=0.5)
+    if model.family == "qwen3-vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        from vlprune.models_qwen import SHAPES
+
+        spec = SHAPES["qwen3-vl"]["tiny"]
+        cfg = Qwen3VLConfig(vision_config=dict(spec["vision"], deepstack_visual_indexes=[0, 1]),
+                            text_config=dict(spec["text"], num_hidden_layers=3), **spec["ids"])
+        deep = Qwen3VLForConditionalGeneration(cfg)
+        with pytest.raises(ValueError, match="DeepStack .* give llm_layer >= 2"):
+            vlprune.patch(deep, llm_layer=1, llm_keep=0.5)
+        vlprune.patch(deep, llm_layer=2, llm_keep=0.5)
