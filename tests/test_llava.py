@@ -25,7 +25,7 @@ N_IMG = 16  # 32x32 image, 8x8 patches, class token dropped ("default" strategy)
 PAD = 0
 # (text before the image, text after it) of each prompt; different lengths
 PROMPTS = ((3, 2), (7, 4), (1, 1), (5, 6))
-SCORES = ("cls_attn", "random", "diversity")
+SCORES = ("cls_attn", "attn", "random", "diversity")
 
 
 def _build() -> LlavaForConditionalGeneration:

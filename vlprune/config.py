@@ -154,8 +154,8 @@ TEXT_OUTPUTS = ("full", "compact")
 
 # Visual-token scores of "before the LLM" reduction in vision-language models (LLaVA), and
 # the ones that are planned but not available yet.
-VISUAL_SCORES = ("cls_attn", "dominant_contextual", "text", "diversity", "random", "pool",
-                 "visionzip", "prumerge", "prumerge_plus")
+VISUAL_SCORES = ("cls_attn", "attn", "dominant_contextual", "text", "diversity", "random",
+                 "pool", "visionzip", "prumerge", "prumerge_plus")
 # visual scores that pick each image's token count themselves (visual_keep stays unset)
 ADAPTIVE_VISUAL_SCORES = ("prumerge", "prumerge_plus")
 # visual scores with a contextual-token count (visual_contextual)
@@ -223,8 +223,10 @@ class ReductionConfig:
             (with ``prumerge`` / ``prumerge_plus`` it must be ``None``: their count is
             adaptive).
         visual_score: how visual tokens are ranked: ``cls_attn`` (the vision tower's class
-            token attention at the feature layer, FasterVLM), ``random`` (seeded: the same
-            patch positions for every image),
+            token attention at the feature layer, FasterVLM), ``attn`` (the mean attention
+            each token receives at the feature layer, every query row, heads averaged; what
+            ``cls_attn`` falls back to on a tower without a class token), ``random`` (seeded:
+            the same patch positions for every image),
             ``dominant_contextual`` (VisionZip-like, our own variant for every family: the top
             class-attention tokens plus ``visual_contextual`` tokens that each average a group
             of similar leftover *projected* tokens; it differs from VisionZip in the features

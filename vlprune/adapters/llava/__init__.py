@@ -7,7 +7,9 @@ Families: ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForCondition
 ``LlavaNextVideoForConditionalGeneration`` (images, and videos with temporal merging), and
 their base models without the language-model head (``LlavaModel``, ``LlavaNextModel``,
 ``LlavaOnevisionModel``, ``LlavaNextVideoModel``: the same reductions in ``forward``, whose
-``last_hidden_state`` then holds the shorter sequence).
+``last_hidden_state`` then holds the shorter sequence); and InternVL
+(``InternVLForConditionalGeneration``, ``InternVLModel``: tiles of pixel-shuffled tokens, one
+ranking per image over all its tiles; see :mod:`.internvl`).
 
 Reduction points, combinable:
 
@@ -15,7 +17,8 @@ Reduction points, combinable:
   projected tokens (a count, or a ratio of that image's tokens), and its placeholder span in
   the prompt shrinks to match. Scores per token come from the vision tower's feature layer
   (class-token attention, recomputed for that one query row from the layer's own projections;
-  on a tower without a class token, the mean attention each token receives), from the prompt
+  on a tower without a class token, and with ``attn``, the mean attention each token
+  receives), from the prompt
   (``text``), or from the features (``diversity``, ``random``). On anyres images the per-crop
   scores are packed by the model's own ``pack_image_features`` (recorded during the forward),
   so they line up with the packed features; row-end ``image_newline`` tokens are kept first.
@@ -43,8 +46,8 @@ The package, one concern a module: :mod:`.detect` (families, token counts, check
 tokens per image), :mod:`.rewrite` (placeholder spans, prompt dropping, the shorter
 sequences), :mod:`.video` (temporal merging), :mod:`.model` (the patched ``forward`` /
 ``generate``), :mod:`.llm` (FastV), :mod:`.tower` (LLaVA-1.5 tower merging / pruning),
-:mod:`.parts` (the base model of either kind); this module holds the adapter and its
-registration.
+:mod:`.internvl` (InternVL's tiles, pixel-shuffled scores and refusals), :mod:`.parts` (the
+base model of either kind); this module holds the adapter and its registration.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ class LlavaAdapter(Adapter):
     name = "hf_llava"
     supported = (
         "transformers>=5 LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-        "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration and their "
-        "base models (LlavaModel, LlavaNextModel, LlavaOnevisionModel, LlavaNextVideoModel): "
+        "LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration, "
+        "InternVLForConditionalGeneration and their base models (LlavaModel, LlavaNextModel, "
+        "LlavaOnevisionModel, LlavaNextVideoModel, InternVLModel): "
         "visual tokens reduced before the language model (visual_keep) and inside it "
         "(llm_layer/llm_keep), prompt tokens dropped (text_keep), videos merged over time "
         "(temporal_keep/temporal_threshold; NeXT-Video, OneVision)"
@@ -129,7 +133,7 @@ class LlavaAdapter(Adapter):
 
     def example_input(self, model, batch_size=1, input_size=None):
         """One image per row: a short text prefix, the image's placeholder span, a suffix
-        (LLaVA-1.5 layout; anyres families get one base-size image each)."""
+        (LLaVA-1.5 layout; anyres families get one base-size image each, InternVL one tile)."""
         device, dtype = device_dtype(model)
         size = input_size or self.default_input_size(model)
         n = vision_tokens(model)
@@ -139,7 +143,7 @@ class LlavaAdapter(Adapter):
         text = torch.where(text == image_id, (text + 1) % vocab, text)
         pixels = torch.randn(batch_size, *size, device=device, dtype=dtype)
         out = {"pixel_values": pixels}
-        if llava_family(model) != "llava":
+        if llava_family(model) not in ("llava", "internvl"):
             # anyres: one image of the crop size each; its token count (base image, crops,
             # row ends) is whatever the model's packing gives, so ask the model
             sizes = torch.tensor([list(size[1:])] * batch_size, device=device)

@@ -16,6 +16,7 @@ from ...config import ReductionConfig
 from ...core.select import count_of
 from ..base import UnsupportedModelError, class_path_in_mro, hf_image_input_size
 from .exact import EXACT_SCORES, check_exact
+from .internvl import INTERNVL_CLASSES, check_internvl, tile_tokens
 from .llm import check_decoder_layers, llm_layers
 from .parts import inner_model
 from .tower import TOWER_OPTIONS, check_llava_tower, tower_requested, tower_tokens_per_image
@@ -35,14 +36,17 @@ _FAMILIES = {
         "llava_onevision",
     "transformers.models.llava_next_video.modeling_llava_next_video.LlavaNextVideoModel":
         "llava_next_video",
+    # InternVL: tiles of one patch grid each, pixel-shuffled (see .internvl)
+    **INTERNVL_CLASSES,
 }
 # visual_score values that read the vision tower's attention at the feature layer
-ATTN_SCORES = ("cls_attn", "dominant_contextual")
+ATTN_SCORES = ("cls_attn", "attn", "dominant_contextual")
 _VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")
 
 
 def llava_family(model: nn.Module) -> str | None:
-    """``llava``, ``llava_next``, ``llava_onevision``, ``llava_next_video`` or None."""
+    """``llava``, ``llava_next``, ``llava_onevision``, ``llava_next_video``, ``internvl`` or
+    None."""
     mro = class_path_in_mro(model)
     for path, name in _FAMILIES.items():
         if path in mro:
@@ -52,7 +56,10 @@ def llava_family(model: nn.Module) -> str | None:
 
 def vision_tokens(model: nn.Module, strategy: str | None = None) -> int:
     """Projected tokens of one crop (the patch grid, plus the class token for ``full``): the
-    tokens of one LLaVA-1.5 image, the base image of an anyres one."""
+    tokens of one LLaVA-1.5 image, the base image of an anyres one, one tile of an InternVL
+    image (its pixel-shuffled grid)."""
+    if llava_family(model) == "internvl":
+        return tile_tokens(model)
     vcfg = model.config.vision_config
     _, h, w = hf_image_input_size(vcfg)
     n = (h // vcfg.patch_size) * (w // vcfg.patch_size)
@@ -71,27 +78,55 @@ def _vision_inner(model: nn.Module) -> nn.Module:
 
 
 def encoder_layers(model: nn.Module):
-    """The vision tower's encoder layers (``encoder.layers``, or under ``vision_model``)."""
-    layers = getattr(getattr(_vision_inner(model), "encoder", None), "layers", None)
+    """The vision tower's encoder layers (``encoder.layers``, or under ``vision_model``;
+    InternViT's ``encoder.layer``)."""
+    encoder = getattr(_vision_inner(model), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None:
+        layers = getattr(encoder, "layer", None)
     if layers is None:
         tower = getattr(inner_model(model), "vision_tower", None)
         raise UnsupportedModelError(
-            f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP- or SigLIP-like "
-            "tower with encoder.layers"
+            f"LLaVA with a {type(tower).__name__} vision tower: expected a CLIP-, SigLIP- or "
+            "InternViT-like tower with encoder.layers"
         )
     return layers
 
 
 def has_class_token(model: nn.Module) -> bool:
-    """True when the vision tower's embeddings prepend a class token."""
+    """True when the vision tower's embeddings prepend a class token (CLIP's
+    ``class_embedding``, InternViT's ``cls_token``)."""
     emb = getattr(_vision_inner(model), "embeddings", None)
-    return hasattr(emb, "class_embedding")
+    return hasattr(emb, "class_embedding") or hasattr(emb, "cls_token")
+
+
+def attention_parts(layer: nn.Module):
+    """``(pre_norm, q, k, heads, scale)`` of a vision encoder layer: its pre-attention norm,
+    functions giving the query and key projections of normed input (InternViT's q/k norms
+    included) and the attention's heads and scale; ``None`` for a layer of another kind."""
+    if hasattr(layer, "layer_norm1") and hasattr(layer, "self_attn"):  # CLIP / SigLIP
+        attn = layer.self_attn
+        norm, q, k = layer.layer_norm1, attn.q_proj, attn.k_proj
+    elif hasattr(layer, "layernorm_before") and hasattr(layer, "attention"):  # InternViT
+        attn = layer.attention
+        norm = layer.layernorm_before
+
+        def q(h, attn=attn):
+            return attn.q_norm(attn.q_proj(h))
+
+        def k(h, attn=attn):
+            return attn.k_norm(attn.k_proj(h))
+    else:
+        return None
+    if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads")):
+        return None
+    return norm, q, k, attn.num_heads, getattr(attn, "scale", None)
 
 
 def check_llava(model: nn.Module, config: ReductionConfig) -> None:
     """Raise unless ``model`` can run ``config`` (before anything is patched)."""
     family = llava_family(model)
-    anyres = family != "llava"
+    anyres = family != "llava"  # image token counts vary (anyres crops, InternVL tiles)
     other = [
         n for n in ReductionConfig.field_names()
         if not n.startswith(("visual_", "llm_", "temporal_"))
@@ -112,6 +147,8 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
             "videos (LlavaNextVideoForConditionalGeneration and "
             "LlavaOnevisionForConditionalGeneration do)"
         )
+    if family == "internvl":
+        check_internvl(model, config)  # tower options, pool, the exact rules: refused
     check_llava_tower(model, config)  # merge_r / prune_*: refused on anyres families
     if not config.has_visual_settings and not tower_requested(config):
         raise ValueError(
@@ -142,16 +179,11 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
     if config.visual_keep is None:
         return
     layers = encoder_layers(model)
-    if config.visual_score in ATTN_SCORES:
-        layer = layers[0]
-        attn = getattr(layer, "self_attn", None)
-        if not (hasattr(layer, "layer_norm1") and all(
-            hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads")
-        )):
-            raise UnsupportedModelError(
-                f"visual_score={config.visual_score!r} needs CLIP- or SigLIP-style encoder layers "
-                "(layer_norm1, self_attn.q_proj/k_proj); use 'text', 'diversity' or 'random'"
-            )
+    if config.visual_score in ATTN_SCORES and attention_parts(layers[0]) is None:
+        raise UnsupportedModelError(
+            f"visual_score={config.visual_score!r} needs CLIP-, SigLIP- or InternViT-style encoder "
+            "layers (a pre-norm and q_proj/k_proj); use 'text', 'diversity' or 'random'"
+        )
     if not anyres and isinstance(config.visual_keep, int):
         visual_keep_count(config.visual_keep, n)
     if config.visual_score == "pool":

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from ..base import add_pre_hook, swap_class
 from ..call import lookup, scoped
-from .detect import encoder_layers, has_class_token, vision_tokens
+from .detect import attention_parts, encoder_layers, has_class_token, llava_family, vision_tokens
 from .exact import EXACT_SCORES, reduce_hidden
+from .internvl import shuffle_scores
 from .parts import inner_model
 
 
@@ -48,21 +49,21 @@ def _feature_layer_index(layer: int, num_layers: int) -> int:
 
 
 def tower_attention(layer: nn.Module, x: Tensor, class_token: bool) -> Tensor:
-    """Per-crop token scores (C, N) from the input ``x`` (C, N, D) of a CLIP/SigLIP encoder
-    layer, heads averaged, recomputed from the layer's pre-norm and q/k projections: the class
-    token's attention row, or (no class token) the mean attention each token receives."""
-    attn = layer.self_attn
-    h = layer.layer_norm1(x)
+    """Per-crop token scores (C, N) from the input ``x`` (C, N, D) of a CLIP/SigLIP (or
+    InternViT) encoder layer, heads averaged, recomputed from the layer's pre-norm and q/k
+    projections: the class token's attention row, or (``class_token`` False) the mean
+    attention each token receives."""
+    norm, q_fn, k_fn, H, scale = attention_parts(layer)
+    h = norm(x)
     C, N, _ = h.shape
-    H = attn.num_heads
-    scale = getattr(attn, "scale", (h.shape[-1] // H) ** -0.5)
-    k = attn.k_proj(h).view(C, N, H, -1).transpose(1, 2).float()
+    scale = (h.shape[-1] // H) ** -0.5 if scale is None else scale
+    k = k_fn(h).view(C, N, H, -1).transpose(1, 2).float()
     if class_token:
-        q = attn.q_proj(h[:, :1]).view(C, 1, H, -1).transpose(1, 2).float()
+        q = q_fn(h[:, :1]).view(C, 1, H, -1).transpose(1, 2).float()
         return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
     out = []
     for c in range(C):  # one crop at a time: an (H, N, N) matrix, not (C, H, N, N)
-        q = attn.q_proj(h[c]).view(N, H, -1).transpose(0, 1).float()
+        q = q_fn(h[c]).view(N, H, -1).transpose(0, 1).float()
         out.append(((q * scale) @ k[c].transpose(-2, -1)).softmax(dim=-1).mean(dim=(0, 1)))
     return torch.stack(out)
 
@@ -127,7 +128,8 @@ def upstream_pack(inner: nn.Module):
 
 def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
                   need_attn: bool) -> Encoded:
-    """Run the vision tower and projector of ``model`` once; record what scoring needs.
+    """Run the vision tower and projector of ``model`` once; record what scoring needs
+    (InternVL: per tile, regrouped per image by the caller, :func:`group_tiles`).
     The exact pre-projector rules (``visionzip``, ``prumerge``, ``prumerge_plus``) select here
     already (:func:`~vlprune.adapters.llava.exact.encode_exact`)."""
     mcfg = model.config
@@ -164,11 +166,30 @@ def encode_images(model: nn.Module, pixel_values: Tensor, image_kwargs: dict,
     if need_attn:
         if cap.x is None:
             raise RuntimeError(f"encoder layer {idx} of the vision tower did not run")
-        crop = tower_attention(layers[idx], cap.x, has_class_token(model))
+        # "attn" (and a tower without a class token): the mean attention each token receives
+        class_row = has_class_token(model) and cfg.visual_score != "attn"
+        crop = tower_attention(layers[idx], cap.x, class_row)
         if strategy == "default" and has_class_token(model):
             crop = crop[:, 1:]
+        if llava_family(model) == "internvl":  # per patch -> per pixel-shuffled token
+            crop = shuffle_scores(inner, crop)
         scores = pack_like(pack, packs[0], crop, feats) if packs else list(crop)
     return Encoded(feats, scores, protect)
+
+
+def group_tiles(enc: Encoded, tiles: list[int]) -> Encoded:
+    """The per-tile encoding ``enc`` of an InternVL regrouped per image (``tiles[j]`` tiles
+    each, :func:`~vlprune.adapters.llava.internvl.image_tiles`): the features and scores of
+    an image's tiles concatenated, so one ranking covers the whole image."""
+    def cat(parts: list[Tensor]) -> list[Tensor]:
+        out, i = [], 0
+        for n in tiles:
+            out.append(torch.cat(parts[i:i + n]))
+            i += n
+        return out
+
+    scores = cat(enc.scores) if enc.scores is not None else None
+    return Encoded(cat(enc.feats), scores, [None] * len(tiles))
 
 
 def pack_like(pack, call: tuple, per_crop: Tensor | None, feats: list[Tensor]) -> list[Tensor]:

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..base import PatchContext, RootMixin, upstream_arguments
-from .detect import ATTN_SCORES, vision_tokens
-from .encode import PackRouteMixin, encode_images, image_kwargs
+from .detect import ATTN_SCORES, llava_family, vision_tokens
+from .encode import PackRouteMixin, encode_images, group_tiles, image_kwargs
+from .internvl import image_runs, image_tiles, span_neighbours
 from .rewrite import rewrite_sequences, span_keep, span_rows, text_drop, text_embeds
 from .select import select_images
 from .video import merge_videos, video_kwargs
@@ -74,6 +75,11 @@ def prepare_call(model: nn.Module, named: dict) -> None:
         img_kwargs = image_kwargs(model, named)
         need_attn = not cfg.visual_is_identity and cfg.visual_score in ATTN_SCORES
         enc = encode_images(model, pixel_values, img_kwargs, need_attn)
+        internvl = llava_family(model) == "internvl"
+        if internvl:  # per tile -> per image: one ranking over all of an image's tiles
+            tiles = image_tiles(input_ids, model.config.image_token_id, enc.lens[0],
+                                len(enc.feats))
+            enc = group_tiles(enc, tiles)
         tower = ctx.children.get("image") if ctx.children else None
         if tower is not None and tower.reduces:
             # merged in the tower: the prompt still holds each image's full span
@@ -84,10 +90,15 @@ def prepare_call(model: nn.Module, named: dict) -> None:
                      or not cfg.text_keep_is_identity)
         positions, embs = (text_embeds(model, input_ids, mask, rows) if need_text
                            else (None, None))
+        if internvl and positions is not None:  # <img> / </img> around each image stay
+            marks = span_neighbours(input_ids, model.config.image_token_id)
+            positions = [p[~marks[b, p]] for b, p in enumerate(positions)]
         kept = select_images(ctx, enc, [embs[r] if embs else None for r in rows])
         keep &= span_keep(input_ids, model.config.image_token_id, enc.lens,
                           [k.shape[0] for k in kept])
-        mm["image"] = BaseModelOutputWithPooling(pooler_output=[k.contiguous() for k in kept])
+        # InternVL's forward takes one tensor (it scatters numel() values), LLaVA's a list
+        feats = torch.cat(kept)[None] if internvl else [k.contiguous() for k in kept]
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=feats)
     if merge:
         named.pop("pixel_values_videos")
         vids, lens = merge_videos(model, videos, vid_kwargs)
@@ -124,7 +135,10 @@ def _llm_begin(model: nn.Module, named: dict) -> None:
     if input_ids is None or mm.get("image") is None:
         st.reset()
         return
-    lens = [f.shape[0] for f in mm["image"].pooler_output]
+    if llava_family(model) == "internvl":  # one run of image tokens per image, tiles joined
+        lens = [n for runs in image_runs(input_ids, model.config.image_token_id) for n in runs]
+    else:
+        lens = [f.shape[0] for f in mm["image"].pooler_output]
     st.begin(input_ids, named.get("attention_mask"), model.config.image_token_id, lens)
 
 

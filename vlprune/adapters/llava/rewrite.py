@@ -123,10 +123,19 @@ def text_drop(model: nn.Module, cfg: ReductionConfig, input_ids: Tensor,
 
 def rewrite_sequences(model: nn.Module, input_ids: Tensor, keep: Tensor, seqs: dict) -> dict:
     """Remove the positions ``~keep`` (B, L) from ``input_ids`` and the aligned (B, L)
-    tensors of ``seqs``, re-padding each row on the side it was padded on."""
+    tensors of ``seqs``, re-padding each row on the side it was padded on. A row's padding
+    (the masked positions before its first and after its last real one) goes too, so the
+    batch is as long as its longest kept row (a text-only row, which loses nothing, does not
+    hold the others at the caller's length)."""
+    mask = seqs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape == keep.shape:
+        real = mask.bool()
+        pos = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        first = torch.where(real, pos, keep.shape[1]).min(dim=1, keepdim=True).values
+        last = torch.where(real, pos, -1).max(dim=1, keepdim=True).values
+        keep = keep & (pos >= first) & (pos <= last)
     lengths = keep.sum(dim=1)
     L = int(lengths.max())
-    mask = seqs.get("attention_mask")
     right = mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
     if mask is None and bool((lengths != L).any()):
         seqs["attention_mask"] = torch.ones_like(input_ids)

@@ -1,7 +1,7 @@
 """Per-image selection of the visual tokens that reach the language model.
 
 Owns :func:`select_images`: each encoded image keeps ``visual_keep`` of its projected tokens,
-ranked by ``visual_score`` (the tower's attention captured by
+ranked by ``visual_score`` (the tower's attention, class row or mean received, captured by
 :func:`~vlprune.adapters.llava.encode.encode_images`, the prompt, feature diversity, a seeded
 random draw, VisionZip-like dominant + contextual tokens) with the row-end tokens kept first,
 or averaged over 2x2 patches (``pool``, :func:`pool_grid`). The exact pre-projector rules
@@ -49,7 +49,7 @@ def select_images(ctx: PatchContext, enc: Encoded, texts: list[Tensor | None]) -
         if score == "dominant_contextual":
             kept.append(dominant_contextual(f, enc.scores[j], k, cfg.visual_contextual, prot))
             continue
-        if score == "cls_attn":
+        if score in ("cls_attn", "attn"):
             s = enc.scores[j]
         elif score == "text":
             s = text_attention_scores(f, texts[j])
