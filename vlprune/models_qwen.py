@@ -16,7 +16,7 @@ import torch
 
 from .models import ModelBuildError
 
-__all__ = ["SHAPES", "build_qwen2_5_vl", "build_qwen3_vl", "dummy_inputs"]
+__all__ = ["SHAPES", "build_qwen2_5_vl", "build_qwen3_vl", "default_image_size", "dummy_inputs"]
 
 # token ids of the tiny shapes (the real shapes use the configs' defaults)
 _TINY_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252,
@@ -135,7 +135,9 @@ def build_qwen3_vl(shape: str, img_size: int | None = None, llm_layers: int | No
     return Qwen3VLForConditionalGeneration(cfg)
 
 
-def _default_size(model) -> int:
+def default_image_size(model) -> int:
+    """The square image size of the :data:`SHAPES` shape ``model`` was built with (by its
+    vision widths), else the smallest size of two merged tokens a side."""
     for family in SHAPES.values():
         for spec in family.values():
             v = spec["vision"]
@@ -155,7 +157,7 @@ def dummy_inputs(model, batch_size: int, text_tokens: int, image_size: int | Non
     ``(sum t*h*w, C * temporal_patch * patch * patch)``; ``image_grid_thw``."""
     cfg = model.config
     vc = cfg.vision_config
-    size = image_size or _default_size(model)
+    size = image_size or default_image_size(model)
     unit = vc.patch_size * vc.spatial_merge_size
     if size % unit:
         raise ValueError(f"image_size must be a multiple of {unit} (patch_size x spatial_merge_size)")

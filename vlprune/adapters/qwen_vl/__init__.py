@@ -46,6 +46,7 @@ from ...config import ReductionConfig
 from ..base import Adapter, PatchContext, register_adapter, swap_class
 from .detect import check_qwen, inner_model, is_base_model, qwen_family
 from .encode import install_captures
+from .llm import check_llm, patch_llm
 from .model import QwenVLBaseMixin, QwenVLMixin
 
 __all__ = ["QwenVLAdapter", "check_qwen", "qwen_family"]
@@ -66,12 +67,14 @@ class QwenVLAdapter(Adapter):
 
     def check(self, model: nn.Module, config: ReductionConfig) -> None:
         check_qwen(model, config)
+        if config.llm_keep is not None:
+            check_llm(model, config)
 
     def num_layers(self, model: nn.Module) -> int:
         return len(inner_model(model).visual.blocks)
 
     def make_context(self, model: nn.Module, config: ReductionConfig) -> PatchContext:
-        check_qwen(model, config)
+        self.check(model, config)
         return PatchContext(config=config, family=self.name, num_layers=self.num_layers(model))
 
     def apply(self, model: nn.Module, ctx: PatchContext) -> None:
@@ -80,14 +83,12 @@ class QwenVLAdapter(Adapter):
         if ctx.config.visual_keep is not None and ctx.config.visual_score == "attn":
             install_captures(model, ctx)
         if ctx.config.llm_keep is not None:
-            from .llm import patch_llm
-
             patch_llm(model, ctx)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...]:
-        from ...models_qwen import _default_size
+        from ...models_qwen import default_image_size
 
-        size = _default_size(model)
+        size = default_image_size(model)
         return (model.config.vision_config.in_channels, size, size)
 
     def example_input(self, model, batch_size=1, input_size=None):

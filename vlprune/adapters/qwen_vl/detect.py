@@ -100,7 +100,8 @@ def _check_structure(model: nn.Module) -> None:
 
 
 def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
-    """Raise unless ``model`` can run ``config`` (before anything is patched)."""
+    """Raise unless ``model`` can run ``config`` (before anything is patched; FastV's own
+    checks are :func:`~.llm.check_llm`)."""
     _check_structure(model)
     name = type(model).__name__
     tower = [n for n in _TOWER_OPTIONS if getattr(config, n) != getattr(ReductionConfig(), n)]
@@ -142,7 +143,3 @@ def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
         )
     if config.visual_keep is not None and config.visual_score == "attn":
         score_block(model)
-    if config.llm_keep is not None:
-        from .llm import check_llm
-
-        check_llm(model, config)

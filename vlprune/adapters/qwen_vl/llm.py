@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ...config import ReductionConfig
 from ..base import PatchContext, UnsupportedModelError, swap_class
-from ..llava.llm import FastVCall, FastVLayerMixin, FastVPoint, _rows
+from ..llava.llm import FastVCall, FastVLayerMixin, FastVPoint
 from .detect import inner_model, qwen_family
 from .select import keep_count
 
@@ -72,6 +72,10 @@ def check_llm(model: nn.Module, config: ReductionConfig) -> None:
             f"places after each of its first {len(deep)} decoder layers, on the full sequence, "
             f"so pruning must start after them: give llm_layer >= {len(deep)}"
         )
+
+
+def _rows(t: Tensor, B: int) -> Tensor:
+    return t.expand(B, *t.shape[1:]) if t.shape[0] == 1 and B > 1 else t
 
 
 def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last: Tensor,

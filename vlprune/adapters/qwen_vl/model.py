@@ -26,6 +26,7 @@ from ..base import PatchContext, RootMixin, upstream_arguments
 from ..llava.rewrite import span_rows, text_drop
 from .detect import inner_model
 from .encode import encode
+from .llm import llm_begin
 from .positions import full_positions, reduced_deltas
 from .rewrite import placeholder_keep, shorten, text_embeds
 from .select import select_tokens
@@ -142,8 +143,6 @@ class QwenVLBaseMixin(RootMixin):
             prepare_call(self, named)
         if llm is None:
             return super().forward(**named)
-        from .llm import llm_begin
-
         st = llm_begin(self, named)
         try:
             return super().forward(**named)
