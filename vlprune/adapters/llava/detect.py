@@ -140,6 +140,8 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
             "llm_layer, llm_keep (pruning inside it) and temporal_keep / temporal_threshold "
             "(videos)"
         )
+    if family == "internvl":
+        check_internvl(model, config)  # tower options, pool, the exact rules, temporal: refused
     temporal = [n for n in ("temporal_keep", "temporal_threshold") if getattr(config, n) is not None]
     if temporal and family not in _VIDEO_FAMILIES:
         raise ValueError(
@@ -147,8 +149,6 @@ def check_llava(model: nn.Module, config: ReductionConfig) -> None:
             "videos (LlavaNextVideoForConditionalGeneration and "
             "LlavaOnevisionForConditionalGeneration do)"
         )
-    if family == "internvl":
-        check_internvl(model, config)  # tower options, pool, the exact rules: refused
     check_llava_tower(model, config)  # merge_r / prune_*: refused on anyres families
     if not config.has_visual_settings and not tower_requested(config):
         raise ValueError(

@@ -21,6 +21,8 @@ the runs say how many tiles each image has (:func:`image_runs`, :func:`image_til
 * Prompt dropping (``text_keep``) never drops the tokens right before and after an image
   run (``<img>``, ``</img>``): they mark where each image starts and ends
   (:func:`span_neighbours`).
+* Videos: the processor gives a video as its frames, each a one-tile image with its own run,
+  so each frame is reduced as an image; temporal merging is refused.
 * Refused at ``patch()`` (:func:`check_internvl`): merging or pruning inside the vision
   tower (each tile's pixel shuffle needs its full square patch grid), ``pool`` (the pixel
   shuffle already folds 2x2 patches into each token) and the exact LLaVA-1.5 rules
@@ -60,6 +62,14 @@ def check_internvl(model: nn.Module, config: ReductionConfig) -> None:
             f"{name}: each tile's pixel shuffle folds 2x2 neighbouring patches of the tile's full "
             "square patch grid into one token, so the tower must keep every patch; use "
             "visual_keep (reduction of the projected tokens before the language model)"
+        )
+    temporal = [n for n in ("temporal_keep", "temporal_threshold") if getattr(config, n) is not None]
+    if temporal:
+        raise ValueError(
+            f"{', '.join(temporal)} merge video frames over time; {name} takes a video as its "
+            "frames, each an image of one tile with its own <img> run in pixel_values, so each "
+            "frame is reduced as an image (visual_keep); temporal merging is available on "
+            "LlavaNextVideoForConditionalGeneration and LlavaOnevisionForConditionalGeneration"
         )
     score = config.visual_score
     if score in _EXACT:  # prumerge / prumerge_plus come without visual_keep
