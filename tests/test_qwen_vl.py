@@ -401,6 +401,63 @@ def test_video_keeps_its_budget(model):
     assert [k.shape[0] for k in kept] == [3]
 
 
+@pytest.mark.parametrize("keep", [1.0, 2])
+def test_temporal_keep_merges_repeated_places(model, keep):
+    """Reference (a 2-frame video): frame 0 stays; of frame 1, the ``keep`` tokens least
+    cosine-similar to the same place of frame 0 stay, each other one is averaged into that
+    place of frame 0. Kept tokens keep upstream's positions; DeepStack features are averaged
+    alike."""
+    inputs = batch(model, (R_VID, R_IMG))
+    _, ref = run(model, inputs)
+    ref_gen, ref_steps = run(model, inputs, generate=3)
+    vlprune.patch(model, temporal_keep=keep)
+    out, red = run(model, inputs)
+    if keep == 1.0:  # merging nothing is upstream exactly
+        assert torch.equal(run(model, inputs, generate=3)[0], ref_gen)
+        return
+    f, r = ref[0], red[0]
+    vid_cols = (inputs["input_ids"][0] == VIDEO).nonzero()[:, 0]
+    feats = f["inputs_embeds"][0, vid_cols].view(2, 4, -1)
+    sim = torch.nn.functional.cosine_similarity(feats[1], feats[0], dim=-1)
+    stay1 = sim.argsort()[:keep].sort().values
+    merged = feats[0].clone()
+    gone = [i for i in range(4) if i not in stay1.tolist()]
+    merged[gone] = (feats[0, gone] + feats[1, gone]) / 2
+    want_feats = torch.cat([merged, feats[1, stay1]])
+    kept_cols = torch.cat([vid_cols[:4], vid_cols[4 + stay1]])
+    # the reduced row 0: the prompt without the merged places, video tokens in order
+    real = r["attention_mask"][0].bool()
+    assert int(real.sum()) == int(inputs["attention_mask"][0].sum()) - (4 - keep)
+    full_keep = inputs["attention_mask"][0].bool().clone()
+    full_keep[vid_cols] = False
+    full_keep[kept_cols] = True
+    torch.testing.assert_close(r["inputs_embeds"][0, real],
+                               _expected(f["inputs_embeds"][0], full_keep, kept_cols, want_feats),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(r["position_ids"][:, 0, real], f["position_ids"][:, 0, full_keep])
+    gen, steps = run(model, inputs, generate=3)
+    assert gen.shape == ref_gen.shape
+    for step_full, step_red in zip(ref_steps[1:], steps[1:]):
+        assert torch.equal(_positions(step_red), _positions(step_full))
+    if model.family == "qwen3-vl":
+        for layer_f, layer_r in zip(f["deepstack_visual_embeds"], r["deepstack_visual_embeds"]):
+            full_vis = f["visual_pos_masks"][0].nonzero()[:, 0].tolist()
+            d = layer_f[[full_vis.index(int(c)) for c in vid_cols]].view(2, 4, -1)
+            dm = d[0].clone()
+            dm[gone] = (d[0, gone] + d[1, gone]) / 2
+            want = torch.cat([dm, d[1, stay1]])
+            assert int(r["visual_pos_masks"][0].sum()) == 4 + keep
+            torch.testing.assert_close(layer_r[:4 + keep], want, rtol=0, atol=1e-6)
+
+
+def _expected(full_embeds, full_keep, kept_cols, video_feats):
+    """The reduced row's expected LM inputs: the kept places of the full row, the video
+    places holding ``video_feats`` in order."""
+    out = full_embeds.clone()
+    out[kept_cols] = video_feats
+    return out[full_keep]
+
+
 def test_text_keep_drops_prompt_tokens(model):
     long = (("t", 20), ("img", 4, 4), ("t", 12))
     inputs = batch(model, (long, R_IMG))
@@ -442,7 +499,7 @@ def test_dummy_inputs_run(model):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(merge_r=2), "inside the vision tower"),
     (dict(visual_keep=4, prune_keep=0.5), "patch merger needs each 2x2"),
-    (dict(temporal_keep=0.5), "not supported on"),
+    (dict(visual_keep=4, visual_score="attn", temporal_keep=2, trace_source=True), "inside the vision tower"),
     (dict(visual_keep=4, visual_score="dominant_contextual"), "no single 3-D"),
     (dict(visual_keep=4, visual_score="pool"), "no single 3-D"),
     (dict(visual_keep=4, visual_score="visionzip"), "no class token"),

@@ -41,7 +41,8 @@ _REFUSED_SCORES = {
 _TOWER_OPTIONS = ("merge_r", "prune_keep", "prune_layers", "prune_score", "prune_fuse",
                   "prune_recycle", "prune_seed", "prop_attn", "trace_source")
 _SUPPORTED = ("visual_keep", "visual_score", "visual_seed", "text_keep", "text_protect_last",
-              "llm_layer", "llm_keep", "llm_renumber_positions", "family")
+              "llm_layer", "llm_keep", "llm_renumber_positions", "temporal_keep",
+              "temporal_threshold", "family")
 
 
 def qwen_family(model: nn.Module) -> str | None:
@@ -113,21 +114,15 @@ def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
             "whole. Use visual_keep (reduction before the language model), text_keep or "
             "llm_layer / llm_keep"
         )
-    temporal = [n for n in ("temporal_keep", "temporal_threshold") if getattr(config, n) is not None]
-    if temporal:
-        raise ValueError(
-            f"{', '.join(temporal)} not supported on {name} yet (its video tokens come in temporal "
-            "patches with their own 3-D positions); reduce videos with visual_keep (a count or "
-            "ratio of each video's tokens)"
-        )
     other = [n for n in ReductionConfig.field_names()
-             if n not in _SUPPORTED and n not in _TOWER_OPTIONS and n not in temporal
+             if n not in _SUPPORTED and n not in _TOWER_OPTIONS
              and n != "version" and getattr(config, n) != getattr(ReductionConfig(), n)]
     if other:
         raise ValueError(
             f"{', '.join(other)} not supported on {name}; use visual_keep, visual_score, "
             "visual_seed (reduction before the language model), text_keep, text_protect_last "
-            "(prompt dropping) and llm_layer, llm_keep (pruning inside it)"
+            "(prompt dropping), llm_layer, llm_keep (pruning inside it) and temporal_keep / "
+            "temporal_threshold (videos)"
         )
     # (cls_attn is the default score: refused only when visual tokens are ranked)
     if config.visual_score in _REFUSED_SCORES and (
@@ -139,7 +134,8 @@ def check_qwen(model: nn.Module, config: ReductionConfig) -> None:
     if not config.has_visual_settings:
         raise ValueError(
             "give visual_keep (an int count or a float ratio in (0, 1] of each image's or "
-            f"video's tokens), text_keep, or llm_layer and llm_keep to patch {name}"
+            f"video's tokens), text_keep, llm_layer and llm_keep, or temporal_keep / "
+            f"temporal_threshold (videos) to patch {name}"
         )
     if config.visual_keep is not None and config.visual_score == "attn":
         score_block(model)

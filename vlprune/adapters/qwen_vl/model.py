@@ -30,16 +30,22 @@ from .llm import llm_begin
 from .positions import full_positions, reduced_deltas
 from .rewrite import placeholder_keep, shorten, text_embeds
 from .select import select_tokens
+from .video import merge_videos
 
 _MODALITIES = (("image", "pixel_values", "image_grid_thw", "image_token_id"),
                ("video", "pixel_values_videos", "video_grid_thw", "video_token_id"))
 
 
-def _rewrites(model: nn.Module) -> bool:
-    """True when the prompt changes: fewer visual tokens or fewer prompt tokens."""
+def _rewrites(model: nn.Module, named: dict) -> bool:
+    """True when the prompt of the call ``named`` changes: fewer visual tokens (images or
+    videos), fewer prompt tokens, or videos merged over time."""
     ctx: PatchContext = model._vlprune
     cfg = ctx.config
-    return ctx.enabled and not (cfg.visual_is_identity and cfg.text_keep_is_identity)
+    if not ctx.enabled:
+        return False
+    images, videos = _has(named.get("pixel_values")), _has(named.get("pixel_values_videos"))
+    return ((images or videos) and not (cfg.visual_is_identity and cfg.text_keep_is_identity)
+            or videos and not cfg.temporal_is_identity)
 
 
 def _has(t: Tensor | None) -> bool:
@@ -90,16 +96,20 @@ def prepare_call(model: nn.Module, named: dict, positions: Tensor | None = None)
         if not _has(pixels):
             continue
         token_id = getattr(model.config, id_key)
-        enc = encode(model, modality, pixels, named.get(grid_key),
-                     reduce and cfg.visual_score == "attn")
+        grid = named.get(grid_key)
+        enc = encode(model, modality, pixels, grid, reduce and cfg.visual_score == "attn")
+        places = None
+        if modality == "video" and not cfg.temporal_is_identity:
+            places = merge_videos(ctx, enc, grid)  # survivors: feats and their places
         rows = span_rows(input_ids, token_id, enc.lens, modality)
         if need_text and text_pos is None:
             text_pos, embs = text_embeds(model, input_ids, mask, set(range(input_ids.shape[0])))
         if reduce:
             idx = select_tokens(ctx, enc, [embs[r] if embs else None for r in rows], modality)
         else:
-            idx = [torch.arange(n, device=input_ids.device) for n in enc.lens]
-        keep &= placeholder_keep(input_ids, token_id, enc.lens, idx)
+            idx = [torch.arange(f.shape[0], device=input_ids.device) for f in enc.feats]
+        at = idx if places is None else [p[i] for p, i in zip(places, idx)]
+        keep &= placeholder_keep(input_ids, token_id, enc.lens, at)
         out = enc.output
         out.pooler_output = [f[i].contiguous() for f, i in zip(enc.feats, idx)]
         if enc.deep is not None:  # DeepStack: the same tokens of every tower layer it adds
@@ -139,7 +149,7 @@ class QwenVLBaseMixin(RootMixin):
                 "llm_layer (or turning llm_keep on) cannot be changed by configure(): the decoder "
                 "layers are patched at patch time; call vlprune.patch() again"
             )
-        if (_has(named.get("pixel_values")) or _has(named.get("pixel_values_videos"))) and _rewrites(self):
+        if _rewrites(self, named):
             prepare_call(self, named)
         if llm is None:
             return super().forward(**named)
@@ -163,8 +173,7 @@ class QwenVLMixin(QwenVLBaseMixin):
                     "llm_keep keeps per-row kept-token maps for the pruned cache layers, which beam "
                     "search would reorder; use num_beams=1"
                 )
-        pixels = _has(kwargs.get("pixel_values")) or _has(kwargs.get("pixel_values_videos"))
-        if not (pixels and _rewrites(self)):
+        if not _rewrites(self, kwargs):
             return super().generate(inputs, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
