@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from adapter_tester import AdapterTester, Family
 from helpers import model_fixtures
 
 import vlprune
@@ -142,9 +143,10 @@ def _expected_real(rows, keep) -> list[int]:
 def test_keep_one_equals_unpatched(model, rows):
     inputs = _batch(rows)
     ref_logits, ref_gen = _logits(model, inputs), _generate(model, inputs)
-    vlprune.patch(model, visual_keep=1.0)
-    assert torch.equal(_logits(model, inputs), ref_logits)
-    assert torch.equal(_generate(model, inputs), ref_gen)
+    for kw in (dict(visual_keep=1.0), dict(llm_layer=1, llm_keep=1.0)):
+        vlprune.patch(model, **kw)
+        assert torch.equal(_logits(model, inputs), ref_logits)
+        assert torch.equal(_generate(model, inputs), ref_gen)
     # every token kept through the rewrite path (a ratio just below 1 keeps all): the same
     vlprune.patch(model, visual_keep=0.999)
     torch.testing.assert_close(_logits(model, inputs), ref_logits, rtol=1e-5, atol=1e-5)
@@ -457,3 +459,49 @@ def test_models_internvl():
         build_internvl("tiny", img_size=30)
     with pytest.raises(ValueError, match="multiple of the tile size"):
         dummy_inputs(m, 1, 4, image_size=40)
+
+
+# --- the shared tester (tests/adapter_tester.py): rows of one one-tile image each, so FastV's
+# equal-count rule holds; the batches left-padded with different prompt lengths ---------------
+
+COMMON = {
+    "keep1": dict(visual_keep=1.0),
+    "visual": dict(visual_keep=4),
+    "fastv": dict(llm_layer=1, llm_keep=4),
+    "both": dict(visual_keep=8, visual_score="attn", llm_layer=1, llm_keep=0.5),
+}
+
+
+def _common_inputs(batch, seed):
+    return _batch(tuple((2, 4)[(seed + i) % 2] for i in range(batch)))
+
+
+def _common_layers(kw, inputs):
+    """The visual tokens an image keeps before the language model (of its tile's T), then
+    those FastV keeps from ``llm_layer`` on; ratios of 1.0 report nothing."""
+    visual = kw.get("visual_keep")
+    llm = kw.get("llm_keep") if kw.get("llm_layer") is not None else None
+    if visual in (None, 1.0) and llm in (None, 1.0):
+        return []
+    n = _count(visual, T) if visual is not None else T
+    out = [("visual", T, n)]
+    if llm is not None:
+        out.append(("llm", n, _count(llm, n)))
+    return out
+
+
+def _common_run(m, inputs):
+    return m(**inputs).logits, m.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+class TestInternVLCommon(AdapterTester):
+    families = {
+        "internvl": Family(
+            build=_build, inputs=_common_inputs, settings=COMMON,
+            identity={"keep1": 0.0}, expected_layers=_common_layers,
+            run=_common_run, outputs=lambda out, inputs: list(out), same_shape=(1,),
+            trace_source=False, other={"visual_keep": 6}, concurrency=("visual", "fastv"),
+            batches=(1, 2),
+            refusals=(("merge_r", dict(merge_r=2)), ("visual_score", dict(visual_keep=4, visual_score="pool"))),
+        )
+    }
