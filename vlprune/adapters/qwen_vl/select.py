@@ -47,5 +47,6 @@ def select_tokens(ctx: PatchContext, enc: Encoded, texts: list[Tensor | None],
         out.append(select_visual(s, k))
     record = ctx.record
     if record is not None and enc.feats:
-        record.append(LayerRecord(0, enc.lens[0], out[0].shape[0], 0, None, what))
+        record.append(LayerRecord(0, enc.feats[0].shape[0], out[0].shape[0], 0, None,
+                                  "visual" if what == "image" else what))
     return out
