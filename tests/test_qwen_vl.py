@@ -255,6 +255,30 @@ def test_kept_tokens_keep_upstream_positions(model, text_keep):
         assert torch.equal(_positions(step_red), _positions(step_full))
 
 
+def test_without_mm_token_type_ids_as_upstream(model):
+    """Without ``mm_token_type_ids`` upstream uses no 3-D positions (Qwen2.5-VL numbers the
+    padded prompt 0..L-1) or refuses (Qwen3-VL); the reduced model does the same."""
+    inputs = {k: v for k, v in batch(model, MIXED).items() if k != "mm_token_type_ids"}
+    if model.family == "qwen3-vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            run(model, inputs)
+        vlprune.patch(model, visual_keep=0.5, visual_score="attn")
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            run(model, inputs)
+        return
+    _, ref = run(model, inputs)
+    vlprune.patch(model, visual_keep=0.5, visual_score="attn")
+    _, red = run(model, inputs)
+    f, r = ref[0], red[0]
+    full_pos = torch.arange(inputs["input_ids"].shape[1]).expand(3, len(MIXED), -1)
+    assert f["position_ids"] is None or torch.equal(f["position_ids"], full_pos)
+    for b in range(len(MIXED)):
+        cols = match_columns(f["inputs_embeds"][b], r["inputs_embeds"][b],
+                             inputs["attention_mask"][b], r["attention_mask"][b])
+        real = r["attention_mask"][b].bool()
+        assert torch.equal(r["position_ids"][:, b, real], full_pos[:, b, cols])
+
+
 def test_generate_equals_manual_decode(model):
     """A reduced forward, then decode steps fed upstream's own decode positions (those of the
     unpatched generate): the same tokens as the reduced generate."""

@@ -188,7 +188,6 @@ class QwenVLMixin(QwenVLBaseMixin):
                 model_kwargs = {k: v for k, v in named.items() if k != "input_ids"}
                 pos = self._prepare_position_ids_for_generation(input_ids, model_kwargs)
                 deltas = inner_model(self).rope_deltas
-                named["position_ids"] = pos[1:]
                 keep = prepare_call(self, named, positions=pos[1:])
                 mask = named["attention_mask"]
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
