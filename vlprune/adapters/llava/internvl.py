@@ -9,9 +9,11 @@ projected. One image's placeholder span in ``input_ids`` is one contiguous run o
 tokens (the processor wraps it in ``<img>`` ... ``</img>``), holding its tiles' tokens, so
 the runs say how many tiles each image has (:func:`image_runs`, :func:`image_tiles`).
 
-* ``visual_keep`` is per image: an image's tiles are ranked together
-  (:func:`~vlprune.adapters.llava.encode.group_tiles`),
-  a ratio is of all its tiles' tokens.
+* ``visual_keep`` is per image: all of an image's tiles are ranked as one
+  (:func:`~vlprune.adapters.llava.encode.group_tiles`), and a ratio is of all its tiles'
+  tokens. The kept features reach upstream as one ``(1, kept, D)`` tensor (InternVL's
+  ``forward`` scatters a tensor's values into the placeholders; LLaVA's take a list).
+* FastV (``llm_keep``) budgets per image too: per run of image tokens.
 * Tower scores (``cls_attn``, ``attn``, ``dominant_contextual``) are per patch at the feature
   layer (the InternViT layer's own pre-norm, q/k projections and q/k norms); a token's score
   is the **sum** of its 2x2 patches' scores (:func:`shuffle_scores`), grouped by the model's
@@ -39,15 +41,15 @@ from torch import Tensor, nn
 
 from ...config import ReductionConfig
 from ..base import upstream_class
+from .tower import TOWER_OPTIONS
 
 # transformers 5: the HF-native InternVL classes (InternVL2.5 / InternVL3 "-hf" checkpoints)
 INTERNVL_CLASSES = {
     "transformers.models.internvl.modeling_internvl.InternVLForConditionalGeneration": "internvl",
     "transformers.models.internvl.modeling_internvl.InternVLModel": "internvl",
 }
-# options of LLaVA-1.5's vision tower reduction (tower.TOWER_OPTIONS), refused here
-_TOWER_NAMES = ("merge_r", "prune_keep", "prune_layers", "prune_score", "prune_fuse",
-                "prune_recycle", "prune_seed", "trace_source")
+# LLaVA-1.5's vision tower options, refused here (prop_attn only matters with them)
+_TOWER_NAMES = tuple(n for n in TOWER_OPTIONS if n != "prop_attn")
 _EXACT = ("visionzip", "prumerge", "prumerge_plus")
 
 
