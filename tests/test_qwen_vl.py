@@ -602,6 +602,15 @@ def test_fastv_keeps_mrope_positions(model, visual_keep):
         assert sum(bool(visual[c]) for c in got) == math.ceil(0.5 * n_vis)
 
 
+def test_fastv_prunes_videos_too(model):
+    inputs = batch(model, (R_VID,))
+    vlprune.patch(model, llm_layer=1, llm_keep=0.5)
+    logits, _ = run(model, inputs)
+    assert logits.shape[1] == int(inputs["attention_mask"].sum()) - 4  # 8 video tokens -> 4
+    out, _ = run(model, inputs, generate=2)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
 def test_fastv_refusals(model):
     with pytest.raises(ValueError, match="3-D"):
         vlprune.patch(model, llm_layer=1, llm_keep=0.5, llm_renumber_positions=True)

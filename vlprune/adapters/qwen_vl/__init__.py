@@ -17,25 +17,28 @@ Reduction points, combinable, with the option names and meanings of the LLaVA ad
   ``visual_keep`` of its merged tokens (a count, or a ratio of that item's tokens). Scores:
   ``attn`` (the mean attention each token receives, what ``cls_attn`` falls back to on
   LLaVA towers without a class token; here in the tower's last full-attention block, summed
-  over the 2x2 patches a merged token holds), ``text`` (the prompt), ``diversity``, ``random``. Every kept token stays
-  at its own placeholder place and keeps upstream's 3-D position (:mod:`.positions`); on
-  Qwen3-VL the same tokens of every DeepStack feature are kept.
+  over the 2x2 patches a merged token holds), ``text`` (the prompt), ``diversity``,
+  ``random``. Every kept token stays at its own placeholder place and keeps upstream's 3-D
+  position (:mod:`.positions`); on Qwen3-VL the same tokens of every DeepStack feature are
+  kept.
 * **prompt dropping** (``text_keep``): droppable prompt tokens of a row with images or videos
   are ranked by their best cosine similarity to the row's kept visual tokens; the kept ones
   keep their positions too.
 * **inside the LLM** (``llm_layer`` / ``llm_keep``, FastV): see :mod:`.llm`.
+* **videos** (``temporal_keep`` / ``temporal_threshold``): a video's tokens repeating the same
+  place of the frame before merge into it (:mod:`.video`); the survivors keep their places.
 
 Refused at ``patch()``: tower merging / pruning (``merge_r``, ``prune_*``: the tower packs all
 patches of a batch into one sequence, windowed on Qwen2.5-VL, and its merger needs every 2x2
-group), ``temporal_keep`` / ``temporal_threshold`` (not supported yet), and the scores that
-make tokens with no single position or need a class token (``cls_attn``: use ``attn``;
-``dominant_contextual``, ``pool``, ``visionzip``, ``prumerge``, ``prumerge_plus``).
+group); ``llm_renumber_positions`` (3-D positions); and the scores that make tokens with no
+single position or need a class token (``cls_attn``: use ``attn``; ``dominant_contextual``,
+``pool``, ``visionzip``, ``prumerge``, ``prumerge_plus``).
 
 The package: :mod:`.detect` (families, checks), :mod:`.encode` (the tower once, the attention
 score), :mod:`.select` (kept tokens), :mod:`.rewrite` (keep mask, shorter sequences),
-:mod:`.positions` (upstream's M-RoPE positions, ``rope_deltas``), :mod:`.model` (the patched
-``forward`` / ``generate``), :mod:`.llm` (FastV); this module holds the adapter and its
-registration.
+:mod:`.positions` (upstream's M-RoPE positions, ``rope_deltas``), :mod:`.video` (temporal
+merging), :mod:`.model` (the patched ``forward`` / ``generate``), :mod:`.llm` (FastV); this
+module holds the adapter and its registration.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class QwenVLAdapter(Adapter):
         "transformers>=5 Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration and "
         "their base models (Qwen2_5_VLModel, Qwen3VLModel): visual tokens of images and videos "
         "reduced before the language model (visual_keep) with their M-RoPE positions kept, and "
-        "inside it (llm_layer/llm_keep), prompt tokens dropped (text_keep)"
+        "inside it (llm_layer/llm_keep), prompt tokens dropped (text_keep), videos merged over "
+        "time (temporal_keep/temporal_threshold)"
     )
 
     def matches(self, model: nn.Module) -> bool:
