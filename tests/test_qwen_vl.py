@@ -536,6 +536,16 @@ def test_refusals_say_why(model, kwargs, words):
     assert not vlprune.is_patched(model)
 
 
+def test_older_transformers_refused(model, monkeypatch):
+    from vlprune.adapters import hf_common
+
+    monkeypatch.setattr(hf_common, "transformers_version", lambda: "5.23.0")
+    with pytest.raises(vlprune.UnsupportedModelError,
+                       match=r"needs transformers >= 5\.25 \(installed: 5\.23\.0\)"):
+        vlprune.patch(model, visual_keep=0.5, visual_score="attn")
+    assert not vlprune.is_patched(model)
+
+
 def test_count_above_an_image_is_refused_at_run(model):
     vlprune.patch(model, visual_keep=5, visual_score="attn")
     with pytest.raises(ValueError, match="only 4 visual tokens"):

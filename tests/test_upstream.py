@@ -139,3 +139,15 @@ def test_upstream_change_the_patch_no_longer_fits_refuses_the_patch(monkeypatch)
     assert not vlprune.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl:tiny", "internvl:tiny"])
+def test_check_cli_on_vlms_without_tower_reduction(name, capsys):
+    """`vlprune check --model` on a VLM whose tower is not reduced checks a visual_keep
+    setting (merge_r would be refused) and passes on the installed, tested versions."""
+    pytest.importorskip("transformers")
+    from vlprune.cli import main
+
+    assert main(["check", "--model", name]) == 0
+    out = capsys.readouterr().out
+    assert "vlprune self-check passed: unreduced max |diff| = 0" in out

@@ -70,6 +70,10 @@ KNOWN: dict[str, dict[str, list[str]]] = {
     'transformers.models.clip.modeling_clip:CLIPVisionModel.forward': {
         'e8e5473d9bce3727': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0', 'torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
     },
+    'transformers.models.internvl.modeling_internvl:InternVLForConditionalGeneration.forward': {
+        'd06ebd3bbbca77c1': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+        'dd2be36157ce6785': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
+    },
     'transformers.models.llama.modeling_llama:LlamaDecoderLayer.forward': {
         'e1163a0c575bd555': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
         'ff68a8a835eddfb5': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
@@ -81,6 +85,22 @@ KNOWN: dict[str, dict[str, list[str]]] = {
     'transformers.models.llava.modeling_llava:LlavaModel.forward': {
         '32ea0aa9de621741': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
         '58e19daac415fcfe': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
+    },
+    'transformers.models.qwen2.modeling_qwen2:Qwen2DecoderLayer.forward': {
+        'e1163a0c575bd555': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],
+        'ff68a8a835eddfb5': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLDecoderLayer.forward': {
+        'af492823c9c5bdea': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.forward': {
+        '51713b9a8a130bd8': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLForConditionalGeneration.forward': {
+        'de76947ad6e2660b': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
+    },
+    'transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLTextDecoderLayer.forward': {
+        '55c3b8f17be47d1f': ['torch 2.14.1 timm 1.0.31 open_clip_torch 3.3.0 transformers 5.25.0'],
     },
     'transformers.models.roberta.modeling_roberta:RobertaLayer.forward': {
         'da012ec5f4f55ff4': ['torch 2.14.1 timm 1.0.26 open_clip_torch 2.32.0 transformers 5.23.0'],

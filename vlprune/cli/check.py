@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from .. import upstream
+from ..adapters import UnsupportedModelError
 from ..api import check, patch
-from ..models import ModelBuildError, build_model
+from ..models import ModelBuildError, build_model, is_llava, is_vlm
 from .args import add_model_args, model_from_args
 
 # tiny random models of every supported family, and a setting that patches every part of each
@@ -22,6 +23,9 @@ RECORDING = (
     ("hf_siglip:base-patch16-224", "image", dict(merge_r=2)),
     ("hf_siglip:base-patch16-224", "text", dict(merge_r=2)),
     ("llava:tiny", "image", dict(visual_keep=8, llm_layer=1, llm_keep=0.5)),
+    ("qwen2.5-vl:tiny", "image", dict(visual_keep=0.5, visual_score="attn", llm_layer=1, llm_keep=0.5)),
+    ("qwen3-vl:tiny", "image", dict(visual_keep=0.5, visual_score="attn", llm_layer=1, llm_keep=0.5)),
+    ("internvl:tiny", "image", dict(visual_keep=0.5, llm_layer=1, llm_keep=0.5)),
 )
 
 
@@ -34,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "versions'. --known checks every supported family's tiny model at once; --record adds "
         "the installed versions' fingerprints to vlprune/upstream_known.py.")
     add_model_args(c)
-    c.add_argument("--merge-r", type=int, default=4, help="ToMe r of the reduced forward (default 4)")
+    c.add_argument("--merge-r", type=int, default=4, help="ToMe r of the reduced forward (default 4; "
+                   "on qwen2.5-vl:, qwen3-vl: and internvl: models visual_keep=0.5 instead)")
     c.add_argument("--known", action="store_true",
                    help="exit 1 unless every overridden function of every family is a tested version")
     c.add_argument("--record", action="store_true",
@@ -81,10 +86,23 @@ def recording_models() -> list[torch.nn.Module]:
         except ModelBuildError as e:
             print(f"left out {name} ({tower}): {e}")
             continue
-        models.append(patch(model, **settings))
+        try:
+            models.append(patch(model, **settings))
+        except UnsupportedModelError as e:  # e.g. an adapter that needs newer transformers
+            print(f"left out {name} ({tower}): {e}")
     models += [patch(m, prune_keep=0.5, prune_layers=(1,)) for m in _bert_family()]
     models += _heads_and_bases()
     return models
+
+
+def _check_settings(args: argparse.Namespace) -> dict:
+    """The reducing settings of a one-model check: ``--merge-r`` in the tower, or on a
+    vision-language model whose tower is not reduced (Qwen-VL, InternVL) half of each image's
+    visual tokens (by received attention on Qwen's class-token-free towers)."""
+    if not is_vlm(args.model) or is_llava(args.model):
+        return dict(merge_r=args.merge_r)
+    score = "attn" if args.model.startswith("qwen") else "cls_attn"
+    return dict(visual_keep=0.5, visual_score=score)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -101,7 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(bad)} overridden upstream functions are not among the tested versions "
               f"(installed: {upstream.versions()})")
         return 1 if bad else 0
-    model = patch(model_from_args(args), merge_r=args.merge_r)
+    model = patch(model_from_args(args), **_check_settings(args))
     result = check(model)
     print(result)
     return 0 if result.ok else 1

@@ -83,7 +83,20 @@ def score_block(model: nn.Module) -> int:
     return max(full)
 
 
+#: the oldest transformers whose Qwen-VL code the adapter follows (5.23 / 5.24 name the cache
+#: argument of ``compute_3d_position_ids`` differently)
+MIN_TRANSFORMERS = (5, 25)
+
+
 def _check_structure(model: nn.Module) -> None:
+    from ..hf_common import transformers_version
+
+    installed = transformers_version()
+    if tuple(int(p) for p in installed.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the Qwen-VL adapter needs transformers >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (installed: {installed}): pip install "
+            "-U 'transformers>=5.25'")
     inner = inner_model(model)
     visual = getattr(inner, "visual", None)
     lm = getattr(inner, "language_model", None)
