@@ -11,7 +11,8 @@ BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32 --ro
 # the lowest supported versions (pyproject.toml's lower bounds), laid over .venv's torch
 LOWEST ?= timm==1.0.26 open_clip_torch==2.32.0 transformers==5.23.0
 LOWEST_TESTS ?= tests/test_upstream.py tests/test_adapters.py tests/test_hf_clip.py \
-	tests/test_hf_bert.py tests/test_text_towers.py tests/test_llava_common.py tests/test_llava_fastv.py
+	tests/test_hf_bert.py tests/test_text_towers.py tests/test_llava_common.py tests/test_llava_fastv.py \
+	tests/test_internvl.py
 # every family's shared-tester cases at batch 1, its refusals, FastV and the drift check
 LOWEST_SELECT ?= not realdata and (b1 or upstream or refusals or fastv)
 

@@ -145,8 +145,11 @@ def test_upstream_change_the_patch_no_longer_fits_refuses_the_patch(monkeypatch)
 def test_check_cli_on_vlms_without_tower_reduction(name, capsys):
     """`vlprune check --model` on a VLM whose tower is not reduced checks a visual_keep
     setting (merge_r would be refused) and passes on the installed, tested versions."""
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     from vlprune.cli import main
+
+    if name.startswith("qwen") and tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
+        pytest.skip("the Qwen-VL adapter needs transformers >= 5.25 (refused below: test_qwen_vl)")
 
     assert main(["check", "--model", name]) == 0
     out = capsys.readouterr().out
