@@ -107,6 +107,29 @@ def is_vlm(name: str) -> bool:
     return is_llava(name) or name.partition(":")[0] in VLM_BUILDERS
 
 
+def left_padded_prompts(batch_size: int, text_tokens: int, span: torch.Tensor, vocab: int,
+                        avoid: set[int], pad: int, generator: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``batch_size`` left-padded prompts for the
+    ``dummy_inputs`` of the VLM modules: row ``b`` holds ``text_tokens + b`` random text ids
+    (below ``min(vocab, 4096)``, none in ``avoid`` or ``pad``) with the image ``span`` (its
+    markers and placeholders) after the first ``n // 3 + 1`` of them."""
+    ok = torch.tensor([t for t in range(min(vocab, 4096)) if t not in avoid and t != pad])
+    rows = []
+    for b in range(batch_size):
+        n = text_tokens + b
+        text = ok[torch.randint(0, len(ok), (n,), generator=generator)]
+        before = n // 3 + 1
+        rows.append(torch.cat([text[:before], span, text[before:]]))
+    L = max(len(r) for r in rows)
+    ids = torch.full((batch_size, L), pad)
+    mask = torch.zeros(batch_size, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = r
+        mask[b, L - len(r):] = 1
+    return ids, mask
+
+
 def vlm_module(name: str):
     """The module that builds the :data:`VLM_BUILDERS` family of ``name``."""
     import importlib

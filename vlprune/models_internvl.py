@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import ModelBuildError
+from .models import ModelBuildError, left_padded_prompts
 
 __all__ = ["SHAPES", "build_internvl", "dummy_inputs"]
 
@@ -128,24 +128,12 @@ def dummy_inputs(model, batch_size: int, text_tokens: int, image_size: int | Non
     start, end = image_id - 2, image_id - 1
     pad = cfg.text_config.pad_token_id or 0
     vocab = cfg.text_config.vocab_size
-    specials = {image_id, start, end, pad}
-    ok = torch.tensor([t for t in range(min(vocab, 4096)) if t not in specials])
     p = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch_size):
-        n = text_tokens + b
-        text = ok[torch.randint(0, len(ok), (n,), generator=g)]
-        before = n // 3 + 1
-        rows.append(torch.cat([text[:before], torch.tensor([start]),
-                               torch.full((tiles * per_tile,), image_id), torch.tensor([end]),
-                               text[before:]]))
-    L = max(len(r) for r in rows)
-    ids = torch.full((batch_size, L), pad)
-    mask = torch.zeros(batch_size, L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, L - len(r):] = r
-        mask[b, L - len(r):] = 1
+    span = torch.cat([torch.tensor([start]), torch.full((tiles * per_tile,), image_id),
+                      torch.tensor([end])])
+    ids, mask = left_padded_prompts(batch_size, text_tokens, span, vocab, {image_id, start, end},
+                                    pad, g)
     pixels = torch.randn(batch_size * tiles, vc.num_channels, tile, tile, generator=g)
     return dict(input_ids=ids.to(p.device), attention_mask=mask.to(p.device),
                 pixel_values=pixels.to(p.device, p.dtype))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import ModelBuildError
+from .models import ModelBuildError, left_padded_prompts
 
 __all__ = ["SHAPES", "build_qwen2_5_vl", "build_qwen3_vl", "default_image_size", "dummy_inputs"]
 
@@ -170,22 +170,11 @@ def dummy_inputs(model, batch_size: int, text_tokens: int, image_size: int | Non
     specials = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                 cfg.vision_end_token_id}
     pad = cfg.text_config.pad_token_id or 0
-    vocab = cfg.text_config.vocab_size
-    ok = torch.tensor([t for t in range(min(vocab, 4096)) if t not in specials and t != pad])
-    rows = []
-    for b in range(batch_size):
-        n = text_tokens + b
-        text = ok[torch.randint(0, len(ok), (n,), generator=g)]
-        before = n // 3 + 1
-        rows.append(torch.cat([text[:before], torch.tensor([cfg.vision_start_token_id]),
-                               torch.full((n_img,), cfg.image_token_id),
-                               torch.tensor([cfg.vision_end_token_id]), text[before:]]))
-    L = max(len(r) for r in rows)
-    ids = torch.full((batch_size, L), pad)
-    mask = torch.zeros(batch_size, L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, L - len(r):] = r
-        mask[b, L - len(r):] = 1
+    span = torch.cat([torch.tensor([cfg.vision_start_token_id]),
+                      torch.full((n_img,), cfg.image_token_id),
+                      torch.tensor([cfg.vision_end_token_id])])
+    ids, mask = left_padded_prompts(batch_size, text_tokens, span, cfg.text_config.vocab_size,
+                                    specials, pad, g)
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixels = torch.randn(batch_size * grid * grid, patch_dim, generator=g)
     return dict(

@@ -210,10 +210,12 @@ def _take_mask(mask, rows: Tensor | None, cols: Tensor):
 def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last: Tensor,
                          valid: Tensor) -> Tensor:
     """Attention (B, L) of each row's last prompt token to every position, heads averaged,
-    as ``layer`` computes it from its input ``x`` (B, L, C)."""
+    as ``layer`` computes it from its input ``x`` (B, L, C): ``input_layernorm``, the q/k
+    projections (with ``q_norm`` / ``k_norm`` where the layer has them: Qwen3), the rotary
+    embeddings it receives, grouped-query heads repeated."""
     from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-    # Llama, Mistral and Qwen2 share this attention layout (q/k projections, rotary, GQA)
+    # Llama, Mistral, Qwen2 and the Qwen-VL decoders share this attention layout
 
     attn = layer.self_attn
     h = layer.input_layernorm(x)
@@ -222,8 +224,11 @@ def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last:
     rows = torch.arange(B, device=x.device)
     cos, sin = (_rows(t, B) for t in position_embeddings)  # (B, L, hd)
     q = attn.q_proj(h[rows, last]).view(B, -1, hd)  # (B, H, hd)
+    k = attn.k_proj(h).view(B, L, -1, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    k = k.transpose(1, 2)  # (B, Hkv, L, hd)
     q = q * cos[rows, last][:, None] + rotate_half(q) * sin[rows, last][:, None]
-    k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     k = repeat_kv(k, attn.num_key_value_groups)
     logits = (q.float()[:, :, None] @ k.float().transpose(-2, -1))[:, :, 0] * attn.scaling

@@ -219,18 +219,25 @@ class LlavaMixin(LlavaBaseMixin):
         named = dict(kwargs, input_ids=input_ids)
         with torch.no_grad():
             prepare_call(self, named)
-        new_ids = named.pop("input_ids")
-        named = {k: v for k, v in named.items() if v is not None or k in kwargs}
-        out = super().generate(new_ids, *args, **named)
-        # give back the caller's prompt, followed by what was generated
-        seq = out if isinstance(out, Tensor) else out.sequences
-        n_ret = seq.shape[0] // input_ids.shape[0]
-        prompt = input_ids.repeat_interleave(n_ret, dim=0).to(seq.device)
-        full = torch.cat([prompt, seq[:, new_ids.shape[1]:]], dim=1)
-        if isinstance(out, Tensor):
-            return full
-        out.sequences = full
-        return out
+        return generate_rewritten(super().generate, input_ids, named, kwargs, args)
+
+
+def generate_rewritten(generate, input_ids: Tensor, named: dict, kwargs: dict, args: tuple):
+    """Run upstream ``generate`` on the rewritten prompt (``named["input_ids"]`` and the other
+    rewritten inputs; ``None`` values dropped unless the caller gave them in ``kwargs``) and
+    give back the caller's prompt ``input_ids`` followed by what was generated (also in a
+    ``generate`` output object, and per returned sequence with ``num_return_sequences``)."""
+    new_ids = named.pop("input_ids")
+    named = {k: v for k, v in named.items() if v is not None or k in kwargs}
+    out = generate(new_ids, *args, **named)
+    seq = out if isinstance(out, Tensor) else out.sequences
+    n_ret = seq.shape[0] // input_ids.shape[0]
+    prompt = input_ids.repeat_interleave(n_ret, dim=0).to(seq.device)
+    full = torch.cat([prompt, seq[:, new_ids.shape[1]:]], dim=1)
+    if isinstance(out, Tensor):
+        return full
+    out.sequences = full
+    return out
 
 
 class LlavaPackBaseMixin(LlavaBaseMixin, PackRouteMixin):

@@ -62,12 +62,18 @@ def span_keep(input_ids: Tensor, token_id: int, lens: list[int], n_kept: list[in
     return keep
 
 
-def _special_ids(model: nn.Module) -> set[int]:
-    """Token ids prompt dropping never drops: BOS/EOS/padding, image and video placeholders."""
+#: the config attributes naming ids prompt dropping never drops (BOS / EOS / padding, image and
+#: video placeholders)
+SPECIAL_ID_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
+                    "video_token_id", "image_token_index", "video_token_index")
+
+
+def special_ids(model: nn.Module, names: tuple[str, ...] = SPECIAL_ID_NAMES) -> set[int]:
+    """The token ids that the model's config, text config and generation config give under
+    ``names`` (ints or lists): what prompt dropping never drops."""
     ids: set[int] = set()
     for cfg in (model.config, model.config.text_config, getattr(model, "generation_config", None)):
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
-                     "video_token_id", "image_token_index", "video_token_index"):
+        for name in names:
             v = getattr(cfg, name, None)
             if isinstance(v, int):
                 ids.add(v)
@@ -80,7 +86,7 @@ def text_embeds(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
                 rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
     """Per row: the positions of its prompt text tokens and their input embeddings (only for
     the ``rows`` holding an image, ``None`` elsewhere)."""
-    special = torch.tensor(sorted(_special_ids(model)), device=input_ids.device)
+    special = torch.tensor(sorted(special_ids(model)), device=input_ids.device)
     text = ~torch.isin(input_ids, special)
     if attention_mask is not None:
         text &= attention_mask.bool()

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ...config import ReductionConfig
 from ..base import PatchContext, UnsupportedModelError, swap_class
-from ..llava.llm import FastVCall, FastVLayerMixin, FastVPoint
+from ..llava.llm import FastVCall, FastVLayerMixin, FastVPoint, last_token_attention
 from .detect import inner_model, qwen_family
 from .select import keep_count
 
@@ -72,37 +72,6 @@ def check_llm(model: nn.Module, config: ReductionConfig) -> None:
             f"places after each of its first {len(deep)} decoder layers, on the full sequence, "
             f"so pruning must start after them: give llm_layer >= {len(deep)}"
         )
-
-
-def _rows(t: Tensor, B: int) -> Tensor:
-    return t.expand(B, *t.shape[1:]) if t.shape[0] == 1 and B > 1 else t
-
-
-def last_token_attention(layer: nn.Module, x: Tensor, position_embeddings, last: Tensor,
-                         valid: Tensor) -> Tensor:
-    """Attention (B, L) of each row's last prompt token to every position, heads averaged,
-    as ``layer`` computes it from its input ``x`` (B, L, C): ``input_layernorm``, the q/k
-    projections (with ``q_norm`` / ``k_norm`` where the layer has them), the rotary
-    embeddings it receives, grouped-query heads repeated."""
-    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
-
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    B, L, _ = h.shape
-    hd = attn.head_dim
-    rows = torch.arange(B, device=x.device)
-    cos, sin = (_rows(t, B) for t in position_embeddings)  # (B, L, hd)
-    q = attn.q_proj(h[rows, last]).view(B, -1, hd)  # (B, H, hd)
-    k = attn.k_proj(h).view(B, L, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    k = k.transpose(1, 2)  # (B, Hkv, L, hd)
-    q = q * cos[rows, last][:, None] + rotate_half(q) * sin[rows, last][:, None]
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    k = repeat_kv(k, attn.num_key_value_groups)
-    logits = (q.float()[:, :, None] @ k.float().transpose(-2, -1))[:, :, 0] * attn.scaling
-    logits = logits.masked_fill(~valid[:, None], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
 
 
 class _KeywordCall:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import PatchContext, RootMixin, upstream_arguments
+from ..llava.model import generate_rewritten
 from ..llava.rewrite import span_rows, text_drop
 from .detect import inner_model
 from .encode import encode
@@ -197,17 +198,7 @@ class QwenVLMixin(QwenVLBaseMixin):
                                                                model_kwargs["attention_mask"])
             else:
                 prepare_call(self, named)
-        new_ids = named.pop("input_ids")
-        named = {k: v for k, v in named.items() if v is not None or k in kwargs}
-        out = super().generate(new_ids, *args, **named)
-        seq = out if isinstance(out, Tensor) else out.sequences
-        n_ret = seq.shape[0] // input_ids.shape[0]
-        prompt = input_ids.repeat_interleave(n_ret, dim=0).to(seq.device)
-        full = torch.cat([prompt, seq[:, new_ids.shape[1]:]], dim=1)
-        if isinstance(out, Tensor):
-            return full
-        out.sequences = full
-        return out
+        return generate_rewritten(super().generate, input_ids, named, kwargs, args)
 
     def _vlprune_generation_mask(self, input_ids: Tensor, kwargs: dict) -> Tensor:
         """The attention mask upstream ``generate`` infers for a prompt given without one:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..llava.rewrite import SPECIAL_ID_NAMES
+from ..llava.rewrite import special_ids as llava_special_ids
+
 _FILLS = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "position_ids": 0}
 
 
@@ -38,16 +41,7 @@ def placeholder_keep(input_ids: Tensor, token_id: int, lens: list[int],
 def special_ids(model: nn.Module) -> set[int]:
     """Token ids prompt dropping never drops and the ``text`` score never reads: BOS / EOS /
     padding, the image and video placeholders and the vision start / end markers."""
-    ids: set[int] = set()
-    for cfg in (model.config, model.config.text_config, getattr(model, "generation_config", None)):
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
-                     "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            v = getattr(cfg, name, None)
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, (list, tuple)):
-                ids.update(int(i) for i in v)
-    return ids
+    return llava_special_ids(model, SPECIAL_ID_NAMES + ("vision_start_token_id", "vision_end_token_id"))
 
 
 def text_embeds(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
