@@ -389,11 +389,11 @@ def check_invariants(case: Case) -> None:
 
 def default_refusals(model: nn.Module) -> list[tuple[str, dict]]:
     """``(setting, keywords)`` that ``patch`` refuses on every model of ``model``'s kind (its
-    adapter's towers; LLaVA; BERT-style outputs), with an error naming ``setting``."""
+    adapter's towers; LLaVA-style and Qwen-VL models; BERT-style outputs), with an error naming ``setting``."""
     from vlprune.adapters.base import find_adapter
 
     adapter = find_adapter(model)
-    llava = adapter.name == "hf_llava"
+    llava = adapter.name in ("hf_llava", "hf_qwen_vl")  # visual tokens reach a language model
     towers = set(adapter.towers)
     out = [
         ("bogus_setting", dict(bogus_setting=1)),  # unknown names

@@ -331,11 +331,16 @@ def test_decode_without_positions_continues_upstream(model):
 # -- the attention score -------------------------------------------------------------------------
 
 
-def test_attn_score_equals_eager_reference(model, monkeypatch):
+@pytest.mark.parametrize("slice_entries", [None, 100])
+def test_attn_score_equals_eager_reference(model, monkeypatch, slice_entries):
     """Reference: the eager attention weights of the scoring block (recorded from upstream's
     own eager attention), column means over heads and queries, the 2x2 patches of each merged
-    token summed, put in the merger's output order by matching upstream's merger outputs."""
+    token summed, put in the merger's output order by matching upstream's merger outputs.
+    ``slice_entries=100``: the queries in slices of a few rows (as large images are)."""
     import importlib
+
+    if slice_entries is not None:
+        monkeypatch.setattr("vlprune.adapters.qwen_vl.encode.QUERY_ELEMENTS", slice_entries)
 
     from vlprune.adapters.qwen_vl.encode import encode
 
@@ -638,3 +643,4 @@ def test_fastv_refusals(model):
         with pytest.raises(ValueError, match="DeepStack .* give llm_layer >= 2"):
             vlprune.patch(deep, llm_layer=1, llm_keep=0.5)
         vlprune.patch(deep, llm_layer=2, llm_keep=0.5)
+
