@@ -83,10 +83,12 @@ def special_ids(model: nn.Module, names: tuple[str, ...] = SPECIAL_ID_NAMES) -> 
 
 
 def text_embeds(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
-                rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-    """Per row: the positions of its prompt text tokens and their input embeddings (only for
-    the ``rows`` holding an image, ``None`` elsewhere)."""
-    special = torch.tensor(sorted(special_ids(model)), device=input_ids.device)
+                rows, special: set[int] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Per row: the positions of its prompt text tokens (not ``special``, default
+    :func:`special_ids`) and their input embeddings (only for the ``rows`` holding an image,
+    ``None`` elsewhere)."""
+    ids = special_ids(model) if special is None else special
+    special = torch.tensor(sorted(ids), device=input_ids.device)
     text = ~torch.isin(input_ids, special)
     if attention_mask is not None:
         text &= attention_mask.bool()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..llava.rewrite import SPECIAL_ID_NAMES
 from ..llava.rewrite import special_ids as llava_special_ids
+from ..llava.rewrite import text_embeds as llava_text_embeds
 
 _FILLS = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "position_ids": 0}
 
@@ -46,19 +47,9 @@ def special_ids(model: nn.Module) -> set[int]:
 
 def text_embeds(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                 rows: set[int]) -> tuple[list[Tensor], list[Tensor | None]]:
-    """Per row: the positions of its prompt text tokens and (for ``rows``) their input
-    embeddings."""
-    special = torch.tensor(sorted(special_ids(model)), device=input_ids.device)
-    text = ~torch.isin(input_ids, special)
-    if attention_mask is not None:
-        text &= attention_mask.bool()
-    emb = model.get_input_embeddings()
-    pos, embs = [], []
-    for b in range(input_ids.shape[0]):
-        p = text[b].nonzero()[:, 0]
-        pos.append(p)
-        embs.append(emb(input_ids[b, p]) if b in rows else None)
-    return pos, embs
+    """Per row: the positions of its prompt text tokens (not :func:`special_ids`) and (for
+    ``rows``) their input embeddings."""
+    return llava_text_embeds(model, input_ids, attention_mask, rows, special_ids(model))
 
 
 def padded_right(mask: Tensor | None) -> bool:
