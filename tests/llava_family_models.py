@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from vlprune.models import left_pad
+
 IMAGE_ID, VIDEO_ID, PAD = 199, 198, 0
 CROP = 32  # crop side in pixels: 4x4 patches of 8
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -90,12 +92,7 @@ def prompt(model, row: dict) -> tuple[torch.Tensor, list]:
 def batch(model, rows: list[dict]) -> dict:
     """Left-padded prompts with their images (rows without images allowed)."""
     seqs, images = zip(*(prompt(model, r) for r in rows))
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = s
-        mask[b, L - len(s):] = 1
+    ids, mask = left_pad(seqs, PAD)
     flat = [im for ims in images for im in ims]
     out = dict(input_ids=ids, attention_mask=mask)
     if flat:

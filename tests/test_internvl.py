@@ -16,7 +16,7 @@ from helpers import model_fixtures
 import vlprune
 
 transformers = pytest.importorskip("transformers")
-from vlprune.models import ModelBuildError  # noqa: E402
+from vlprune.models import ModelBuildError, left_pad  # noqa: E402
 from vlprune.models_internvl import build_internvl, dummy_inputs  # noqa: E402
 
 IMAGE, START, END, PAD = 255, 253, 254, 0
@@ -62,12 +62,7 @@ def _row(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def _batch(rows) -> dict:
     """Left-padded prompts (as a tokenizer pads for generation) and their images' tiles."""
     seqs, tiles = zip(*(_row(i) for i in rows))
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = s
-        mask[b, L - len(s):] = 1
+    ids, mask = left_pad(seqs, PAD)
     out = dict(input_ids=ids, attention_mask=mask)
     pixels = [t for row in tiles for t in row]
     if pixels:

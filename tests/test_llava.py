@@ -10,6 +10,7 @@ import torch
 from helpers import model_fixtures
 
 import vlprune
+from vlprune.models import left_pad
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -61,12 +62,7 @@ def _pixels(rows) -> torch.Tensor:
 def _batch(rows) -> dict:
     """Left-padded prompts (as a tokenizer pads for generation), one image each."""
     seqs = [_row(i) for i in rows]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = s
-        mask[b, L - len(s):] = 1
+    ids, mask = left_pad(seqs, PAD)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(rows))
 
 

@@ -9,6 +9,7 @@ import torch
 from helpers import model_fixtures
 
 import vlprune
+from vlprune.models import left_pad
 
 pytest.importorskip("transformers")
 from llava_family_models import IMAGE_ID, PAD, VIDEO_ID, batch, build  # noqa: E402
@@ -47,12 +48,7 @@ def _inputs(model, rows: list[dict]) -> dict:
         seqs.append(torch.cat([torch.randint(1, VIDEO_ID, (r["before"],), generator=g),
                                torch.full((span,), VIDEO_ID),
                                torch.randint(1, VIDEO_ID, (r["after"],), generator=g)]))
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = s
-        mask[b, L - len(s):] = 1
+    ids, mask = left_pad(seqs, PAD)
     videos = torch.stack([_video(r["seed"], r.get("repeat", False)) for r in rows])
     return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=videos)
 

@@ -25,6 +25,7 @@ __all__ = [
     "build_timm",
     "is_llava",
     "is_vlm",
+    "left_pad",
 ]
 
 
@@ -121,12 +122,18 @@ def left_padded_prompts(batch_size: int, text_tokens: int, span: torch.Tensor, v
         text = ok[torch.randint(0, len(ok), (n,), generator=generator)]
         before = n // 3 + 1
         rows.append(torch.cat([text[:before], span, text[before:]]))
-    L = max(len(r) for r in rows)
-    ids = torch.full((batch_size, L), pad)
-    mask = torch.zeros(batch_size, L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, L - len(r):] = r
-        mask[b, L - len(r):] = 1
+    return left_pad(rows, pad)
+
+
+def left_pad(seqs, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of the 1-D id tensors ``seqs``, padded with ``pad`` on
+    the left to the longest (as a tokenizer pads prompts for generation)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, L - len(s):] = s
+        mask[b, L - len(s):] = 1
     return ids, mask
 
 
