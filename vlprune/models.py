@@ -12,6 +12,9 @@ with a message naming what is known or what to install.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "build_model",
     "build_open_clip_tower",
     "build_timm",
+    "created_on",
     "is_llava",
     "is_vlm",
     "left_pad",
@@ -189,6 +193,8 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
     ``name`` is a timm model name, ``open_clip:<config>`` (e.g. ``open_clip:ViT-B-16``), or
     ``hf_clip:<shape>`` / ``hf_siglip:<shape>`` (see :data:`HF_SHAPES`). For the CLIP
     families ``tower`` picks the image tower or a text tower of the same shape.
+    Vision-language models are created directly on a non-CPU ``device`` in ``dtype``
+    (:func:`created_on`): a 7B model never exists in float32 on the host.
     """
     family, _, config = name.partition(":")
     if not is_vlm(name) and (llm_layers is not None or vision_layers is not None):
@@ -197,10 +203,12 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
     if tower != "image" and family not in ("open_clip", *HF_SHAPES):
         raise ModelBuildError(f"--tower {tower} needs an open_clip:, hf_clip: or hf_siglip: model, got {name!r}")
     if family == "llava":
-        model = build_llava(config, img_size, llm_layers, vision_layers)
+        with created_on(device, dtype):
+            model = build_llava(config, img_size, llm_layers, vision_layers)
     elif family in VLM_BUILDERS:
-        model = getattr(vlm_module(name), VLM_BUILDERS[family][1])(config, img_size, llm_layers,
-                                                                   vision_layers)
+        with created_on(device, dtype):
+            model = getattr(vlm_module(name), VLM_BUILDERS[family][1])(config, img_size,
+                                                                       llm_layers, vision_layers)
     elif family == "open_clip":
         model = build_open_clip_tower(config, img_size, tower)
     elif family in HF_SHAPES:
@@ -208,6 +216,28 @@ def build_model(name: str, img_size: int | None, device: str, dtype: torch.dtype
     else:
         model = build_timm(name, img_size)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def created_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Create the parameters and buffers of modules built inside on ``device`` in ``dtype``
+    (floating ones; torch's default device and default dtype), initialised there. On the CPU
+    it changes nothing: models are built in float32 and cast afterwards, as always, so CPU
+    weights do not depend on ``dtype``. Elsewhere a random 7B model takes seconds instead of
+    initialising 28 GB of float32 on the host first. The default dtype is process-wide:
+    build one model at a time."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        yield
+        return
+    before = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build_hf_tower(family: str, shape: str, img_size: int | None, tower: str):
