@@ -4,7 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 ASSETS ?= $(if $(VLPRUNE_ASSETS),$(VLPRUNE_ASSETS),$(wildcard ../shared/assets))
-BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,16 --batch-size 32 --rounds 3 --iters 1
+# `make bench`: a first table in about a minute (vit_tiny); `make bench FULL=1`: the vit_base
+# table of the README (ToMe r=8/13/16 and EViT-style pruning, several minutes)
+BENCH_ARGS ?= --model vit_tiny_patch16_224 --merge-r 0,8,16 --prune-keep 0.7 --batch-size 32 \
+	--rounds 4 --iters 1
+FULL_BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,13,16 --prune-keep 0.7,0.5 \
+	--batch-size 32 --rounds 5 --iters 1
 
 .PHONY: install bench test test-lowest lint clean
 
@@ -25,7 +30,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 bench: install
-	$(VENV)/bin/vlprune bench $(BENCH_ARGS)
+	$(VENV)/bin/vlprune bench $(if $(FULL),$(FULL_BENCH_ARGS),$(BENCH_ARGS))
+	@$(if $(FULL),true,echo "Full run (vit_base, more settings, several minutes): make bench FULL=1;" \
+		"any model / settings: $(VENV)/bin/vlprune bench --help")
 
 test: install
 	VLPRUNE_ASSETS=$(ASSETS) $(VENV)/bin/python -m pytest -q

@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--iters", type=int, default=2, help="timed calls per setting and round")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, and no table lines while the run fills them in")
     b.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     b.add_argument("--csv", metavar="PATH", help="write one CSV row per setting (and batch size)")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of speedup against FLOPs reduction "
@@ -131,7 +132,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         measure_memory=not args.no_memory,
         progress=not args.no_progress,
+        live=None if args.no_progress else _live,
     )
+    if not args.no_progress:
+        print()
     write_outputs(result, args)
     summary = {
         "model": result.model,
@@ -149,6 +153,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("--result")
     print(json.dumps(summary))
     return 0
+
+
+def _live(line: str) -> None:
+    print(line, flush=True)
 
 
 def write_outputs(result, args: argparse.Namespace) -> None:

@@ -94,15 +94,24 @@ class Plan:
             size = size.to(acc)
         if self.src is None:
             return take_flat(x, keep, B), (None if size is None else take_flat(size, keep, B))
+        src = _flat_index(self.src, N)
+        dst = _flat_index(self.dst, self.num_kept)
+        # gather first, then weight the gathered copies in place: no (B, N, C) product of
+        # every token, and the same products, sums and quotients as weighting before the gather
+        num = take_flat(x, keep, B).to(acc)
+        merged = take_flat(x, src, B).to(acc)
+        if size is None and self.weight is None:  # every weight is 1: nothing to multiply
+            den = torch.ones(B, self.num_kept, 1, dtype=acc, device=x.device)
+            den = _add_into(den, dst, self._masked(torch.ones_like(merged[..., :1])))
+            num = _add_into(num, dst, self._masked(merged))
+            return num.div_(den).to(x.dtype), den
         if size is None:
             size = torch.ones(B, N, 1, dtype=acc, device=x.device)
         w = size if self.weight is None else size * self.weight.to(acc)
-        src = _flat_index(self.src, N)
-        dst = _flat_index(self.dst, self.num_kept)
-        xw = x.to(acc) * w
-        num = _add_into(take_flat(xw, keep, B), dst, self._masked(take_flat(xw, src, B)))
-        den = _add_into(take_flat(w, keep, B), dst, self._masked(take_flat(w, src, B)))
-        out = (num / den).to(x.dtype)
+        w_keep, w_src = take_flat(w, keep, B), take_flat(w, src, B)
+        num = _add_into(num.mul_(w_keep), dst, self._masked(merged.mul_(w_src)))
+        den = _add_into(w_keep.clone(), dst, self._masked(w_src))
+        out = num.div_(den).to(x.dtype)
         if self.weight is None:
             return out, den
         new_size = _add_into(take_flat(size, keep, B), dst, self._masked(take_flat(size, src, B)))

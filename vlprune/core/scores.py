@@ -27,7 +27,21 @@ class AttnInputs:
     def metric(self) -> Tensor:
         """Keys summed over heads ``(B, N, D)``: ToMe's similarity metric (the head mean up to
         a factor; every user of it compares directions, so the division is skipped)."""
-        return self.k.sum(dim=1)
+        return head_sum(self.k)
+
+
+def head_sum(k: Tensor) -> Tensor:
+    """``k.sum(dim=1)`` of ``(B, H, N, D)`` keys. For float32 / float64 keys it adds one head
+    after the other: keys are usually a strided view of the fused qkv projection, where
+    torch's reduction over the head axis is several times slower than ``H - 1`` elementwise
+    adds (the sums agree up to the order of the additions, i.e. in the last bit at most).
+    Low-precision keys go through ``sum``, which accumulates in float32 and rounds once."""
+    if k.dtype not in (torch.float32, torch.float64) or k.shape[1] < 2:
+        return k.sum(dim=1)
+    out = k[:, 0] + k[:, 1]
+    for h in range(2, k.shape[1]):
+        out += k[:, h]
+    return out
 
 
 def _wide(t: Tensor) -> Tensor:

@@ -72,5 +72,5 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
         keep = torch.cat([prefix, 2 * unm_a, b_idx], dim=1)
         src = 2 * src_a
         # B token j (j >= pb) sits after the prefix and the unmerged unprotected A tokens
-        dst = P + (num_a - pa - r) + best_b.gather(1, src_a) - pb
+        dst = best_b.gather(1, src_a) + (P + num_a - pa - r - pb)
     return Plan(keep=keep, src=src, dst=dst, num_tokens=N)
