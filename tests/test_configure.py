@@ -131,6 +131,8 @@ def test_visual_settings_on_a_model_without_visual_tokens():
         (dict(merge_r=[1] * 9), "merge_r"),
         (dict(prune_keep=0.5, prune_layers=(7,)), "prune_layers"),
         (dict(family="hf_clip"), "family"),
+        (dict(attn_backend="flash"), "attn_backend"),
+        (dict(attn_backend=None), "attn_backend"),
     ],
 )
 def test_refused_configure_changes_nothing(bad, name):

@@ -330,6 +330,20 @@ def test_patch_and_describe_name_what_they_take():
         vlprune.describe(None)
 
 
+def test_attn_backend_names_the_allowed_values_and_describe_shows_it():
+    message = r"attn_backend must be one of \['auto', 'sdpa', 'flex'\], got 'cuda'"
+    model = timm.create_model("test_vit").eval()
+    with pytest.raises(ValueError, match=message):
+        vlprune.patch(model, merge_r=2, attn_backend="cuda")
+    vlprune.patch(model, merge_r=2)
+    with pytest.raises(ValueError, match=message):
+        vlprune.configure(model, attn_backend="cuda")
+    assert "attn_backend" not in str(vlprune.describe(model, flops=False)).splitlines()[0]
+    vlprune.configure(model, attn_backend="sdpa")
+    head = str(vlprune.describe(model, flops=False)).splitlines()[0]
+    assert head.endswith("settings: merge_r=2, attn_backend='sdpa'"), head
+
+
 # ---- merge_r beyond what the input can merge ------------------------------------------------
 
 

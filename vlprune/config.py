@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .core.attention import BACKENDS as ATTN_BACKENDS
 from .core.scores import SCORE_NAMES as PRUNE_SCORES
 from .core.select import count_or_ratio
 from .version import __version__
@@ -172,6 +173,13 @@ class ReductionConfig:
             or a per-layer list (see :func:`parse_schedule`). 0 switches merging off.
         prop_attn: proportional attention: add ``log(size)`` of each key token to the attention
             logits so a merged token counts as many as it absorbed (ToMe, Eq. 1).
+        attn_backend: the kernel of the attention a patched block computes with token sizes
+            or text masks: ``"auto"`` (FlexAttention on CUDA, with ``log(size)`` as a
+            ``score_mod`` and padding / causal masks as a block mask, so the GPU keeps a
+            fused kernel; ``scaled_dot_product_attention`` with a float mask on the CPU and
+            when nothing masks or biases), ``"sdpa"`` (always the float mask) or ``"flex"``
+            (always FlexAttention; on the CPU flex's unfused reference, for checks). See
+            :mod:`vlprune.core.attention`.
         trace_source: keep a ``(B, N, N0)`` map of which input tokens each token holds, read with
             :func:`vlprune.get_source` (for visualisation; costs memory).
         prune_keep: score-based pruning: fraction in (0, 1] of the unprotected tokens kept at
@@ -299,6 +307,7 @@ class ReductionConfig:
     prune_recycle: bool = False
     prune_seed: int = 0
     prop_attn: bool = True
+    attn_backend: str = "auto"
     trace_source: bool = False
     text_merge_r: MergeSchedule | None = None
     text_prune_keep: float | list[float] | None = None
@@ -330,6 +339,8 @@ class ReductionConfig:
         for name in ("prop_attn", "trace_source", "prune_fuse", "prune_recycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {list(ATTN_BACKENDS)}, got {self.attn_backend!r}")
         if self.family is not None and not isinstance(self.family, str):
             raise ValueError(f"family must be a string or None, got {self.family!r}")
         if not self.version:
@@ -546,8 +557,8 @@ class ReductionConfig:
         if tower not in ("image", "text"):
             raise ValueError(f"unknown tower {tower!r}; allowed: ['image', 'text']")
         base = dict(
-            prop_attn=self.prop_attn, trace_source=self.trace_source, family=None,
-            version=self.version,
+            prop_attn=self.prop_attn, attn_backend=self.attn_backend,
+            trace_source=self.trace_source, family=None, version=self.version,
         )
         if tower == "image":
             return ReductionConfig(

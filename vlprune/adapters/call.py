@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..core.attention import AttnSpec
 from ..core.scores import AttnInputs
 from ..core.state import TokenState
 
@@ -59,8 +60,9 @@ class CallState:
     # A patched attention module hands its q, k, v to its block, only when asked for.
     capture: bool = False
     attn: AttnInputs | None = None
-    # Size bias for attention modules that take no per-key mask (nn.MultiheadAttention).
-    pending_bias: Tensor | None = None
+    # What shapes the next attention (key bias, text masks) when the patched attention
+    # module computes it itself (nn.MultiheadAttention, or any module on the flex backend).
+    pending_spec: AttnSpec | None = None
     # the ``random`` score's key for this forward (vlprune.core.scores.hash_uniform)
     random_key: int | Tensor = 0
     # Adapter-specific parts (e.g. FastV's kept columns, which live from prefill to decode).

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReductionConfig
+from ..core.attention import attend
 from ..core.scores import AttnInputs
 from .base import (
     Adapter,
@@ -61,7 +62,7 @@ from .hf_common import (
     same_forward,
     transformers_version,
 )
-from .step import enter_block, reduce_step
+from .step import block_attention, enter_block, reduce_step, scoring_bias
 from .text import start_sequence
 
 _BERT = "transformers.models.bert.modeling_bert"
@@ -238,18 +239,21 @@ class _LayerMixin:
             out = super().forward(hidden_states, attention_mask, *args, **kwargs)
             ctx.log(layer, hidden_states.shape[1], out.shape[1])
             return out
-        reduce, bias = todo
+        reduce, spec = todo
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask cannot be combined with token reduction inside the layers (the mask "
                 "follows the token state); call the patched model, not its encoder"
             )
         n_in = hidden_states.shape[1]
-        if not reduce:  # only the mask of the current tokens: upstream adds it to the logits
+        call = ctx.call
+        # the mask of the current tokens, for upstream to add to the logits; or, on the flex
+        # backend, the spec, which the patched self-attention attends with itself
+        bias, call.pending_spec = block_attention(ctx, hidden_states, spec)
+        if not reduce:
             out = super().forward(hidden_states, bias, **kwargs)
             ctx.log(layer, n_in, out.shape[1])
             return out
-        call = ctx.call
         call.capture = True
         x, _ = self.attention(hidden_states, bias, **kwargs)
         x = reduce_step(ctx, layer, x, call.take_attn(), cls_index=0)
@@ -266,14 +270,17 @@ class _LayerMixin:
 
 
 class _SelfAttentionMixin:
-    """Patched ``BertSelfAttention``: upstream forward unless its layer asked for q, k, v."""
+    """Patched ``BertSelfAttention``: upstream forward unless its layer asked for q, k, v or
+    handed it an :class:`~vlprune.core.attention.AttnSpec` (the flex backend: it attends with
+    :func:`~vlprune.core.attention.attend`, returning no attention weights)."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
         call = ctx.call
-        if not call.capture:
+        capture, spec = call.capture, call.pending_spec
+        if not capture and spec is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        call.capture = False
+        call.capture, call.pending_spec = False, None
         for name in ("cache", "past_key_values", "encoder_hidden_states"):
             if kwargs.pop(name, None) is not None:
                 raise ValueError(f"{name} is not available while a BERT-style encoder reduces tokens")
@@ -285,7 +292,14 @@ class _SelfAttentionMixin:
         query = self.query(hidden_states).view(*hidden_shape).transpose(1, 2)
         key = self.key(hidden_states).view(*hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(*hidden_shape).transpose(1, 2)
-        call.attn = AttnInputs(q=query, k=key, v=value, scale=self.scaling, bias=attention_mask)
+        if capture:
+            bias = attention_mask if spec is None else scoring_bias(spec, query.dtype)
+            call.attn = AttnInputs(q=query, k=key, v=value, scale=self.scaling, bias=bias)
+        if spec is not None:
+            dropout = 0.0 if not self.training else self.dropout.p
+            out = attend(query, key, value, spec, scale=self.scaling, dropout_p=dropout,
+                         backend=ctx.config.attn_backend)
+            return out.transpose(1, 2).reshape(*input_shape, -1).contiguous(), None
         attention_interface = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, upstream.eager_attention_forward
         )

@@ -4,8 +4,9 @@ Reduction point: inside each ``ResidualAttentionBlock``, between the attention b
 the MLP branch, as for timm. open_clip 3.x attends with ``nn.MultiheadAttention``; its fused
 path takes no per-key bias and hands out no keys, so at layers that reduce (and after the
 first merge, for proportional attention) the patched ``nn.MultiheadAttention`` computes the
-same projections itself and calls ``scaled_dot_product_attention`` with the size bias. Other
-layers run the upstream modules untouched.
+same projections itself and attends with the size bias (``scaled_dot_product_attention`` with
+a float mask, or FlexAttention: ``attn_backend``). Other layers run the upstream modules
+untouched.
 
 Text towers (``CLIP``'s own text transformer, ``TextTransformer`` of ``CustomTextCLIP`` or
 alone) run the shared text path of :mod:`vlprune.adapters.text` when they reduce: tokens in
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import ReductionConfig
+from ..core.attention import attend
 from ..core.scores import AttnInputs
 from .base import (
     Adapter,
@@ -36,7 +38,7 @@ from .base import (
     swap_class,
 )
 from .call import scoped
-from .step import enter_block, pool_sizes, reduce_step, weighted_mean
+from .step import enter_block, pool_sizes, reduce_step, scoring_bias, weighted_mean
 from .text import TextLayout, random_ids, start_text
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
@@ -81,7 +83,7 @@ class _BlockMixin:
             out = super().forward(q_x, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
             ctx.log(layer, q_x.shape[1], out.shape[1])
             return out
-        reduce, bias = todo
+        reduce, spec = todo
         if attn_mask is not None or k_x is not None or v_x is not None:
             raise ValueError(
                 "attn_mask and cross-attention inputs cannot be combined with token reduction; "
@@ -89,7 +91,7 @@ class _BlockMixin:
             )
         n_in = q_x.shape[1]
         call = ctx.call
-        call.capture, call.pending_bias = reduce, bias
+        call.capture, call.pending_spec = reduce, spec
         x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x)))
         if reduce:
             x = reduce_step(ctx, layer, x, call.take_attn())
@@ -101,18 +103,20 @@ class _BlockMixin:
 class _MHAMixin:
     """Patched ``nn.MultiheadAttention`` (batch-first self-attention with packed in-proj).
 
-    When its block asks for q, k, v or passes a size bias, follows
-    ``torch.nn.functional.multi_head_attention_forward`` with one fused SDPA call;
-    otherwise the upstream forward (and its fast path) runs.
+    When its block asks for q, k, v or passes an :class:`~vlprune.core.attention.AttnSpec`
+    (size bias, text masks), follows ``torch.nn.functional.multi_head_attention_forward`` with
+    one fused attention call (:func:`~vlprune.core.attention.attend`: SDPA with the float mask,
+    or FlexAttention, as ``attn_backend`` says); otherwise the upstream forward (and its fast
+    path) runs.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
         call = ctx.call
-        bias, capture = call.pending_bias, call.capture
-        if bias is None and not capture:
+        spec, capture = call.pending_spec, call.capture
+        if spec is None and not capture:
             return super().forward(query, key, value, *args, **kwargs)
-        call.pending_bias, call.capture = None, False
+        call.pending_spec, call.capture = None, False
         if key is not query or value is not query:
             raise ValueError("vlprune's patched attention handles self-attention only")
         B, N, C = query.shape
@@ -121,10 +125,9 @@ class _MHAMixin:
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         if capture:
-            call.attn = AttnInputs(q=q, k=k, v=v, scale=D**-0.5, bias=bias)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
+            call.attn = AttnInputs(q=q, k=k, v=v, scale=D**-0.5, bias=scoring_bias(spec, q.dtype))
+        out = attend(q, k, v, spec, dropout_p=self.dropout if self.training else 0.0,
+                     backend=ctx.config.attn_backend)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, C)), None
 
 

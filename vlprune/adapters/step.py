@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..core.attention import AttnSpec, uses_flex
 from ..core.plan import take_tokens
 from ..core.ragged import ragged_bipartite, ragged_prune_plan
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
@@ -22,19 +23,37 @@ from .base import PatchContext
 from .call import lookup
 
 
-def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, Tensor | None] | None:
+def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, AttnSpec | None] | None:
     """What a patched block at ``layer`` must do with tokens ``x``: ``None`` when the upstream
-    forward can run untouched, else ``(reduce, bias)``: whether this layer reduces, and the
-    proportional-attention key bias (or ``None``)."""
+    forward can run untouched, else ``(reduce, spec)``: whether this layer reduces, and what
+    shapes its attention (:class:`~vlprune.core.attention.AttnSpec`: the proportional-attention
+    key bias, text masks; ``None`` for plain attention)."""
     state = ctx.state if ctx.enabled else None
     if state is None:
         return None
     reduce = ctx.needs_attn(layer)
-    bias = state.attn_bias(x.dtype, ctx.config.prop_attn)
-    if not reduce and bias is None:
+    spec = state.attn_spec(ctx.config.prop_attn)
+    if not reduce and spec is None:
         return None
     state.check(x)
-    return reduce, bias
+    return reduce, spec
+
+
+def block_attention(ctx: PatchContext, x: Tensor, spec: AttnSpec | None) -> tuple[Tensor | None, AttnSpec | None]:
+    """How a patched block hands ``spec`` to its attention module: ``(mask, None)`` with the
+    dense float mask for an upstream (SDPA / eager) attention call, or ``(None, spec)`` when
+    the configured ``attn_backend`` runs FlexAttention (the patched attention module then
+    computes the attention itself with :func:`~vlprune.core.attention.attend`)."""
+    if spec is None:
+        return None, None
+    if uses_flex(ctx.config.attn_backend, x.device, spec):
+        return None, spec
+    return spec.dense(x.dtype), None
+
+
+def scoring_bias(spec: AttnSpec | None, dtype: torch.dtype) -> Tensor | None:
+    """The dense additive mask the scores read (``AttnInputs.bias``), built only when asked."""
+    return None if spec is None else spec.dense(dtype)
 
 
 def pool_sizes(ctx: PatchContext, x: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import ReductionConfig
-from ..core.attention import size_bias
+from ..core.attention import attend, size_bias
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs
 from .base import (
     Adapter,
@@ -34,7 +34,14 @@ from .base import (
     register_adapter,
     swap_class,
 )
-from .step import enter_block, pool_sizes, reduce_step, weighted_mean
+from .step import (
+    block_attention,
+    enter_block,
+    pool_sizes,
+    reduce_step,
+    scoring_bias,
+    weighted_mean,
+)
 
 MIN_TIMM = (1, 0)
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -102,7 +109,7 @@ class _BlockMixin:
             out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             ctx.log(layer, x.shape[1], out.shape[1])
             return out
-        reduce, bias = todo
+        reduce, spec = todo
         if attn_mask is not None or is_causal:
             raise ValueError(
                 "attn_mask / is_causal cannot be combined with token reduction (the mask would "
@@ -110,6 +117,7 @@ class _BlockMixin:
             )
         n_in = x.shape[1]
         call = ctx.call
+        bias, call.pending_spec = block_attention(ctx, x, spec)  # flex: the attention takes spec
         call.capture = reduce
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
         if reduce:
@@ -120,27 +128,34 @@ class _BlockMixin:
 
 
 class _AttentionMixin:
-    """Patched timm ``Attention``: upstream forward unless the block asked for q, k, v."""
+    """Patched timm ``Attention``: upstream forward unless the block asked for q, k, v or
+    handed it an :class:`~vlprune.core.attention.AttnSpec` (the flex backend)."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         call = ctx.call
-        if not call.capture:
+        capture, spec = call.capture, call.pending_spec
+        if not capture and spec is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        call.capture = False
+        call.capture, call.pending_spec = False, None
         # Follows timm/layers/attention.py::Attention.forward (timm 1.0.31) without the causal
-        # branch (refused by the block), and hands q, k, v to the block for scoring.
+        # branch (refused by the block), hands q, k, v to the block for scoring, and attends
+        # with vlprune's attention (FlexAttention) when the block handed it a spec.
         B, N, _ = x.shape
         gate = getattr(self, "gate", None)
         gate = gate(x).sigmoid() if gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        call.attn = AttnInputs(q=q, k=k, v=v, scale=self.scale, bias=attn_mask)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+        if capture:
+            bias = attn_mask if spec is None else scoring_bias(spec, q.dtype)
+            call.attn = AttnInputs(q=q, k=k, v=v, scale=self.scale, bias=bias)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if spec is not None:
+            x = attend(q, k, v, spec, scale=self.scale, dropout_p=dropout_p,
+                       backend=ctx.config.attn_backend)
+        elif self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:

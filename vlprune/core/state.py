@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import size_bias
+from .attention import AttnSpec
 from .plan import Plan, acc_dtype, dense_source, identity_origin, take_tokens
 
 
@@ -53,7 +53,7 @@ class TokenState:
     slot: Tensor | None = None  # (B, N0) int64
     left: Tensor | None = None  # (B, N0, C), allocated at the first drop
     just_left: Tensor | None = None  # (B, N0) bool: dropped since the adapter last looked
-    _mask: Tensor | None = None  # cached sequence mask of the current tokens
+    _mask: AttnSpec | None = None  # positions / padding of the current tokens, masks cached
 
     @property
     def source(self) -> Tensor | None:
@@ -74,31 +74,29 @@ class TokenState:
                 "top-level forward (or forward_features), which starts a fresh token state"
             )
 
+    def attn_spec(self, prop_attn: bool = True) -> AttnSpec | None:
+        """What shapes the attention of the current tokens, per key (no ``N x N`` tensor), or
+        ``None`` when nothing does: ``log(size)`` as the key bias (proportional attention, if
+        ``prop_attn``), and for sequences the positions (causal) and the padding mask. The
+        masks built from positions and padding are cached until the next compaction."""
+        size = self.size if self.attn_size is None else self.attn_size
+        key_bias = size[..., 0].log() if prop_attn and size is not None else None
+        if self.pos is None and self.valid is None:
+            return None if key_bias is None else AttnSpec(key_bias=key_bias)
+        if self._mask is None:
+            valid = self.valid if self.valid is not None and not bool(self.valid.all()) else None
+            self._mask = AttnSpec(pos=self.pos, valid=valid)
+        if key_bias is None and not self._mask.masked:
+            return None
+        return self._mask.with_bias(key_bias)
+
     def attn_bias(self, dtype, prop_attn: bool = True) -> Tensor | None:
         """The additive attention mask of the current tokens, or ``None`` when there is none:
         ``log(size)`` as ``(B, 1, 1, N)`` (proportional attention, if ``prop_attn``), plus, for
-        sequences, the causal mask by position and the padding mask as ``(B, 1, N, N)``."""
-        size = self.size if self.attn_size is None else self.attn_size
-        bias = size_bias(size, dtype) if prop_attn and size is not None else None
-        if self.pos is None and self.valid is None:
-            return bias
-        if self._mask is None or self._mask.dtype != dtype:
-            self._mask = self._sequence_mask(dtype)
-        if self._mask is None:
-            return bias
-        return self._mask if bias is None else self._mask + bias
-
-    def _sequence_mask(self, dtype) -> Tensor | None:
-        allowed = None
-        if self.pos is not None:
-            allowed = self.pos.unsqueeze(1) <= self.pos.unsqueeze(2)  # key pos <= query pos
-        if self.valid is not None and not bool(self.valid.all()):
-            keys = self.valid.unsqueeze(1)
-            allowed = keys if allowed is None else allowed & keys
-        if allowed is None:
-            return None
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        sequences, the causal mask by position and the padding mask as ``(B, 1, N, N)``
+        (:meth:`AttnSpec.dense` of :meth:`attn_spec`)."""
+        spec = self.attn_spec(prop_attn)
+        return None if spec is None else spec.dense(dtype)
 
     def _follow(self, plan: Plan, x: Tensor) -> None:
         """Move ``slot`` through ``plan``; input positions whose token is dropped keep that

@@ -15,12 +15,12 @@ import sys
 
 from torch import Tensor, nn
 
-from ...core.attention import combine_masks
+from ...core.attention import attend, combine_masks, uses_flex
 from ...core.scores import AttnInputs
 from ..base import PatchContext, UnsupportedModelError, class_path_in_mro
 from ..call import lookup
 from ..hf_common import BIAS_IMPLEMENTATIONS, same_forward, transformers_version
-from ..step import enter_block, reduce_step
+from ..step import enter_block, reduce_step, scoring_bias
 
 CLIP = "transformers.models.clip.modeling_clip"
 SIGLIP = "transformers.models.siglip.modeling_siglip"
@@ -99,7 +99,7 @@ class EncoderLayerMixin:
             out = super().forward(hidden_states, attention_mask, **kwargs)
             ctx.log(layer, hidden_states.shape[1], out.shape[1])
             return out
-        reduce, bias = todo
+        reduce, spec = todo
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask cannot be combined with token reduction (the mask would have to "
@@ -107,7 +107,7 @@ class EncoderLayerMixin:
             )
         n_in = hidden_states.shape[1]
         call = ctx.call
-        call.capture, call.pending_bias = reduce, bias
+        call.capture, call.pending_spec = reduce, spec
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
         x = residual + hidden_states
@@ -120,18 +120,24 @@ class EncoderLayerMixin:
 
 class AttentionMixin:
     """Patched ``CLIPAttention`` / ``SiglipAttention``: upstream forward unless its layer asked
-    for q, k, v or passed a size bias."""
+    for q, k, v or passed an :class:`~vlprune.core.attention.AttnSpec` (size bias, text masks).
+    Then the upstream attention function of the model's attention implementation runs with
+    the spec's float mask, or, where ``attn_backend`` runs FlexAttention, vlprune's
+    :func:`~vlprune.core.attention.attend` (attention weights are not returned then, as with
+    the ``"sdpa"`` implementation)."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
         ctx: PatchContext = self._vlprune_ctx
         call = ctx.call
-        bias, capture = call.pending_bias, call.capture
-        if bias is None and not capture:
+        spec, capture = call.pending_spec, call.capture
+        if spec is None and not capture:
             return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
-        call.pending_bias, call.capture = None, False
+        call.pending_spec, call.capture = None, False
         impl = self.config._attn_implementation
-        if bias is not None and impl not in BIAS_IMPLEMENTATIONS:
+        if spec is not None and impl not in BIAS_IMPLEMENTATIONS:
             raise ValueError(bias_refusal(impl))
+        flex = attention_mask is None and uses_flex(ctx.config.attn_backend, hidden_states.device, spec)
+        bias = None if spec is None or flex else spec.dense(hidden_states.dtype)
         mask = combine_masks(attention_mask, bias, hidden_states.dtype)
         # Follows CLIPAttention.forward / SiglipAttention.forward (transformers 5.23) and hands
         # q, k, v to the layer for scoring.
@@ -142,7 +148,14 @@ class AttentionMixin:
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if capture:
-            call.attn = AttnInputs(q=queries, k=keys, v=values, scale=self.scale, bias=mask)
+            scored = scoring_bias(spec, hidden_states.dtype) if flex else mask
+            call.attn = AttnInputs(q=queries, k=keys, v=values, scale=self.scale, bias=scored)
+        if flex:
+            dropout = 0.0 if not self.training else self.dropout
+            out = attend(queries, keys, values, spec, scale=self.scale, dropout_p=dropout,
+                         backend=ctx.config.attn_backend)
+            out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+            return self.out_proj(out), None
         attention_interface = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
             impl, upstream.eager_attention_forward
         )

@@ -41,15 +41,16 @@ from torch import Tensor, nn
 
 from ...config import ReductionConfig
 from ..base import upstream_class
-from .tower import TOWER_OPTIONS
+from .tower import ATTENTION_OPTIONS, TOWER_OPTIONS
 
 # transformers 5: the HF-native InternVL classes (InternVL2.5 / InternVL3 "-hf" checkpoints)
 INTERNVL_CLASSES = {
     "transformers.models.internvl.modeling_internvl.InternVLForConditionalGeneration": "internvl",
     "transformers.models.internvl.modeling_internvl.InternVLModel": "internvl",
 }
-# LLaVA-1.5's vision tower options, refused here (prop_attn only matters with them)
-_TOWER_NAMES = tuple(n for n in TOWER_OPTIONS if n != "prop_attn")
+# LLaVA-1.5's vision tower options, refused here (prop_attn and attn_backend only matter with
+# them; check_llava_tower refuses attn_backend='flex')
+_TOWER_NAMES = tuple(n for n in TOWER_OPTIONS if n not in ATTENTION_OPTIONS)
 _EXACT = ("visionzip", "prumerge", "prumerge_plus")
 
 

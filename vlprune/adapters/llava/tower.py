@@ -73,8 +73,10 @@ _ANYRES = {
 # The options a LLaVA passes to its vision tower (ReductionConfig.for_tower("image")).
 TOWER_OPTIONS = (
     "merge_r", "prune_keep", "prune_layers", "prune_score", "prune_fuse", "prune_recycle",
-    "prune_seed", "prop_attn", "trace_source",
+    "prune_seed", "prop_attn", "attn_backend", "trace_source",
 )
+# tower options that change no token count (how the tower's attention runs)
+ATTENTION_OPTIONS = ("prop_attn", "attn_backend")
 
 
 def tower_requested(config: ReductionConfig) -> bool:
@@ -85,7 +87,8 @@ def tower_requested(config: ReductionConfig) -> bool:
 
 def _set_options(config: ReductionConfig) -> list[str]:
     default = ReductionConfig()
-    return [n for n in TOWER_OPTIONS if n != "prop_attn" and getattr(config, n) != getattr(default, n)]
+    return [n for n in TOWER_OPTIONS
+            if n not in ATTENTION_OPTIONS and getattr(config, n) != getattr(default, n)]
 
 
 def refuse_anyres_tower(model: nn.Module, config: ReductionConfig) -> None:
@@ -260,6 +263,16 @@ def check_llava_tower(model: nn.Module, config: ReductionConfig) -> None:
     tower, a schedule that fits the layers before the one LLaVA reads, a class token for the
     ``"default"`` strategy. The anyres families refuse tower options."""
     paths = class_path_in_mro(model)
+    llava = not _ANYRES.intersection(paths) and not _LLAVA.isdisjoint(paths)
+    if config.attn_backend == "flex" and not (llava and tower_requested(config)):
+        what = "these settings reduce" if llava else f"{type(model).__name__} reduces"
+        raise ValueError(
+            f"attn_backend='flex' runs the attention of a vision tower that merges or prunes; "
+            f"{what} no tokens inside the vision tower, so no attention would use FlexAttention. "
+            "It works on LlavaForConditionalGeneration / LlavaModel with merge_r or prune_keep "
+            "(and on timm ViT, open_clip, HF CLIP / SigLIP and BERT-style encoders); leave "
+            "attn_backend='auto' here"
+        )
     if _ANYRES.intersection(paths):
         refuse_anyres_tower(model, config)
         return
