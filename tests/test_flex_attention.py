@@ -409,6 +409,10 @@ def test_flex_is_refused_where_no_attention_would_use_it():
     with pytest.raises(ValueError, match="attn_backend='flex'"):
         vlprune.configure(model, attn_backend="flex")
     assert vlprune.get_config(model).attn_backend == "sdpa"
+    from vlprune.models_qwen import build_qwen2_5_vl  # its tower is never patched
+
+    with pytest.raises(ValueError, match="attn_backend not supported on Qwen2_5_VL"):
+        vlprune.patch(build_qwen2_5_vl("tiny"), visual_keep=0.5, attn_backend="flex")
 
 
 # ---- GPU: the compiled kernel ----------------------------------------------------------------

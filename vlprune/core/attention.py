@@ -58,18 +58,16 @@ def combine_masks(attn_mask: Tensor | None, bias: Tensor | None, dtype: torch.dt
     return attn_mask + bias
 
 
+@dataclass(eq=False)
 class MaskCache:
     """The masks built from one set of positions / padding: the dense float mask (for one
     dtype) and flex's block mask (for one shape and device). Attributes, not a dict: a dict
     mutated inside a ``torch.compile`` trace breaks the graph at the next context lookup."""
 
-    __slots__ = ("dense", "dense_dtype", "block", "block_key")
-
-    def __init__(self) -> None:
-        self.dense: Tensor | None = None
-        self.dense_dtype: torch.dtype | None = None
-        self.block = None
-        self.block_key: tuple | None = None
+    dense: Tensor | None = None
+    dense_dtype: torch.dtype | None = None
+    block: object | None = None
+    block_key: tuple | None = None
 
 
 @dataclass(eq=False)
@@ -82,15 +80,18 @@ class AttnSpec:
         pos: ``(B, N)`` int, each token's input position: query ``q`` sees key ``k`` only when
             ``pos[b, k] <= pos[b, q]`` (causal by position), or ``None`` (bidirectional).
         valid: ``(B, N)`` bool, False for padding keys (never attended), or ``None``.
-        cache: the masks built from ``pos`` / ``valid``; specs of the same tokens share it.
+        cache: the masks built from ``pos`` / ``valid`` (with either); specs of the same
+            tokens share it.
     """
 
     key_bias: Tensor | None = None
     pos: Tensor | None = None
     valid: Tensor | None = None
-    cache: MaskCache = field(default_factory=MaskCache, repr=False)
+    cache: MaskCache | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.cache is None and self.masked:
+            self.cache = MaskCache()  # (called here: torch.compile cannot trace a default_factory)
         self._dense: Tensor | None = None  # dense() for one dtype
         self._dense_dtype: torch.dtype | None = None
 
