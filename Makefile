@@ -7,7 +7,7 @@ ASSETS ?= $(if $(VLPRUNE_ASSETS),$(VLPRUNE_ASSETS),$(wildcard ../shared/assets))
 # `make bench`: a first table in about a minute (vit_tiny); `make bench FULL=1`: the vit_base
 # table of the README (ToMe r=8/13/16 and EViT-style pruning, several minutes)
 BENCH_ARGS ?= --model vit_tiny_patch16_224 --merge-r 0,8,16 --prune-keep 0.7 --batch-size 32 \
-	--rounds 4 --iters 1
+	--rounds 6 --iters 1
 FULL_BENCH_ARGS ?= --model vit_base_patch16_224 --merge-r 0,8,13,16 --prune-keep 0.7,0.5 \
 	--batch-size 32 --rounds 5 --iters 1
 
