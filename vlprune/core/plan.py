@@ -96,26 +96,32 @@ class Plan:
             return take_flat(x, keep, B), (None if size is None else take_flat(size, keep, B))
         src = _flat_index(self.src, N)
         dst = _flat_index(self.dst, self.num_kept)
-        # gather first, then weight the gathered copies in place: no (B, N, C) product of
-        # every token, and the same products, sums and quotients as weighting before the gather
-        num = take_flat(x, keep, B).to(acc)
+        out = take_flat(x, keep, B).to(acc)
         merged = take_flat(x, src, B).to(acc)
-        if size is None and self.weight is None:  # every weight is 1: nothing to multiply
-            den = torch.ones(B, self.num_kept, 1, dtype=acc, device=x.device)
-            den = _add_into(den, dst, self._masked(torch.ones_like(merged[..., :1])))
-            num = _add_into(num, dst, self._masked(merged))
-            return num.div_(den).to(x.dtype), den
+        if self.weight is None:
+            # Each survivor moves towards the tokens merged into it, by their share of the
+            # group's size: x_d + sum_j s_j / S (x_j - x_d) with S = s_d + sum_j s_j, the
+            # size-weighted mean. Only the M merged rows are computed on: a survivor nothing
+            # merges into is copied unchanged (not multiplied and divided by its size).
+            s_keep = (torch.ones(B, self.num_kept, 1, dtype=acc, device=x.device) if size is None
+                      else take_flat(size, keep, B))
+            s_src = (torch.ones(B, self.num_merged, 1, dtype=acc, device=x.device) if size is None
+                     else take_flat(size, src, B))
+            s_src = self._masked(s_src)
+            den = _add_into(s_keep, dst, s_src)  # s_keep is a fresh gather: summed in place
+            share = s_src / den.view(-1, 1).index_select(0, dst).view_as(s_src)
+            towards = merged.sub_(take_flat(out, dst, B)).mul_(share)
+            return _add_into(out, dst, towards).to(x.dtype), den
+        # score-weighted groups: weight the gathered copies in place, then divide by the
+        # summed weights (the sizes still add up unweighted)
         if size is None:
             size = torch.ones(B, N, 1, dtype=acc, device=x.device)
-        w = size if self.weight is None else size * self.weight.to(acc)
+        w = size * self.weight.to(acc)
         w_keep, w_src = take_flat(w, keep, B), take_flat(w, src, B)
-        num = _add_into(num.mul_(w_keep), dst, self._masked(merged.mul_(w_src)))
-        den = _add_into(w_keep.clone(), dst, self._masked(w_src))
-        out = num.div_(den).to(x.dtype)
-        if self.weight is None:
-            return out, den
+        num = _add_into(out.mul_(w_keep), dst, self._masked(merged.mul_(w_src)))
+        den = _add_into(w_keep, dst, self._masked(w_src))
         new_size = _add_into(take_flat(size, keep, B), dst, self._masked(take_flat(size, src, B)))
-        return out, new_size
+        return num.div_(den).to(x.dtype), new_size
 
     def _masked(self, values: Tensor) -> Tensor:
         """Zero the merged-in ``values`` (B, M, C) of ``src`` entries that are only dropped."""
@@ -182,7 +188,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _flat_index(index: Tensor, n: int) -> Tensor:
     """``(B, K)`` per-sample indices into ``n`` tokens -> ``(B * K,)`` rows of a flat view."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
+    if n <= 0:  # no tokens: the index is empty
+        return index.reshape(-1)
+    offsets = torch.arange(0, index.shape[0] * n, n, device=index.device).unsqueeze(1)
     return (index + offsets).reshape(-1)
 
 

@@ -58,8 +58,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
         a, b = metric[:, ::2], metric[:, 1::2]
         num_a, num_b = a.shape[1], b.shape[1]
         scores = a @ b.transpose(-1, -2)
-        scores[:, :pa, :] = float("-inf")
-        scores[:, :, :pb] = float("-inf")
+        if pa:
+            scores[:, :pa, :] = float("-inf")
+        if pb:
+            scores[:, :, :pb] = float("-inf")
         # the best similarity of every A token, but its partner only for the r merged ones:
         # amax is an order of magnitude faster than max with indices on the CPU, and argmax
         # of a row picks the same (first) maximum as max would
