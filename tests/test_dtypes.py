@@ -55,6 +55,7 @@ def test_cuda_sdpa_backends_with_size_bias():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _, low, x = _pair(torch.float16, "cuda")
+    vlprune.configure(low, attn_backend="sdpa")  # "auto" takes FlexAttention on CUDA
     x = x.to("cuda", torch.float16)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         expected = low(x).float()
