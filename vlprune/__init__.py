@@ -23,6 +23,7 @@ from .api import (
 )
 from .config import ReductionConfig, parse_schedule
 from .merging import TemporalResult, temporal_merge
+from .tune import TuneResult, tune
 from .version import __version__
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Description",
     "ReductionConfig",
     "TemporalResult",
+    "TuneResult",
     "UnsupportedModelError",
     "check",
     "configure",
@@ -43,5 +45,6 @@ __all__ = [
     "set_guide",
     "supported_text",
     "temporal_merge",
+    "tune",
     "unpatch",
 ]
