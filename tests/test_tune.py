@@ -186,6 +186,54 @@ def test_embedding_output_takes_the_cosine_loss_and_the_same_seed_repeats():
     assert runs[0].losses == runs[1].losses  # augmentation and order from the seed
 
 
+def _open_clip_tower() -> torch.nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=2,
+                             mlp_ratio=2.0, output_dim=16)
+
+
+def _hf_clip_tower() -> torch.nn.Module:
+    import transformers as tf
+
+    return tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=16))
+
+
+def _embedding(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.image_embeds
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf_clip"])
+def test_image_towers_distil_embeddings_and_merge_back(family):
+    """Embedding outputs take the cosine loss; LoRA leaves nn.MultiheadAttention alone (its
+    upstream forward reads out_proj.weight directly) and merges back into the tower's keys."""
+    pytest.importorskip("peft")
+    pytest.importorskip("open_clip" if family == "open_clip" else "transformers")
+    make = _open_clip_tower if family == "open_clip" else _hf_clip_tower
+    torch.manual_seed(0)
+    model = vlprune.patch(make().eval(), merge_r=2)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen = {}
+
+    def last_step(info: TuneStep) -> None:
+        if info.step == info.steps:
+            seen["full"] = _embedding(_clean_out(info.model, x))
+
+    result = vlprune.tune(model, x, steps=4, params="lora", lr=1e-2, batch_size=4,
+                          lora_rank=2, callback=last_step)
+    assert result.loss == "cosine" and result.tuned
+    if family == "open_clip":
+        assert not any("out_proj" in n for n in result.tuned)
+        with pytest.raises(ValueError, match="nn.MultiheadAttention"):
+            vlprune.tune(model, x, steps=1, params="lora", lora_targets=["out_proj"])
+    fresh = make().eval()
+    fresh.load_state_dict(result.state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_embedding(fresh(x)), seen["full"], atol=2e-5, rtol=1e-4)
+
+
 def _write_images(folder: Path, n: int, seed: int) -> None:
     from PIL import Image
 

@@ -729,11 +729,9 @@ def tune(
         num_trained = sum(p.numel() for p in trained)
         del opt, trained
         if peft_model is not None:
-            before = {n: p.detach().clone() for n, p in _base_weights(model).items()}
+            names = _moved_lora_weights(model)
             peft_model.merge_and_unload()
             merged = True
-            own = dict(model.named_parameters())
-            names = [n for n, v in before.items() if not torch.equal(own[n], v)]
         if skipped:
             warnings.warn(f"{len(skipped)} image(s) could not be read and were skipped, e.g. "
                           f"{skipped[0]}", stacklevel=2)
@@ -764,10 +762,13 @@ def _add_lora(model: nn.Module, rank: int, alpha: float | None,
         return peft.get_peft_model(model, cfg)
 
 
-def _base_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The weights LoRA layers wrap, under the names they get back after merging."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".base_layer." in name:
-            out[name.replace(".base_layer.", ".")] = p
+def _moved_lora_weights(model: nn.Module) -> list[str]:
+    """The weights that merging the adapters changes (those whose ``lora_B`` is non-zero;
+    peft starts it at zero), under the names they have again after merging."""
+    out = []
+    for name, module in model.named_modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, nn.ModuleDict) and hasattr(module, "base_layer") and any(
+                bool(m.weight.detach().ne(0).any()) for m in lora_b.values()):
+            out.append(f"{name}.weight")
     return out
