@@ -250,14 +250,6 @@ def test_forward_intermediates():
         assert inter[-1].shape[-2:] == (IMG // 16, IMG // 16)
 
 
-def test_grad_checkpointing_refused():
-    model = _build("test_vit").train()
-    model.set_grad_checkpointing(True)
-    vlprune.patch(model, merge_r=3)
-    with pytest.raises(RuntimeError, match="checkpointing"):
-        model(_x())
-
-
 def test_get_source_needs_trace():
     model = _build("test_vit")
     vlprune.patch(model, merge_r=3)

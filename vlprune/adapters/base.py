@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import ReductionConfig, parse_prune_schedule, parse_schedule
 from ..core.scores import step_key
 from ..core.state import TokenState
-from .call import CallState, current, lookup, new_key, scoped, start
+from .call import CallState, Tape, current, lookup, new_key, scoped, start
 
 ATTR = "_vlprune"
 _ORIG_CLASS = "_vlprune_orig_class"
@@ -189,7 +189,10 @@ class PatchContext:
         score draws the same positions at every eval forward (its key is the seed); in
         training (``training``: the root module's mode) the n-th forward since patch /
         configure draws with its own key (:func:`~vlprune.core.scores.step_key`), so steps
-        differ but the sequence repeats for the same seed."""
+        differ but the sequence repeats for the same seed. With gradients on, a forward that
+        reduces keeps a :class:`~vlprune.adapters.call.Tape` of its blocks' first runs, which
+        a block recomputed by gradient checkpointing replays
+        (:mod:`vlprune.adapters.recompute`)."""
         if torch.compiler.is_compiling():
             call = self.traced_call = CallState()
         else:
@@ -198,6 +201,8 @@ class PatchContext:
         if not self.enabled:
             return None
         call.state = TokenState(num_protected=num_protected, trace_source=self.config.trace_source)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.reduces:
+            call.tape = Tape()  # gradient checkpointing replays the blocks' first runs
         if self.config.prune_score == "random" and self.prunes:
             call.random_key = self.config.prune_seed
             if training:
@@ -207,7 +212,7 @@ class PatchContext:
 
     def log(self, layer: int, tokens_in: int, tokens_out: int) -> None:
         record = self.record
-        if record is not None and self.enabled:
+        if record is not None and self.enabled and self.call.replay is None:  # not a recompute
             record.append(
                 LayerRecord(
                     layer, tokens_in, tokens_out, self.schedule[layer], self.prune_schedule[layer],
@@ -224,25 +229,13 @@ def config_prunes(config: ReductionConfig) -> bool:
     return keep is not None and any(k < 1.0 for k in (keep if isinstance(keep, list) else [keep]))
 
 
-def refuse_grad_checkpointing(ctx: PatchContext, grad_checkpointing: bool) -> None:
-    """Gradient checkpointing recomputes blocks, which would see a different token state."""
-    if ctx.reduces and grad_checkpointing and torch.is_grad_enabled():
-        raise RuntimeError(
-            "token reduction cannot run with gradient checkpointing (the recomputed blocks "
-            "would see a different token state); turn it off: set_grad_checkpointing(False) on "
-            "timm and open_clip models, gradient_checkpointing_disable() on transformers models"
-        )
-
-
 class RootMixin:
     """Behaviour every patched *root* model shares (adapters' model mixins derive from it)."""
 
-    def _vlprune_start(self, num_protected: int, grad_checkpointing: bool) -> None:
-        """Start a forward pass: a fresh token state, and refuse gradient checkpointing while
-        reducing (recomputed blocks would see a different token state)."""
-        ctx: PatchContext = self._vlprune
-        ctx.begin(num_protected, training=self.training)
-        refuse_grad_checkpointing(ctx, grad_checkpointing)
+    def _vlprune_start(self, num_protected: int) -> None:
+        """Start a forward pass: a fresh token state (and, with gradients on, the tape that
+        gradient checkpointing replays: :mod:`vlprune.adapters.recompute`)."""
+        self._vlprune.begin(num_protected, training=self.training)
 
     def _vlprune_check_nlc(self, method, *args, **kwargs) -> None:
         """``forward_intermediates`` may only return token sequences while reducing."""

@@ -20,6 +20,11 @@ Two kinds of values:
 * scoped values (:func:`scoped`): set for the duration of a ``with`` block in this
   thread/task only: ``disabled(model)``, ``describe``'s layer records, the guide embeddings
   a two-tower forward hands its guided tower, and a tower output computed ahead.
+
+A forward that reduces with gradients on also keeps a :class:`Tape` (what each block found
+and decided), so that a block recomputed by gradient checkpointing replays its first run
+(:mod:`vlprune.adapters.recompute`); the recompute runs in a call state of its own
+(:func:`installed`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ def new_key() -> int:
     return next(_KEYS)
 
 
+@dataclass(eq=False)
+class BlockRecord:
+    """One patched block's first run in a forward with gradients: the token state it found
+    (tensors detached from the graph) and the plans its reduction steps made, in order
+    (``None`` where a step removed nothing)."""
+
+    state: TokenState
+    plans: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Tape:
+    """The blocks' records of one forward, by layer (see :mod:`vlprune.adapters.recompute`)."""
+
+    records: dict[int, BlockRecord] = field(default_factory=dict)
+
+
 @dataclass
 class CallState:
     """The state of one forward (or one ``generate``) of one patched tower."""
@@ -67,6 +89,20 @@ class CallState:
     random_key: int | Tensor = 0
     # Adapter-specific parts (e.g. FastV's kept columns, which live from prefill to decode).
     parts: dict[str, Any] = field(default_factory=dict)
+    # A forward with gradients that reduces records each block's first run (gradient
+    # checkpointing replays it): the forward's tape, and the record of the block running now.
+    tape: Tape | None = None
+    recording: BlockRecord | None = None
+    # A recomputed block's call state: the plans of its first run, taken in order instead of
+    # scoring and matching again.
+    replay: Iterator | None = None
+
+    def decided(self, plan):
+        """Note ``plan`` (a reduction step's decision, or ``None``) in the running block's
+        record, if it keeps one; returns ``plan``."""
+        if self.recording is not None:
+            self.recording.plans.append(plan)
+        return plan
 
     def take_attn(self) -> AttnInputs:
         attn, self.attn = self.attn, None
@@ -89,6 +125,17 @@ def start(key: int, call: CallState | None = None) -> CallState:
     call = CallState() if call is None else call
     _CALLS.set({**_CALLS.get(), key: call})
     return call
+
+
+@contextlib.contextmanager
+def installed(key: int, call: CallState) -> Iterator[CallState]:
+    """Make ``call`` the call state of ``key`` here for a ``with`` block, then put back
+    whatever was there (a recomputed block runs in its own call state)."""
+    token = _CALLS.set({**_CALLS.get(), key: call})
+    try:
+        yield call
+    finally:
+        _CALLS.reset(token)
 
 
 def lookup(key: int, name: str, default: Any = None) -> Any:

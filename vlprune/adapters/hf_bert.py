@@ -30,8 +30,9 @@ Output (``text_output``):
 
 Refused while reducing: ``output_hidden_states`` / ``output_attentions``, a cache,
 ``encoder_hidden_states``, attention masks other than ``(B, N)``, rows with fewer than two real
-tokens, gradient checkpointing with gradients on, attention implementations other than eager or
-sdpa; always: decoder configs (``is_decoder``, cross-attention), ``prune_fuse`` (padded rows).
+tokens, attention implementations other than eager or sdpa, the full-length output under
+reentrant gradient checkpointing (:mod:`vlprune.adapters.recompute`); always: decoder configs
+(``is_decoder``, cross-attention), ``prune_fuse`` (padded rows).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from .base import (
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
-    refuse_grad_checkpointing,
     register_adapter,
     swap_class,
     upstream_arguments,
@@ -62,6 +62,7 @@ from .hf_common import (
     same_forward,
     transformers_version,
 )
+from .recompute import run_block
 from .step import block_attention, enter_block, reduce_step, scoring_bias
 from .text import start_sequence
 
@@ -201,11 +202,6 @@ class _BertModelMixin(RootMixin):
         else:
             valid = attention_mask.to(device=x.device).bool()
         layers = self.encoder.layer
-        checkpointing = self.training and (
-            getattr(self, "gradient_checkpointing", False)
-            or any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-        )
-        refuse_grad_checkpointing(ctx, checkpointing)
         full = ctx.config.text_output == "full"
         x, _ = start_sequence(ctx, x, valid, _protected(valid), track=full, training=self.training)
         for layer in layers:
@@ -232,6 +228,11 @@ class _LayerMixin:
     attention, then the reduction step, then the feed-forward chunk."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:
+        # a recompute under gradient checkpointing replays the first run (.recompute)
+        return run_block(self._vlprune_ctx, self._vlprune_layer, hidden_states,
+                         lambda: self._vlprune_forward(hidden_states, attention_mask, *args, **kwargs))
+
+    def _vlprune_forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args, **kwargs) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
         todo = enter_block(ctx, layer, hidden_states)

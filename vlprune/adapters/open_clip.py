@@ -33,11 +33,11 @@ from .base import (
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
-    refuse_grad_checkpointing,
     register_adapter,
     swap_class,
 )
 from .call import scoped
+from .recompute import run_block
 from .step import enter_block, pool_sizes, reduce_step, scoring_bias, weighted_mean
 from .text import TextLayout, random_ids, start_text
 
@@ -49,7 +49,7 @@ class _VisionMixin(RootMixin):
 
     def _vlprune_begin(self) -> None:
         # open_clip always prepends the class embedding: one protected token
-        self._vlprune_start(1, self.transformer.grad_checkpointing)
+        self._vlprune_start(1)
 
     def forward(self, x: Tensor):
         self._vlprune_begin()
@@ -76,6 +76,12 @@ class _BlockMixin:
 
     def forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
                 attn_mask: Tensor | None = None) -> Tensor:
+        # a recompute under gradient checkpointing replays the first run (.recompute)
+        return run_block(self._vlprune_ctx, self._vlprune_layer, q_x,
+                         lambda: self._vlprune_forward(q_x, k_x, v_x, attn_mask))
+
+    def _vlprune_forward(self, q_x: Tensor, k_x: Tensor | None, v_x: Tensor | None,
+                         attn_mask: Tensor | None) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
         todo = enter_block(ctx, layer, q_x)
@@ -236,7 +242,6 @@ def _reduced_text(ctx: PatchContext, tr: nn.Module, ln_final: nn.Module, x: Tens
                   layout: TextLayout, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The transformer and final norm of a reducing text tower on embeddings ``x``: returns
     (pooled token before projection, all tokens)."""
-    refuse_grad_checkpointing(ctx, tr.grad_checkpointing)
     x, slot = start_text(ctx, x, text, layout, padding, training=tr.training)
     x = ln_final(tr(x, attn_mask=None))
     return x[:, slot], x

@@ -7,6 +7,7 @@ a Plan, ToMe matching merges what is left, and the token state follows every com
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -17,10 +18,11 @@ from ..core.attention import AttnSpec, uses_flex
 from ..core.plan import take_tokens
 from ..core.ragged import ragged_bipartite, ragged_prune_plan
 from ..core.scores import NEEDS_CLASS_TOKEN, AttnInputs, compute_scores
-from ..core.select import keep_count, prune_plan
+from ..core.select import FusePlan, keep_count, prune_plan
 from ..merging.bipartite import bipartite_soft_matching, max_merge
 from .base import PatchContext
 from .call import lookup
+from .recompute import next_plan
 
 
 def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, AttnSpec | None] | None:
@@ -28,7 +30,9 @@ def enter_block(ctx: PatchContext, layer: int, x: Tensor) -> tuple[bool, AttnSpe
     forward can run untouched, else ``(reduce, spec)``: whether this layer reduces, and what
     shapes its attention (:class:`~vlprune.core.attention.AttnSpec`: the proportional-attention
     key bias, text masks; ``None`` for plain attention)."""
-    state = ctx.state if ctx.enabled else None
+    call = ctx.call
+    # a recomputed block replays its first run, which reduced (.recompute)
+    state = call.state if call.replay is not None or ctx.enabled else None
     if state is None:
         return None
     reduce = ctx.needs_attn(layer)
@@ -181,50 +185,76 @@ def warn_merge_cap(ctx: PatchContext, layer: int, x: Tensor, num_protected: int)
 
 
 def reduce_step(ctx: PatchContext, layer: int, x: Tensor, attn: AttnInputs, cls_index: int = 0) -> Tensor:
-    """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``."""
+    """Apply layer ``layer``'s pruning and merging to ``x`` (B, N, C); returns the new ``x``.
+
+    The decisions (scores, selection, matching) run without gradients; the tokens are
+    differentiated through the compaction (size-weighted means, EViT's fused token with its
+    class-attention weights). A block recomputed by gradient checkpointing takes the plans of
+    its first run instead (:mod:`vlprune.adapters.recompute`)."""
     call = ctx.call
     state = call.state
     cfg = ctx.config
     P = state.num_protected
-    warn_merge_cap(ctx, layer, x, P)
+    if call.replay is None:
+        warn_merge_cap(ctx, layer, x, P)
     r = ctx.schedule[layer]
     keep = ctx.prune_schedule[layer]
     valid = state.valid  # padded sequences: per-row budgets (vlprune.core.ragged)
     metric = None
     if keep is not None and keep < 1.0:
         n_keep = keep_count(x.shape[1], P, keep)
-        if ctx.guided_by is not None:
-            scores = guided_scores(ctx, x)
-        else:
-            scores = compute_scores(
+        mode = cfg.prune_mode
+        # class-attention scores are EViT's fusion weights: the fused token is their weighted
+        # sum, differentiated through them (so computed with gradients, in a recompute too);
+        # other scores, guided ones included, fuse by a size-weighted mean
+        weight = None
+        if mode == "fuse" and valid is None and ctx.guided_by is None and cfg.prune_score in NEEDS_CLASS_TOKEN:
+            weight = compute_scores(
                 cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
                 key=call.random_key, stream=layer, valid=valid,
             )
-        mode = cfg.prune_mode
-        if mode == "recycle" or r > 0:
-            metric = attn.metric()
-        if valid is not None:
-            plan = ragged_prune_plan(scores, valid, keep, P, mode=mode, metric=metric)
+        if call.replay is not None:
+            plan = next_plan(call)
         else:
-            # class-attention scores are EViT's fusion weights (the fused token is their
-            # weighted sum); other scores, guided ones included, fuse by a size-weighted mean
-            attn_scores = ctx.guided_by is None and cfg.prune_score in NEEDS_CLASS_TOKEN
-            weight = scores if mode == "fuse" and attn_scores else None
-            plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=weight)
+            with torch.no_grad():  # decisions only: the plan holds indices, no graph
+                if weight is not None:
+                    scores = weight
+                elif ctx.guided_by is not None:
+                    scores = guided_scores(ctx, x)
+                else:
+                    scores = compute_scores(
+                        cfg.prune_score, attn, num_protected=P, n_keep=n_keep, cls_index=cls_index,
+                        key=call.random_key, stream=layer, valid=valid,
+                    )
+                if mode == "recycle" or r > 0:
+                    metric = attn.metric()
+                if valid is not None:
+                    plan = ragged_prune_plan(scores, valid, keep, P, mode=mode, metric=metric)
+                else:
+                    fuse = None if weight is None else weight.detach()
+                    plan = prune_plan(scores, n_keep, P, mode=mode, metric=metric, fuse_weight=fuse)
+            call.decided(plan)
+        if weight is not None and isinstance(plan, FusePlan):
+            plan = dataclasses.replace(plan, attn=weight.unsqueeze(-1))  # with its gradient
         if plan is not None:
             x = state.compact(plan, x)
             if metric is not None:
                 metric = take_tokens(metric, plan.keep)
     if r > 0:
         n = x.shape[1]
-        metric = attn.metric() if metric is None else metric
-        if state.valid is not None:
-            plan = ragged_bipartite(metric, state.valid, r, P)
+        if call.replay is not None:
+            plan = next_plan(call)
         else:
-            plan = bipartite_soft_matching(metric, r, P)
+            with torch.no_grad():
+                metric = attn.metric() if metric is None else metric
+                if state.valid is not None:
+                    plan = ragged_bipartite(metric, state.valid, r, P)
+                else:
+                    plan = bipartite_soft_matching(metric, r, P)
+            call.decided(plan)
         if plan is not None:
             x = state.compact(plan, x)
-        if not torch.compiler.is_compiling():
+        if call.replay is None and not torch.compiler.is_compiling():
             merged = lookup(ctx.key, "merged")  # describe's record of what each layer merged
             if merged is not None:
                 merged[(ctx.tower, layer)] = n - x.shape[1]

@@ -34,6 +34,7 @@ from .base import (
     register_adapter,
     swap_class,
 )
+from .recompute import run_block
 from .step import (
     block_attention,
     enter_block,
@@ -62,7 +63,7 @@ class _ViTMixin(RootMixin):
     """Model-level patch of timm ``VisionTransformer``."""
 
     def _vlprune_begin(self) -> None:
-        self._vlprune_start(self.num_prefix_tokens, self.grad_checkpointing)
+        self._vlprune_start(self.num_prefix_tokens)
 
     def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
         self._vlprune_begin()
@@ -102,6 +103,11 @@ class _BlockMixin:
     (timm 1.0.31): every submodule upstream calls is still called, in the same order."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        # a recompute under gradient checkpointing replays the first run (.recompute)
+        return run_block(self._vlprune_ctx, self._vlprune_layer, x,
+                         lambda: self._vlprune_forward(x, attn_mask, is_causal))
+
+    def _vlprune_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
         todo = enter_block(ctx, layer, x)

@@ -123,8 +123,10 @@ def prune_plan(
 
     ``metric`` (B, N, C) is needed for ``recycle``. ``fuse_weight`` (B, N), the class
     token's attention to each token, makes ``fuse`` EViT's: the fused token is the sum of the
-    dropped tokens times their weights (:class:`FusePlan`); without it the fused token is the
-    size-weighted mean of the dropped tokens. Returns ``None`` when every token survives.
+    dropped tokens times their weights (:class:`FusePlan`, which keeps the weights' autograd
+    graph: EViT trains through them); without it the fused token is the size-weighted mean of
+    the dropped tokens. The selection itself runs without gradients. Returns ``None`` when
+    every token survives.
     """
     if mode not in MODES:
         raise ValueError(f"unknown selection mode {mode!r}; allowed: {list(MODES)}")
@@ -147,14 +149,16 @@ def prune_plan(
             last = keep.shape[1] - 1
             src = dropped[:, 1:] if n_drop > 1 else None
             dst = None if src is None else torch.full_like(src, last)
-            if fuse_weight is not None:
-                return FusePlan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,),
-                                attn=fuse_weight.detach().unsqueeze(-1))
-            if src is None:
-                return Plan(keep=keep, num_tokens=N)
-            return Plan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,))
-        if metric is None:
+            if fuse_weight is None:
+                if src is None:
+                    return Plan(keep=keep, num_tokens=N)
+                return Plan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,))
+        elif metric is None:
             raise ValueError("mode='recycle' needs the metric (keys) to find similar tokens")
+    if mode == "fuse":  # EViT: the fused token is differentiated through its weights too
+        return FusePlan(keep=keep, src=src, dst=dst, num_tokens=N, fresh=(last,),
+                        attn=fuse_weight.unsqueeze(-1))
+    with torch.no_grad():
         m = normalize(metric)
         sim = take_tokens(m, dropped) @ take_tokens(m, kept).transpose(1, 2)
         dst = P + sim.argmax(dim=-1)

@@ -20,6 +20,7 @@ from ...core.scores import AttnInputs
 from ..base import PatchContext, UnsupportedModelError, class_path_in_mro
 from ..call import lookup
 from ..hf_common import BIAS_IMPLEMENTATIONS, same_forward, transformers_version
+from ..recompute import run_block
 from ..step import enter_block, reduce_step, scoring_bias
 
 CLIP = "transformers.models.clip.modeling_clip"
@@ -92,6 +93,11 @@ class EncoderLayerMixin:
     (transformers 5.23): every submodule upstream calls is still called, in the same order."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        # a recompute under gradient checkpointing replays the first run (..recompute)
+        return run_block(self._vlprune_ctx, self._vlprune_layer, hidden_states,
+                         lambda: self._vlprune_forward(hidden_states, attention_mask, **kwargs))
+
+    def _vlprune_forward(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
         ctx: PatchContext = self._vlprune_ctx
         layer: int = self._vlprune_layer
         todo = enter_block(ctx, layer, hidden_states)

@@ -24,7 +24,6 @@ from ..base import (
     UnsupportedModelError,
     class_path_in_mro,
     device_dtype,
-    refuse_grad_checkpointing,
     swap_class,
 )
 from ..hf_common import BIAS_IMPLEMENTATIONS
@@ -128,8 +127,6 @@ class TextTowerMixin(RootMixin):
             raise ValueError("You have to specify input_ids")
         ids = input_ids.view(-1, input_ids.shape[-1])
         x = self.embeddings(input_ids=ids, position_ids=position_ids)
-        checkpointing = self.training and getattr(self.encoder, "gradient_checkpointing", False)
-        refuse_grad_checkpointing(ctx, checkpointing)
         padding = None if attention_mask is None else attention_mask.view(ids.shape).bool()
         x, slot = start_text(ctx, x, ids, text_layout(self), padding, training=self.training)
         for layer in self.encoder.layers:

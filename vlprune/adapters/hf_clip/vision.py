@@ -21,10 +21,10 @@ attention branch and the MLP branch, as for timm. What is patched (by
 
 Refused: proportional attention with an attention implementation other than ``eager`` or
 ``sdpa`` (flash attention takes no additive bias), an ``attention_mask`` while reducing,
-encoder layers, attention modules or pooling heads other than the upstream ones, gradient
-checkpointing while reducing. This adapter matches the vision models only, not a whole
-``CLIPModel`` / ``SiglipModel`` (patch ``model.vision_model``); adapters of two-tower models
-and LLaVA (:mod:`vlprune.adapters.llava.tower`) reuse :func:`check_hf_vision_tower` and
+encoder layers, attention modules or pooling heads other than the upstream ones. This
+adapter matches the vision models only, not a whole ``CLIPModel`` / ``SiglipModel`` (patch
+``model.vision_model``); adapters of two-tower models and LLaVA
+(:mod:`vlprune.adapters.llava.tower`) reuse :func:`check_hf_vision_tower` and
 :func:`patch_hf_vision_tower` for the image tower.
 
 The layer and attention mixins are shared with the text towers (:mod:`.layers`); the text
@@ -168,12 +168,7 @@ class VisionTowerMixin(RootMixin):
         cached = take_cached(self._vlprune_ctx, (pixels,))  # a guided forward ran it already
         if cached is not None:
             return cached
-        layers = self.encoder.layers
-        checkpointing = self.training and (
-            getattr(self.encoder, "gradient_checkpointing", False)
-            or any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-        )
-        self._vlprune_start(self._vlprune_num_protected, checkpointing)
+        self._vlprune_start(self._vlprune_num_protected)
         return super().forward(*args, **kwargs)
 
 
