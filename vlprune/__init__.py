@@ -21,6 +21,7 @@ from .api import (
     set_guide,
     unpatch,
 )
+from .calibration import Calibration, calibrate
 from .config import ReductionConfig, parse_schedule
 from .merging import TemporalResult, temporal_merge
 from .tune import TuneResult, tune
@@ -28,11 +29,13 @@ from .version import __version__
 
 __all__ = [
     "__version__",
+    "Calibration",
     "Description",
     "ReductionConfig",
     "TemporalResult",
     "TuneResult",
     "UnsupportedModelError",
+    "calibrate",
     "check",
     "configure",
     "describe",

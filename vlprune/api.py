@@ -47,7 +47,11 @@ def _require_module(model: Any, verb: str) -> None:
 def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings: Any) -> nn.Module:
     """Make ``model`` run on fewer tokens, in place; returns the same ``model``.
 
-    Pass a :class:`ReductionConfig` or its fields as keywords, e.g. ``patch(vit, merge_r=16)``.
+    Pass a :class:`ReductionConfig` or its fields as keywords, e.g. ``patch(vit, merge_r=16)``,
+    or a budget: ``patch(vit, flops=0.5)`` (or ``speedup=2.0``) applies the model's calibrated
+    preset (``vlprune/presets.json``) with ``merge_r`` fitted to the budget by counting FLOPs;
+    a model without a measured preset gets merging alone, fitted the same way, and a warning
+    (:func:`vlprune.calibrate` finds a schedule on your own images).
     Patching an already patched model first undoes the old patch (patching twice equals
     patching once). Unsupported models and invalid settings raise here, not at forward time.
 
@@ -58,6 +62,8 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     _require_module(model, "patch")
     if config is not None and settings:
         raise TypeError("pass either a ReductionConfig or keyword settings, not both")
+    if BUDGET_KEYS & set(settings):
+        return _patch_for_budget(model, settings)
     if config is None:
         unknown = sorted(set(settings) - set(ReductionConfig.field_names()))
         if unknown:
@@ -76,6 +82,37 @@ def patch(model: nn.Module, config: ReductionConfig | None = None, /, **settings
     except BaseException:
         snapshot.put_back()
         raise
+    return model
+
+
+BUDGET_KEYS = {"flops", "speedup"}
+
+
+def _patch_for_budget(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    """``patch(model, flops=0.5)``: the model's calibrated preset (or merging alone when it
+    has none, with a warning) fitted to the budget by counting FLOPs."""
+    from .budget import SEARCH_FIELDS, budget_ratio, fit_budget
+
+    budget = {k: settings.pop(k) for k in list(settings) if k in BUDGET_KEYS}
+    ratio = budget_ratio(budget.get("flops"), budget.get("speedup"))
+    chosen = sorted(set(settings) & set(SEARCH_FIELDS))
+    if chosen:
+        raise TypeError(f"a budget ({', '.join(f'{k}=' for k in budget)}) chooses {chosen} "
+                        "itself; give the budget or those settings, not both")
+    snapshot = PatchSnapshot(model)
+    try:
+        patch(model, **settings)
+        choice = fit_budget(model, ratio, settings)
+        patch(model, choice.config)
+    except BaseException:
+        snapshot.put_back()
+        raise
+    if choice.source != "preset":
+        r = choice.config.merge_r
+        warnings.warn(
+            f"{choice.note}: merge_r={r} fitted to flops={ratio:.3g} by counting FLOPs "
+            f"({choice.flops_ratio:.3f} of the unpatched FLOPs). For a schedule found on your "
+            "own images: vlprune.calibrate(model, images, flops=...)", stacklevel=3)
     return model
 
 

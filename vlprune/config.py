@@ -10,8 +10,11 @@ list (shorter lists are padded with zeros).
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 from .core.attention import BACKENDS as ATTN_BACKENDS
@@ -596,6 +599,61 @@ class ReductionConfig:
                 f"unknown setting(s) {unknown}; known settings: {list(self.field_names())}"
             )
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as JSON-ready values (``merge_r``'s
+        ``(r, inflection)`` ramp becomes ``{"r": r, "inflection": x}``, tuples become lists).
+        :meth:`from_dict` reads it back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "version" or value == f.default:
+                continue
+            if f.name in ("merge_r", "text_merge_r") and isinstance(value, tuple):
+                value = {"r": value[0], "inflection": value[1]}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ReductionConfig:
+        """A config from :meth:`to_dict`'s form (unknown keys raise with the known ones)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a ReductionConfig is read from a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()) - {"version"})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; known settings: {list(cls.field_names())}")
+        kw = {k: v for k, v in data.items() if k != "version"}
+        for name in ("merge_r", "text_merge_r"):
+            ramp = kw.get(name)
+            if isinstance(ramp, dict):
+                if set(ramp) != {"r", "inflection"}:
+                    raise ValueError(f"{name} as an object must be {{'r': R, 'inflection': X}}, got {ramp}")
+                kw[name] = (ramp["r"], ramp["inflection"])
+        return cls(**kw)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON (read back with :meth:`load`, or any CLI's ``--config``)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReductionConfig:
+        """Read a config saved by :meth:`save`, or the ``"config"`` of a saved calibration
+        (``vlprune calibrate --out``)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not JSON ({e}); expected a JSON object of ReductionConfig settings") from None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: {e}") from None
 
     @property
     def is_identity(self) -> bool:

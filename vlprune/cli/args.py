@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ADAPTIVE_VISUAL_SCORES, VISUAL_SCORES
-from ..eval.sweep import OutputPaths, Setting, Sweep
+from ..eval.sweep import OutputPaths, Setting, Sweep, config_label
 from ..models import HF_SHAPES, LLAVA_SHAPES, ModelBuildError, build_model
 
 #: the ``--model`` of bench and describe when none is given
@@ -208,11 +208,32 @@ def parse_setting(text: str) -> dict:
     return out
 
 
+def parse_config_file(text: str):
+    """``--config FILE``: a :class:`~vlprune.ReductionConfig` saved as JSON (by
+    ``vlprune calibrate --out`` or ``ReductionConfig.save``)."""
+    from ..config import ReductionConfig
+
+    try:
+        return ReductionConfig.load(text)
+    except (FileNotFoundError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_reduction_args(p: argparse.ArgumentParser, many: bool, *, visual: bool = True,
                         setting: bool = True) -> None:
     """The reduction options; ``visual=False`` leaves out the llava-only ones and
-    ``setting=False`` the free-form ``--setting`` (a command adding its own)."""
+    ``setting=False`` the free-form ``--setting`` (a command adding its own). ``--config
+    FILE`` (a saved config; one row per file when ``many``) unless the command has its own."""
     rows = " (one row each)" if many else ""
+    if "--config" not in p._option_string_actions:
+        if many:
+            p.add_argument("--config", action="append", type=parse_config_file, default=[],
+                           metavar="FILE", help="a saved ReductionConfig (JSON from vlprune "
+                           "calibrate --out or ReductionConfig.save): one more row; repeatable")
+        else:
+            p.add_argument("--config", type=parse_config_file, default=None, metavar="FILE",
+                           help="a saved ReductionConfig (JSON from vlprune calibrate --out or "
+                           "ReductionConfig.save) instead of the reduction options")
     p.add_argument("--merge-r", type=parse_merge_list, default=None,
                    help=f"ToMe r values{rows}, e.g. 0,8,16; R:INFLECTION for a ramp (16:0.5)")
     p.add_argument("--prune-keep", type=parse_float_list, default=None,
@@ -268,6 +289,7 @@ def settings_from_args(args: argparse.Namespace, default_merge: list,
         rows.append(Setting.of(visual_score=args.visual_score))
     rows += [Setting.of(prune_keep=k, **prune) for k in (args.prune_keep or [])]
     rows += [Setting.of(**kw) for kw in getattr(args, "setting", [])]
+    rows += [Setting(config_label(cfg), cfg) for cfg in getattr(args, "config", None) or []]
     if not rows and default_visual is not None:
         return [Setting.of(visual_keep=k, visual_score=default_score) for k in default_visual]
     return rows or [Setting.of(merge_r=r) for r in default_merge]

@@ -32,6 +32,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
         raise UsageError("describe takes one --merge-r, --prune-keep and/or --visual-keep value")
     prune = prune_options(args)
     check_visual_score(args)
+    if args.config is not None:
+        if args.merge_r or args.prune_keep or args.visual_keep:
+            raise UsageError("give --config FILE or --merge-r / --prune-keep / --visual-keep, "
+                             "not both")
+        model = model_from_args(args)
+        patch(model, args.config)
+        return _print(describe(model), args.json)
     kw = dict(prune_keep=args.prune_keep[0], **prune) if args.prune_keep else {}
     if args.visual_score in ADAPTIVE_VISUAL_SCORES:
         kw["visual_score"] = args.visual_score
@@ -42,9 +49,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
         kw["merge_r"] = args.merge_r[0] if args.merge_r else 16
     model = model_from_args(args)
     patch(model, ReductionConfig(**kw))
-    d = describe(model)
+    return _print(describe(model), args.json)
+
+
+def _print(d, path: str | None) -> int:
     print(d)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(d.to_dict(), f, indent=2)
     return 0

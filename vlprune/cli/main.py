@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from ..adapters import UnsupportedModelError
-from . import bench, check, describe, eval_imagenet, eval_vqa, tune
+from . import bench, calibrate, check, describe, eval_imagenet, eval_vqa, tune
 from .args import EXIT_FAILED, EXIT_STATUS_HELP, EXIT_USAGE, RunError, UsageError
 from .viz import add_viz_arguments, run_viz
 
@@ -62,6 +62,7 @@ def make_parser() -> argparse.ArgumentParser:
     describe.add_parser(sub)
     check.add_parser(sub)
     add_eval_parser(sub)
+    calibrate.add_parser(sub)
     tune.add_parser(sub)
 
     v = sub.add_parser("viz", help="picture of merged and dropped patches per layer",

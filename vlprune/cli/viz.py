@@ -12,7 +12,7 @@ from torch import nn
 from ..core.scores import SCORE_NAMES
 from ..eval.weights import load_weights
 from ..viz import COLOR_MODES, DEFAULT_MODEL, visualize
-from .args import RunError, UsageError, parse_int_tuple, parse_list
+from .args import RunError, UsageError, parse_config_file, parse_int_tuple, parse_list
 
 
 def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
@@ -79,6 +79,9 @@ def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers that prune (default: a quarter, half, three quarters in)")
     parser.add_argument("--prune-score", default=None, choices=SCORE_NAMES,
                         help="how tokens are ranked for pruning (default: cls_attn)")
+    parser.add_argument("--config", type=parse_config_file, default=None, metavar="FILE",
+                        help="a saved ReductionConfig (JSON from vlprune calibrate --out or "
+                        "ReductionConfig.save) instead of the options above")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prune-fuse", action="store_true",
                       help="fuse the dropped tokens into one token (EViT)")
@@ -87,6 +90,10 @@ def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _setting_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.config is not None:
+        if args.merge_r is not None or args.prune_keep is not None:
+            raise ValueError("give --config FILE or --merge-r / --prune-keep, not both")
+        return {k: getattr(args.config, k) for k in args.config.field_names()}
     setting: dict[str, Any] = {}
     if args.merge_r is not None:
         setting["merge_r"] = args.merge_r

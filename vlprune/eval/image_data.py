@@ -215,6 +215,50 @@ class ImageFolderTree(Dataset):
         return _load_path(*self.samples[index], self.transform)
 
 
+class ImageFiles(Dataset):
+    """The image files directly in a folder, sorted by name, without labels (each item's
+    label is -1): unlabeled calibration or tuning images."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
+                 *, limit: int | None = None,
+                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        files = sorted(p for p in self.root.iterdir()
+                       if p.is_file() and p.suffix.lower() in extensions)
+        if not files:
+            raise FileNotFoundError(
+                f"{self.root} holds no images ({', '.join(extensions)}), no class sub-folders "
+                "and no labels.csv"
+            )
+        self.transform = transform
+        self.samples: list[tuple[Path, int]] = [(p, -1) for p in files[:limit]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return _load_path(*self.samples[index], self.transform)
+
+
+def open_images(root: str | os.PathLike, transform: Callable[[Any], Any] | None = None, *,
+                limit: int | None = None) -> Dataset:
+    """The images of a folder, whatever its layout: ``labels.csv`` (:class:`ImageFolderCSV`),
+    class sub-folders (:class:`ImageFolderTree`) or image files alone (:class:`ImageFiles`).
+    For label-free uses (calibration, tuning): labels are carried but need not exist."""
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {path}")
+    if (path / "labels.csv").is_file():
+        return ImageFolderCSV(path, transform, limit=limit)
+    if any(p.is_dir() for p in path.iterdir()):
+        return ImageFolderTree(path, transform, limit=limit)
+    return ImageFiles(path, transform, limit=limit)
+
+
 def _load_path(path: Path, label: int, transform: Callable[[Any], Any] | None) -> tuple[Any, int]:
     from PIL import Image
 
