@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .api import disabled, get_config, is_patched
+from .eval.image_data import open_images
 
 __all__ = [
     "LOSSES",
@@ -69,7 +70,6 @@ __all__ = [
     "TuneResult",
     "TuneStep",
     "default_lora_targets",
-    "open_image_folder",
     "save_state_dict",
     "training_transform",
     "tune",
@@ -302,55 +302,6 @@ def _crop_flip(x: Tensor) -> Tensor:
     return out
 
 
-class _FlatFolder(torch.utils.data.Dataset):
-    """The image files directly inside a folder, sorted; items are ``(image, -1)``."""
-
-    def __init__(self, root: Path, transform: Callable[[Any], Any] | None,
-                 limit: int | None = None) -> None:
-        from .eval.image_data import IMAGE_EXTENSIONS
-
-        self.root = root
-        self.transform = transform
-        files = sorted(p for p in root.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        self.samples = [(p, -1) for p in files[:limit]]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        from .eval.image_data import open_rgb
-
-        img = open_rgb(self.samples[index][0])
-        return (self.transform(img) if self.transform is not None else img), -1
-
-
-def open_image_folder(root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
-                      *, limit: int | None = None) -> torch.utils.data.Dataset:
-    """The images of a folder, labels unused: a folder with ``labels.csv``
-    (:class:`~vlprune.eval.image_data.ImageFolderCSV`, the images it lists), an ImageFolder tree
-    (:class:`~vlprune.eval.image_data.ImageFolderTree`, class sub-folders), or the image files
-    directly inside it. ``limit`` keeps the first ``limit`` images."""
-    from .eval.image_data import ImageFolderCSV, ImageFolderTree
-
-    path = Path(root)
-    if not path.is_dir():
-        raise FileNotFoundError(f"image folder not found: {path}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    if (path / "labels.csv").is_file():
-        data: torch.utils.data.Dataset = ImageFolderCSV(path, transform, limit=limit)
-    elif any(d.is_dir() for d in path.iterdir()) and not (path / "images").is_dir():
-        data = ImageFolderTree(path, transform, limit=limit)
-    else:
-        inner = path / "images"
-        data = _FlatFolder(inner if inner.is_dir() else path, transform, limit)
-    if len(data) == 0:
-        raise ValueError(f"no images in {path} (image files: "
-                         "labels.csv + images, class sub-folders, or images in the folder)")
-    return data
-
-
 class _Images(torch.utils.data.Dataset):
     """Items of a dataset as model-ready tensors (labels dropped), or ``(None, error)`` for
     an image that cannot be read."""
@@ -405,7 +356,7 @@ def _batches(images: Any, model: nn.Module, batch_size: int, augment: Any, num_w
         pil = training_transform(model, augment=bool(augment)) if _can_transform(model) else None
         tensor_aug = None  # a dataset's tensors come through its own transform
     if isinstance(images, Path):
-        images = open_image_folder(images, pil)
+        images = open_images(images, pil)
     data = _Images(images, pil, tensor_aug)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -435,7 +386,7 @@ def _check_images(images: Any) -> Any:
                              f"of model-ready images, got {images.dtype} {tuple(images.shape)}")
         return images
     if isinstance(images, (str, os.PathLike)):
-        open_image_folder(images)  # a missing or empty folder fails here, before any work
+        open_images(images)  # a missing or empty folder fails here, before any work
         return Path(images)
     if isinstance(images, torch.utils.data.Dataset):
         if len(images) == 0:  # type: ignore[arg-type]

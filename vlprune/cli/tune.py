@@ -23,7 +23,8 @@ import torch
 
 from ..api import patch
 from ..config import ReductionConfig
-from ..tune import LOSSES, PARAMS, SAVE_SUFFIXES, TEACHERS, TuneStep, open_image_folder, tune
+from ..eval.image_data import open_images
+from ..tune import LOSSES, PARAMS, SAVE_SUFFIXES, TEACHERS, TuneStep, tune
 from .args import RunError, UsageError, add_reduction_args, prune_options
 
 #: model name prefixes of the image towers built from configs (random weights + --weights)
@@ -87,10 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="no random crops and flips: the evaluation preprocessing")
 
     r = t.add_argument_group("reduction (the student): --config FILE or the options")
-    r.add_argument("--config", metavar="FILE", default=None,
-                   help="a JSON object of ReductionConfig settings (e.g. from vlprune "
-                   'calibrate), or a JSON object holding one under "config"')
-    add_reduction_args(r, many=False, visual=False, setting=False)
+    add_reduction_args(r, many=False, visual=False, setting=False)  # with --config FILE
 
     o = t.add_argument_group("tuning")
     o.add_argument("--params", choices=PARAMS, default="norms-biases",
@@ -129,44 +127,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd)
 
 
-def load_config(path: str) -> ReductionConfig:
-    """A :class:`ReductionConfig` from a JSON file: an object of its settings (lists for the
-    list and tuple settings, ``{"r": R, "inflection": X}`` for a ``merge_r`` ramp), or an
-    object holding one under ``"config"`` (a saved calibration)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{p} is not JSON ({e}); expected a JSON object of ReductionConfig "
-                         "settings") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]
-    if not isinstance(data, dict):
-        raise UsageError(f"{p} holds a JSON {type(data).__name__}; expected an object of "
-                         "ReductionConfig settings, e.g. {\"merge_r\": 8}")
-    data = {k: v for k, v in data.items() if k != "version"}
-    names = ReductionConfig.field_names()
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise UsageError(f"{p}: unknown setting(s) {unknown}; known settings: {list(names)}")
-    for key in ("merge_r", "text_merge_r"):
-        ramp = data.get(key)
-        if isinstance(ramp, dict):
-            if set(ramp) != {"r", "inflection"}:
-                raise UsageError(f"{p}: {key} as an object must be "
-                                 f"{{\"r\": R, \"inflection\": X}}, got {ramp}")
-            data[key] = (ramp["r"], ramp["inflection"])
-    for key in ("prune_layers", "text_prune_layers"):
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
-    try:
-        return ReductionConfig(**data)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{p}: {e}") from None
-
-
 def config_from_args(args: argparse.Namespace) -> ReductionConfig:
     """The student's settings: ``--config`` or the reduction options (one value each)."""
     prune = prune_options(args)
@@ -175,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ReductionConfig:
         if flags:
             raise UsageError("give --config FILE or the reduction options (--merge-r, "
                              "--prune-keep ...), not both")
-        return load_config(args.config)
+        return args.config
     if not flags:
         raise UsageError("give the reduction to tune for: --config FILE, --merge-r R and/or "
                          "--prune-keep K")
@@ -259,7 +219,7 @@ def cmd(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     if config.is_identity:
-        raise UsageError(f"the settings reduce no tokens ({config_dict(config)}): nothing to tune")
+        raise UsageError(f"the settings reduce no tokens ({config.to_dict()}): nothing to tune")
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data folder not found: {data_dir}")
@@ -269,7 +229,7 @@ def cmd(args: argparse.Namespace) -> int:
     if args.weights is None and not args.pretrained:
         warnings.warn(f"{args.model} has random weights (no --weights or --pretrained)",
                       stacklevel=1)
-    images = open_image_folder(data_dir, training_transform(model, augment=not args.no_augment),
+    images = open_images(data_dir, training_transform(model, augment=not args.no_augment),
                                limit=args.limit)
     targets = [s for s in args.lora_targets.split(",") if s.strip()] if args.lora_targets else None
     lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets) \
@@ -305,24 +265,8 @@ def cmd(args: argparse.Namespace) -> int:
         "loss": result.loss, "steps": args.steps, "images": len(images),
         "loss_first": round(first, 6), "loss_last": round(last, 6),
         "tuned_tensors": len(result.tuned), "trained_values": result.num_trained,
-        "skipped": len(result.skipped), "config": config_dict(config), "out": str(path),
+        "skipped": len(result.skipped), "config": config.to_dict(), "out": str(path),
     }))
     return 0
 
 
-def config_dict(config: ReductionConfig) -> dict[str, Any]:
-    """The settings of ``config`` that differ from the defaults, JSON-ready (what
-    :func:`load_config` reads back)."""
-    import dataclasses
-
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name == "version" or value == f.default:
-            continue
-        if f.name in ("merge_r", "text_merge_r") and isinstance(value, tuple):
-            value = {"r": value[0], "inflection": value[1]}
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out

@@ -229,11 +229,6 @@ class ImageFiles(Dataset):
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         files = sorted(p for p in self.root.iterdir()
                        if p.is_file() and p.suffix.lower() in extensions)
-        if not files:
-            raise FileNotFoundError(
-                f"{self.root} holds no images ({', '.join(extensions)}), no class sub-folders "
-                "and no labels.csv"
-            )
         self.transform = transform
         self.samples: list[tuple[Path, int]] = [(p, -1) for p in files[:limit]]
 
@@ -247,16 +242,27 @@ class ImageFiles(Dataset):
 def open_images(root: str | os.PathLike, transform: Callable[[Any], Any] | None = None, *,
                 limit: int | None = None) -> Dataset:
     """The images of a folder, whatever its layout: ``labels.csv`` (:class:`ImageFolderCSV`),
-    class sub-folders (:class:`ImageFolderTree`) or image files alone (:class:`ImageFiles`).
-    For label-free uses (calibration, tuning): labels are carried but need not exist."""
+    class sub-folders (:class:`ImageFolderTree`), or image files alone (:class:`ImageFiles`,
+    in the folder or in its ``images/`` sub-folder). For label-free uses (calibration,
+    tuning): labels are carried but need not exist. An empty folder is refused."""
     path = Path(root)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {path}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    inner = path / "images"
+    subdirs = [p for p in path.iterdir() if p.is_dir() and p != inner]
+    data: Dataset
     if (path / "labels.csv").is_file():
-        return ImageFolderCSV(path, transform, limit=limit)
-    if any(p.is_dir() for p in path.iterdir()):
-        return ImageFolderTree(path, transform, limit=limit)
-    return ImageFiles(path, transform, limit=limit)
+        data = ImageFolderCSV(path, transform, limit=limit)
+    elif subdirs:
+        data = ImageFolderTree(path, transform, limit=limit)
+    else:
+        data = ImageFiles(inner if inner.is_dir() else path, transform, limit=limit)
+    if len(data) == 0:
+        raise ValueError(f"no images in {path} (image files: labels.csv + images, class "
+                         "sub-folders, or images in the folder)")
+    return data
 
 
 def _load_path(path: Path, label: int, transform: Callable[[Any], Any] | None) -> tuple[Any, int]:
