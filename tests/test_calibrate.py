@@ -109,6 +109,26 @@ def test_merge_fit_is_the_smallest_r_within_the_budget(result):
     assert ratio(r) <= 0.6 < ratio(r - 1)
 
 
+def test_finalists_spend_the_rest_of_the_budget(result):
+    """A finalist's filled schedule (r - 1 in the last k layers) fits the budget and easing
+    one layer more does not (independent counts)."""
+    model, x, cal = result
+    base = _flops(model, x[:1])
+    filled = [c for c in cal.candidates if isinstance(c.settings.get("merge_r"), list)]
+    assert filled, "no finalist was filled"
+    for c in filled:
+        sched = c.settings["merge_r"]
+        r, k = max(sched), sched.count(min(sched))
+        assert sched == [r] * (len(sched) - k) + [r - 1] * k and 0 < k < len(sched)
+        more = dict(c.settings, merge_r=[r] * (len(sched) - k - 1) + [r - 1] * (k + 1))
+        for settings, fits in ((c.settings, True), (more, False)):
+            vlprune.patch(model, ReductionConfig(**settings))
+            try:
+                assert (_flops(model, x[:1]) <= 0.6 * base) == fits
+            finally:
+                vlprune.unpatch(model)
+
+
 def test_search_leaves_the_model_as_it_was(result):
     model, x, _ = result
     assert not vlprune.is_patched(model)

@@ -211,6 +211,29 @@ def fit_merge(run: Runner, structure: dict[str, Any], budget: int, x1: Tensor,
     return at(hi)
 
 
+def fill_merge(run: Runner, settings: dict[str, Any], budget: int, x1: Tensor,
+               num_layers: int) -> dict[str, Any]:
+    """Spend what the integer fit left of the budget: with a constant ``r`` (``r - 1`` is over
+    the budget), merge ``r - 1`` in the last ``k`` layers for the largest ``k`` whose counted
+    FLOPs still fit (a per-layer list); ``settings`` unchanged when ``k`` is 0 or ``r`` is not
+    a constant >= 1."""
+    r = settings.get("merge_r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or num_layers < 2:
+        return settings
+
+    def at(k: int) -> dict[str, Any]:
+        return {**settings, "merge_r": [r] * (num_layers - k) + [r - 1] * k}
+
+    lo, hi = 0, num_layers  # at(0) is ``r`` everywhere (fits); at(num_layers) is r - 1 (over)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if run.flops(at(mid), x1) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return settings if lo == 0 else at(lo)
+
+
 def depth_and_r_max(run: Runner, x1: Tensor) -> tuple[int, int]:
     """The image tower's layers (its reduction points, as one forward of the calibration
     output records them) and the largest useful constant ``r`` (half the tokens entering

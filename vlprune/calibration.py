@@ -50,6 +50,7 @@ from .budget import (
     budget_ratio,
     context_of,
     depth_and_r_max,
+    fill_merge,
     fit_merge,
     image_output,
     output_kind,
@@ -117,6 +118,7 @@ class Candidate:
     screen: Score | None = None
     full: Score | None = None
     error: str | None = None
+    fixed: bool = False  # merge_r given by the caller's space, not fitted
 
     def to_dict(self) -> dict[str, Any]:
         try:
@@ -341,7 +343,8 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                 continue
             if n > budget:
                 continue  # a given merge_r over the budget
-            c = Candidate(_label(run.config(fitted)), fitted, n, n / base_flops)
+            c = Candidate(_label(run.config(fitted)), fitted, n, n / base_flops,
+                          fixed="merge_r" in s)
             if any(p.label == c.label for p in pool):
                 continue
             pool.append(c)
@@ -364,9 +367,10 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                 c.screen = compare(refs, run.outputs(xs), kind)
                 bar.update()
         ranked = sorted(usable, key=lambda c: c.screen.key(objective))
-        finals = ranked[:finalists]
+        finals = [_filled(run, c, budget, x1, num_layers, base_flops, pool)
+                  for c in ranked[:finalists]]
         if merge_only is not None and merge_only not in finals:
-            finals.append(merge_only)
+            finals.append(merge_only)  # the reference: ToMe's constant r
         say(f"scoring the best {len(finals)} on all {len(x)} images")
         with progress_bar(len(finals), progress, "finalists", unit="setting") as bar:
             for c in finals:
@@ -384,6 +388,22 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
         seconds=time.perf_counter() - start, flops_baseline=base_flops, candidates=pool,
         merge_only=merge_only,
     )
+
+
+def _filled(run: Runner, c: Candidate, budget: int, x1: Tensor, num_layers: int,
+            base_flops: int, pool: list[Candidate]) -> Candidate:
+    """A finalist with the rest of the budget spent (:func:`~vlprune.budget.fill_merge`),
+    added to ``pool``; ``c`` itself when nothing is left to spend."""
+    if c.fixed:  # a merge_r the caller gave
+        return c
+    settings = fill_merge(run, c.settings, budget, x1, num_layers)
+    if settings is c.settings:
+        return c
+    n = run.flops(settings, x1)
+    filled = Candidate(_label(run.config(settings)), settings, n, n / base_flops,
+                       screen=c.screen)
+    pool.append(filled)
+    return filled
 
 
 def calibrate(model: nn.Module, images: Any, **kwargs: Any) -> ReductionConfig:
