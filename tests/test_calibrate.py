@@ -43,15 +43,17 @@ def _flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-def _kl_agree(model, cfg, x):
+def _kl_agree(model, cfg, x, per_image=False):
     with torch.no_grad():
         ref = model(x).double()
         vlprune.patch(model, cfg)
         out = model(x).double()
         vlprune.unpatch(model)
     p = ref.softmax(-1)
-    kl = (p * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean()
-    return float(kl), float((ref.argmax(-1) == out.argmax(-1)).double().mean())
+    kl = (p * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
+    if per_image:
+        return kl
+    return float(kl.mean()), float((ref.argmax(-1) == out.argmax(-1)).double().mean())
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +89,30 @@ def test_search_scores_equal_plain_forwards(result):
         kl, agree = _kl_agree(model, ReductionConfig(**c.settings), x)
         assert c.full.divergence == pytest.approx(kl, rel=1e-6, abs=1e-9)
         assert c.full.agreement == pytest.approx(agree)
-    assert cal.score.divergence == min(c.full.divergence for c in full)
     kl, _ = _kl_agree(model, cal.config, x)
     assert cal.score.divergence == pytest.approx(kl, rel=1e-6, abs=1e-9)
+    # the lowest KL wins when it beats merging alone by > 2 standard errors of the paired
+    # per-image difference, else merging alone stays
+    best = min(full, key=lambda c: c.full.divergence)
+    mo = cal.merge_only
+    gain = (_kl_agree(model, ReductionConfig(**mo.settings), x, True)
+            - _kl_agree(model, ReductionConfig(**best.settings), x, True))
+    wins = best is mo or float(gain.mean()) > 2 * float(gain.std()) / len(x) ** 0.5
+    expected = best if wins else mo
+    assert cal.config == ReductionConfig(**expected.settings)
+
+
+def test_better_beyond_noise():
+    from vlprune.calibration import Score, better_beyond_noise
+
+    def score(kl):
+        kl = torch.tensor(kl, dtype=torch.float64)
+        return Score(float(kl.mean()), 1.0, len(kl), (kl, torch.ones(len(kl))))
+
+    base = score([0.5, 0.5, 0.5, 0.5])
+    assert better_beyond_noise(score([0.4, 0.41, 0.39, 0.4]), base, "divergence")  # steady gain
+    assert not better_beyond_noise(score([0.1, 0.9, 0.1, 0.8]), base, "divergence")  # noise
+    assert not better_beyond_noise(base, score([0.4, 0.41, 0.39, 0.4]), "divergence")
 
 
 def test_merge_fit_is_the_smallest_r_within_the_budget(result):

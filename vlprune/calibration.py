@@ -19,7 +19,9 @@ schedule is fitted to the budget by *counting* FLOPs (:mod:`vlprune.eval.flops`)
 the smallest ToMe ``r`` whose count is within the budget. Merging alone is a candidate too
 (constant ``r`` and ramps). Every candidate is scored on a seeded subset of the images, the
 best ``finalists`` on all of them, and the lowest divergence wins (ties: higher agreement,
-then fewer FLOPs). The same images, seed and model give the same result.
+then fewer FLOPs) if it beats merging alone by more than ``z`` standard errors of the paired
+per-image difference; else merging alone stays (a hybrid that wins by the noise of a few
+images does not generalise). The same images, seed and model give the same result.
 
 Vision-language models take a visual-token budget instead (``tokens=``): the candidates are
 the visual-token scores at that count, scored by the KL of the language model's next-token
@@ -81,6 +83,8 @@ class Score:
     divergence: float
     agreement: float
     n: int
+    #: per image: the divergence and the agreement (0/1), for paired comparisons
+    per_image: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def key(self, objective: str) -> tuple[float, float]:
         """Sort key, best first."""
@@ -96,12 +100,24 @@ def compare(ref: Tensor, out: Tensor, kind: str) -> Score:
         logp, logq = ref.log_softmax(-1), out.log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1)
         agree = (ref.argmax(-1) == out.argmax(-1)).double()
-        return Score(float(kl.mean()), float(agree.mean()), len(ref))
+        return Score(float(kl.mean()), float(agree.mean()), len(ref), (kl, agree))
     a = torch.nn.functional.normalize(ref.flatten(1), dim=-1)
     b = torch.nn.functional.normalize(out.flatten(1), dim=-1)
     cos = (a * b).sum(-1)
     nearest = (b @ a.T).argmax(-1) == torch.arange(len(a))
-    return Score(float((1 - cos).mean()), float(nearest.double().mean()), len(ref))
+    agree = nearest.double()
+    return Score(float((1 - cos).mean()), float(agree.mean()), len(ref), (1 - cos, agree))
+
+
+def better_beyond_noise(a: Score, b: Score, objective: str, z: float = 2.0) -> bool:
+    """Is ``a`` better than ``b`` on the same images by more than ``z`` standard errors of
+    the paired per-image difference (divergence, or agreement for that objective)?"""
+    if a.per_image is None or b.per_image is None or a.n != b.n or a.n < 2:
+        return a.key(objective) < b.key(objective)
+    i = 1 if objective == "agreement" else 0
+    gain = (a.per_image[i] - b.per_image[i]) * (1 if i else -1)  # > 0: a is better
+    se = float(gain.std()) / math.sqrt(a.n)
+    return float(gain.mean()) > z * se
 
 
 # ------------------------------------------------------------------------------ candidates
@@ -203,6 +219,7 @@ class Calibration:
     flops_baseline: int | None
     candidates: list[Candidate] = field(default_factory=list)
     merge_only: Candidate | None = None
+    note: str = ""  # why the chosen setting won (e.g. merging alone kept: no hybrid beyond noise)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -214,6 +231,7 @@ class Calibration:
                 "screen_images": self.n_screen, "seed": self.seed,
                 "seconds": round(self.seconds, 2), "flops_baseline": self.flops_baseline,
                 "merge_only": None if self.merge_only is None else self.merge_only.to_dict(),
+                "note": self.note,
                 "candidates": [c.to_dict() for c in self.candidates],
             },
         }
@@ -269,6 +287,7 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
            speedup: float | None = None, tokens: int | None = None,
            space: Sequence[Mapping[str, Any]] | None = None, objective: str = "divergence",
            screen: int = 64, finalists: int = 6, batch_size: int = 32, seed: int = 0,
+           z: float = 2.0,
            output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
            progress: bool = True, log: Callable[[str], None] | None = None) -> Calibration:
     """Search reduction settings for the one that keeps ``model``'s own outputs best within
@@ -288,6 +307,10 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
         space: candidate settings to search instead of :func:`candidates` (dicts of
             :class:`ReductionConfig` fields; ``merge_r`` left out is fitted to the budget).
         objective: ``"divergence"`` (KL or cosine distance, the default) or ``"agreement"``.
+        z: the best candidate replaces merging alone (ToMe's constant ``r`` at the budget)
+            only when it is better by more than ``z`` standard errors of the paired per-image
+            difference on all images (a hybrid that wins by the noise of a few images does
+            not generalise); ``z=0`` takes the best candidate as it is.
         screen: images every candidate is scored on (a seeded subset); ``finalists``: the
             candidates then scored on all images.
         output_fn: ``fn(model, batch) -> Tensor`` reading the model's answer (default
@@ -299,6 +322,8 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                         f"{type(model).__name__}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; allowed: {list(OBJECTIVES)}")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
+        raise ValueError(f"z must be a number >= 0 (standard errors), got {z!r}")
     for name, v in (("screen", screen), ("finalists", finalists), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -381,12 +406,21 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                     c.full = compare(ref, run.outputs(x), kind)
                 bar.update()
         best = min(finals, key=lambda c: (*c.full.key(objective), c.flops))
+        reference = merge_only if merge_only is not None and merge_only.full else None
+        kept_reference = reference is not None and best is not reference and not \
+            better_beyond_noise(best.full, reference.full, objective, z)
+        note = f"lowest {objective} of the finalists"
+        if kept_reference:  # a hybrid that wins only by noise of these images
+            note = (f"{best.label} beat merging alone by less than {z:g} standard errors of "
+                    f"the per-image difference on {len(x)} images: merging alone kept")
+            say(note)
+            best = reference
         config = run.config(best.settings)
     return Calibration(
         config=config, budget={"flops": ratio}, flops_ratio=best.flops_ratio, score=best.full,
         kind=kind, objective=objective, n_images=len(x), n_screen=len(sub), seed=seed,
         seconds=time.perf_counter() - start, flops_baseline=base_flops, candidates=pool,
-        merge_only=merge_only,
+        merge_only=merge_only, note=note,
     )
 
 

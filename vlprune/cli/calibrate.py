@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="best candidates then scored on all images (default: 6)")
     s.add_argument("--batch-size", "-b", type=int, default=32, metavar="N")
     s.add_argument("--seed", type=int, default=0, help="seed of the screening subset")
+    s.add_argument("--z", type=float, default=2.0, metavar="Z",
+                   help="a hybrid replaces merging alone only when better by more than Z "
+                   "standard errors of the per-image difference (default: 2; 0: the best as is)")
     o = c.add_argument_group("output")
     o.add_argument("--out", "-o", metavar="PATH", default=None,
                    help="JSON: the config (for --config and ReductionConfig.load) and the "
@@ -123,6 +126,8 @@ def cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.flops is not None and not 0 < args.flops < 1:
         raise UsageError(f"--flops must be in (0, 1), got {args.flops}")
+    if args.z < 0:
+        raise UsageError(f"--z must be >= 0, got {args.z}")
     if args.speedup is not None and not args.speedup > 1:
         raise UsageError(f"--speedup must be > 1, got {args.speedup}")
     if args.threads:
@@ -141,7 +146,8 @@ def cmd(args: argparse.Namespace) -> int:
 
     result = search(model, images, flops=args.flops, speedup=args.speedup,
                     objective=args.objective, screen=args.screen, finalists=args.finalists,
-                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                    batch_size=args.batch_size, seed=args.seed, z=args.z,
+                    progress=not args.no_progress,
                     log=say)
     print(result.table())
     merge = result.merge_only
@@ -149,7 +155,7 @@ def cmd(args: argparse.Namespace) -> int:
         print(f"merging alone at this budget: {merge.label}: divergence "
               f"{merge.full.divergence:.4f}, agreement {100 * merge.full.agreement:.1f}%")
     print(f"chosen: {json.dumps(result.config.to_dict())}  ({result.flops_ratio:.3f} of the "
-          f"FLOPs, {result.seconds:.0f} s)")
+          f"FLOPs, {result.seconds:.0f} s; {result.note})")
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     print(f"wrote {out}", file=sys.stderr)
