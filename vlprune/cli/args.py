@@ -382,3 +382,47 @@ def print_sweep_result(sweep: Sweep, table: Sequence[tuple[str, str, str]], path
             for r in sweep.rows
         },
     }))
+
+
+#: the image towers ``tune`` and ``calibrate`` build by name (their weights from --weights)
+TOWER_PREFIXES = ("open_clip:", "hf_clip:", "hf_siglip:")
+
+
+def image_model_from_args(args: argparse.Namespace, verb: str) -> torch.nn.Module:
+    """The image model of ``--model`` (a timm classifier, or an ``open_clip:`` /
+    ``hf_clip:`` / ``hf_siglip:`` image tower) with ``--weights`` or ``--pretrained``, in eval
+    mode on the CPU (``tune`` and ``calibrate``; ``--num-classes`` / ``--img-size`` where the
+    command has them)."""
+    from ..models import ModelBuildError, build_model, is_vlm
+
+    name = args.model
+    num_classes, img_size = getattr(args, "num_classes", None), getattr(args, "img_size", None)
+    if is_vlm(name):
+        raise UsageError(f"{name}: {verb} takes image classifiers and image towers (timm, "
+                         f"{', '.join(TOWER_PREFIXES)}), not vision-language models")
+    if name.startswith(TOWER_PREFIXES):
+        if args.pretrained or num_classes is not None:
+            raise UsageError(f"--pretrained / --num-classes apply to timm models, not {name}; "
+                             "give its image tower's weights with --weights")
+        try:
+            model = build_model(name, img_size, "cpu", torch.float32, "image")
+        except ModelBuildError as e:
+            if isinstance(e.__cause__, ImportError):
+                raise RunError(str(e)) from e
+            raise UsageError(str(e)) from e
+    else:
+        from ..eval.imagenet import build_classifier
+
+        try:
+            model = build_classifier(name, pretrained=args.pretrained, num_classes=num_classes,
+                                     img_size=img_size)
+        except RuntimeError as e:  # no hub, no timm
+            raise RunError(str(e)) from e
+    if args.weights is not None:
+        from ..eval.weights import load_weights
+
+        try:
+            load_weights(model, args.weights)
+        except RuntimeError as e:  # a checkpoint that does not fit the model: bad input
+            raise UsageError(str(e)) from e
+    return model.eval()

@@ -18,7 +18,7 @@ import torch
 
 from ..calibration import OBJECTIVES, search
 from ..eval.sweep import slug
-from .args import RunError, UsageError, parse_dtype
+from .args import UsageError, image_model_from_args, parse_dtype
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,34 +78,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd)
 
 
-def _build(args: argparse.Namespace) -> torch.nn.Module:
-    from ..eval.imagenet import build_classifier
-    from ..eval.weights import load_weights
-    from ..models import ModelBuildError, build_model
-
-    if ":" not in args.model:
-        try:
-            return build_classifier(args.model, pretrained=args.pretrained, weights=args.weights)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        except RuntimeError as e:
-            if args.weights is not None and "does not match" in str(e):
-                raise UsageError(str(e)) from e
-            raise RunError(str(e)) from e
-    if args.pretrained:
-        raise UsageError(f"--pretrained is for timm models; give {args.model} --weights FILE")
-    try:
-        model = build_model(args.model, None, "cpu", torch.float32, "image", None, None)
-    except ModelBuildError as e:
-        raise UsageError(str(e)) from e
-    if args.weights is not None:
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:
-            raise UsageError(str(e)) from e
-    return model
-
-
 def _images(args: argparse.Namespace, model: torch.nn.Module) -> torch.Tensor:
     from ..eval.image_data import eval_transform, open_images, preload
 
@@ -132,7 +104,7 @@ def cmd(args: argparse.Namespace) -> int:
         raise UsageError(f"--speedup must be > 1, got {args.speedup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _build(args)
+    model = image_model_from_args(args, "calibrate")
     if args.weights is None and not args.pretrained:
         warnings.warn(f"{args.model} has random weights (no --weights or --pretrained): the "
                       "settings found fit random weights, not a trained model", stacklevel=1)

@@ -25,10 +25,9 @@ from ..api import patch
 from ..config import ReductionConfig
 from ..eval.image_data import open_images
 from ..tune import LOSSES, PARAMS, SAVE_SUFFIXES, TEACHERS, TuneStep, tune
-from .args import RunError, UsageError, add_reduction_args, prune_options
+from .args import RunError, UsageError, add_reduction_args, image_model_from_args, prune_options
 
 #: model name prefixes of the image towers built from configs (random weights + --weights)
-TOWER_PREFIXES = ("open_clip:", "hf_clip:", "hf_siglip:")
 
 
 def _positive_float(text: str) -> float:
@@ -150,42 +149,6 @@ def config_from_args(args: argparse.Namespace) -> ReductionConfig:
         raise UsageError(str(e)) from None
 
 
-def build(args: argparse.Namespace) -> torch.nn.Module:
-    """The model of ``--model`` with its weights, in eval mode on the CPU."""
-    from ..models import ModelBuildError, build_model, is_vlm
-
-    name = args.model
-    if is_vlm(name):
-        raise UsageError(f"{name}: tune trains image classifiers and image towers (timm, "
-                         f"{', '.join(TOWER_PREFIXES)}), not vision-language models")
-    if name.startswith(TOWER_PREFIXES):
-        if args.pretrained or args.num_classes is not None:
-            raise UsageError(f"--pretrained / --num-classes apply to timm models, not {name}; "
-                             "give its image tower's weights with --weights")
-        try:
-            model = build_model(name, args.img_size, "cpu", torch.float32, "image")
-        except ModelBuildError as e:
-            if isinstance(e.__cause__, ImportError):
-                raise RunError(str(e)) from e
-            raise UsageError(str(e)) from e
-    else:
-        from ..eval.imagenet import build_classifier
-
-        try:
-            model = build_classifier(name, pretrained=args.pretrained,
-                                     num_classes=args.num_classes, img_size=args.img_size)
-        except RuntimeError as e:  # no hub, no timm
-            raise RunError(str(e)) from e
-    if args.weights is not None:
-        from ..eval.weights import load_weights
-
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:  # a checkpoint that does not fit the model: bad input
-            raise UsageError(str(e)) from e
-    return model.eval()
-
-
 def cmd(args: argparse.Namespace) -> int:
     """``vlprune tune``: check the options, build and patch the model, tune, save."""
     from ..eval.sweep import progress_bar
@@ -224,7 +187,7 @@ def cmd(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data folder not found: {data_dir}")
 
-    model = build(args)
+    model = image_model_from_args(args, "tune")
     patch(model, config)
     if args.weights is None and not args.pretrained:
         warnings.warn(f"{args.model} has random weights (no --weights or --pretrained)",

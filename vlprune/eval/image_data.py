@@ -92,6 +92,16 @@ def image_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _folder(root: str | os.PathLike, limit: int | None) -> Path:
+    """``root`` as a Path, refusing a missing folder or a negative ``limit``."""
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {path}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    return path
+
+
 class ImageFolderCSV(Dataset):
     """Images listed in ``<root>/labels.csv``; items are ``(transform(image), class_index)``.
 
@@ -181,11 +191,7 @@ class ImageFolderTree(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
                  *, limit: int | None = None,
                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        self.root = _folder(root, limit)
         self.transform = transform
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:
@@ -222,11 +228,7 @@ class ImageFiles(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable[[Any], Any] | None = None,
                  *, limit: int | None = None,
                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        self.root = _folder(root, limit)
         files = sorted(p for p in self.root.iterdir()
                        if p.is_file() and p.suffix.lower() in extensions)
         self.transform = transform
