@@ -83,21 +83,23 @@ def test_search_scores_equal_plain_forwards(result):
     """Every candidate scored on all images carries the KL and agreement of a plain forward
     of its config; the chosen one has the lowest KL of them."""
     model, x, cal = result
+    sel, conf = cal.select_images, cal.confirm_images
+    assert sorted(sel + conf) == list(range(len(x))) and len(conf) == len(x) // 2
     full = [c for c in cal.candidates if c.full is not None]
     assert len(full) >= 3
     for c in full:
-        kl, agree = _kl_agree(model, ReductionConfig(**c.settings), x)
+        kl, agree = _kl_agree(model, ReductionConfig(**c.settings), x[sel])
         assert c.full.divergence == pytest.approx(kl, rel=1e-6, abs=1e-9)
         assert c.full.agreement == pytest.approx(agree)
-    kl, _ = _kl_agree(model, cal.config, x)
+    kl, _ = _kl_agree(model, cal.config, x[sel])
     assert cal.score.divergence == pytest.approx(kl, rel=1e-6, abs=1e-9)
-    # the lowest KL wins when it beats merging alone by > 2 standard errors of the paired
-    # per-image difference, else merging alone stays
+    # the lowest KL on the selection half wins when it beats merging alone on the other half
+    # by > 2 standard errors of the paired per-image difference, else merging alone stays
     best = min(full, key=lambda c: c.full.divergence)
     mo = cal.merge_only
-    gain = (_kl_agree(model, ReductionConfig(**mo.settings), x, True)
-            - _kl_agree(model, ReductionConfig(**best.settings), x, True))
-    wins = best is mo or float(gain.mean()) > 2 * float(gain.std()) / len(x) ** 0.5
+    gain = (_kl_agree(model, ReductionConfig(**mo.settings), x[conf], True)
+            - _kl_agree(model, ReductionConfig(**best.settings), x[conf], True))
+    wins = best is mo or float(gain.mean()) > 2 * float(gain.std()) / len(conf) ** 0.5
     expected = best if wins else mo
     assert cal.config == ReductionConfig(**expected.settings)
 
@@ -205,6 +207,7 @@ def test_open_clip_image_encoder_is_scored_by_embeddings():
     cal = search(model, x, flops=0.7, space=SMALL_SPACE, screen=3, finalists=2, progress=False)
     assert cal.kind == "embedding"
     assert cal.config.text_merge_r == 0  # the text tower stays unreduced
+    x = x[cal.select_images]  # the images the score is over
     with torch.no_grad():
         ref = model.encode_image(x)
         vlprune.patch(model, cal.config)

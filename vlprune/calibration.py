@@ -18,10 +18,12 @@ trick, which keeps one patch token before the last MLP of a class-token model), 
 schedule is fitted to the budget by *counting* FLOPs (:mod:`vlprune.eval.flops`) at batch 1:
 the smallest ToMe ``r`` whose count is within the budget. Merging alone is a candidate too
 (constant ``r`` and ramps). Every candidate is scored on a seeded subset of the images, the
-best ``finalists`` on all of them, and the lowest divergence wins (ties: higher agreement,
-then fewer FLOPs) if it beats merging alone by more than ``z`` standard errors of the paired
-per-image difference; else merging alone stays (a hybrid that wins by the noise of a few
-images does not generalise). The same images, seed and model give the same result.
+The images are split in two seeded halves. Every candidate is scored on a subset of the first
+(``screen`` images), the best ``finalists`` on all of it, and the lowest divergence there
+(ties: higher agreement, then fewer FLOPs) is checked on the second half, which chose nothing:
+it wins if it beats merging alone there by more than ``z`` standard errors of the paired
+per-image difference, else merging alone stays (the best of many candidates on some images
+looks better there than it is). The same images, seed and model give the same result.
 
 Vision-language models take a visual-token budget instead (``tokens=``): the candidates are
 the visual-token scores at that count, scored by the KL of the language model's next-token
@@ -132,7 +134,8 @@ class Candidate:
     flops: int | None = None
     flops_ratio: float | None = None
     screen: Score | None = None
-    full: Score | None = None
+    full: Score | None = None  # on the selection images
+    confirm: Score | None = None  # on the confirmation images (the winner and merging alone)
     error: str | None = None
     fixed: bool = False  # merge_r given by the caller's space, not fitted
 
@@ -143,7 +146,7 @@ class Candidate:
             config = {k: repr(v) for k, v in self.settings.items()}
         d: dict[str, Any] = {"label": self.label, "config": config,
                              "flops": self.flops, "flops_ratio": self.flops_ratio}
-        for name in ("screen", "full"):
+        for name in ("screen", "full", "confirm"):
             s = getattr(self, name)
             d[name] = None if s is None else {"divergence": s.divergence,
                                               "agreement": s.agreement, "n": s.n}
@@ -219,6 +222,9 @@ class Calibration:
     flops_baseline: int | None
     candidates: list[Candidate] = field(default_factory=list)
     merge_only: Candidate | None = None
+    #: indices of the images the finalists were ranked on / the winner was confirmed on
+    select_images: list[int] = field(default_factory=list)
+    confirm_images: list[int] = field(default_factory=list)
     note: str = ""  # why the chosen setting won (e.g. merging alone kept: no hybrid beyond noise)
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,7 +234,8 @@ class Calibration:
                 "budget": self.budget, "flops_ratio": self.flops_ratio,
                 "divergence": self.score.divergence, "agreement": self.score.agreement,
                 "output": self.kind, "objective": self.objective, "images": self.n_images,
-                "screen_images": self.n_screen, "seed": self.seed,
+                "screen_images": self.n_screen, "select_images": len(self.select_images),
+                "confirm_images": len(self.confirm_images), "seed": self.seed,
                 "seconds": round(self.seconds, 2), "flops_baseline": self.flops_baseline,
                 "merge_only": None if self.merge_only is None else self.merge_only.to_dict(),
                 "note": self.note,
@@ -309,10 +316,10 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
         objective: ``"divergence"`` (KL or cosine distance, the default) or ``"agreement"``.
         z: the best candidate replaces merging alone (ToMe's constant ``r`` at the budget)
             only when it is better by more than ``z`` standard errors of the paired per-image
-            difference on all images (a hybrid that wins by the noise of a few images does
-            not generalise); ``z=0`` takes the best candidate as it is.
-        screen: images every candidate is scored on (a seeded subset); ``finalists``: the
-            candidates then scored on all images.
+            difference on the confirmation half of the images (which it was not chosen on);
+            ``z=0``: whenever it is better there at all.
+        screen: images of the selection half every candidate is scored on (a seeded subset);
+            ``finalists``: the candidates then scored on the whole selection half.
         output_fn: ``fn(model, batch) -> Tensor`` reading the model's answer (default
             :func:`image_output`).
         progress: a progress bar over the candidates; ``log``: where the steps are told.
@@ -381,8 +388,15 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                              "raise the budget")
         say(f"{len(usable)} candidates fit the budget; scoring each on {min(screen, len(x))} images")
 
+        # selection and confirmation halves: the finalists are ranked on one, and the winner
+        # is checked against merging alone on the other (no winner's curse)
         g = torch.Generator().manual_seed(seed)
-        sub = torch.randperm(len(x), generator=g)[:min(screen, len(x))].sort().values
+        perm = torch.randperm(len(x), generator=g)
+        n_confirm = len(x) // 2 if len(x) >= 4 else 0
+        sel = perm[:len(x) - n_confirm]
+        conf = perm[len(x) - n_confirm:].sort().values
+        sub = sel[:min(screen, len(sel))].sort().values
+        sel = sel.sort().values
         xs, refs = x[sub], ref[sub]
         from .eval.sweep import progress_bar
 
@@ -396,29 +410,36 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
                   for c in ranked[:finalists]]
         if merge_only is not None and merge_only not in finals:
             finals.append(merge_only)  # the reference: ToMe's constant r
-        say(f"scoring the best {len(finals)} on all {len(x)} images")
+        say(f"scoring the best {len(finals)} on {len(sel)} images")
         with progress_bar(len(finals), progress, "finalists", unit="setting") as bar:
             for c in finals:
-                if len(sub) == len(x):
-                    c.full = c.screen
+                if len(sub) == len(sel) and c.screen is not None:
+                    c.full = c.screen  # screened on these very images
                 else:
                     run.set(c.settings)
-                    c.full = compare(ref, run.outputs(x), kind)
+                    c.full = compare(ref[sel], run.outputs(x[sel]), kind)
                 bar.update()
         best = min(finals, key=lambda c: (*c.full.key(objective), c.flops))
-        reference = merge_only if merge_only is not None and merge_only.full else None
-        kept_reference = reference is not None and best is not reference and not \
-            better_beyond_noise(best.full, reference.full, objective, z)
         note = f"lowest {objective} of the finalists"
-        if kept_reference:  # a hybrid that wins only by noise of these images
-            note = (f"{best.label} beat merging alone by less than {z:g} standard errors of "
-                    f"the per-image difference on {len(x)} images: merging alone kept")
-            say(note)
-            best = reference
+        reference = merge_only if merge_only is not None and merge_only.full else None
+        if n_confirm and reference is not None and best is not reference:
+            for c in (best, reference):
+                run.set(c.settings)
+                c.confirm = compare(ref[conf], run.outputs(x[conf]), kind)
+            if better_beyond_noise(best.confirm, reference.confirm, objective, z):
+                note += (f", better than merging alone by more than {z:g} standard errors on "
+                         f"{n_confirm} other images")
+            else:  # a hybrid that wins only by the noise of the images it was chosen on
+                note = (f"{best.label} was not better than merging alone by more than {z:g} "
+                        f"standard errors of the per-image difference on {n_confirm} images it "
+                        "was not chosen on: merging alone kept")
+                say(note)
+                best = reference
         config = run.config(best.settings)
     return Calibration(
         config=config, budget={"flops": ratio}, flops_ratio=best.flops_ratio, score=best.full,
         kind=kind, objective=objective, n_images=len(x), n_screen=len(sub), seed=seed,
+        select_images=sel.tolist(), confirm_images=conf.tolist(),
         seconds=time.perf_counter() - start, flops_baseline=base_flops, candidates=pool,
         merge_only=merge_only, note=note,
     )
@@ -434,8 +455,7 @@ def _filled(run: Runner, c: Candidate, budget: int, x1: Tensor, num_layers: int,
     if settings is c.settings:
         return c
     n = run.flops(settings, x1)
-    filled = Candidate(_label(run.config(settings)), settings, n, n / base_flops,
-                       screen=c.screen)
+    filled = Candidate(_label(run.config(settings)), settings, n, n / base_flops)
     pool.append(filled)
     return filled
 
