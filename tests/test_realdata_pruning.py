@@ -12,11 +12,12 @@ EVIT_LAYERS = (3, 6, 9)
 RANDOM_SEEDS = (0, 1, 2)
 # cls_attn must beat the mean of random pruning (3 seeds) at the same token budget by at least
 # this (measured: 1.3 pt at keep 0.7 and 3.2 pt at keep 0.5, with the counter-hash random
-# score; one image is 0.2 pt; the three seeds' own top-1 spread 2.6 pt at keep 0.7).
+# score; one image is 0.2 pt; the three seeds' own top-1 spread 2.6 pt at keep 0.7). Run at
+# keep 0.5, where the margin is widest (keep 0.7 cost CI another 80 s for a weaker check).
 MIN_MARGIN = 1.0
 
 
-@pytest.mark.parametrize("keep", [0.7, 0.5])
+@pytest.mark.parametrize("keep", [0.5])
 def test_cls_attn_beats_random_at_the_same_budget(vit_tiny_real, keep):
     from vlprune.eval.imagenet import accuracy_sweep
     from vlprune.eval.sweep import Setting
