@@ -323,6 +323,9 @@ def search(model: nn.Module, images: Any, *, flops: float | None = None,
         output_fn: ``fn(model, batch) -> Tensor`` reading the model's answer (default
             :func:`image_output`).
         progress: a progress bar over the candidates; ``log``: where the steps are told.
+
+    The search changes the model's settings as it goes (as :func:`vlprune.configure` does):
+    do not run other forwards of the same model while it runs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vlprune.calibrate() takes the model (a torch.nn.Module) first, got "
