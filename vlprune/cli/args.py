@@ -419,10 +419,16 @@ def image_model_from_args(args: argparse.Namespace, verb: str) -> torch.nn.Modul
         except RuntimeError as e:  # no hub, no timm
             raise RunError(str(e)) from e
     if args.weights is not None:
-        from ..eval.weights import load_weights
-
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:  # a checkpoint that does not fit the model: bad input
-            raise UsageError(str(e)) from e
+        load_weights_arg(model, args.weights)
     return model.eval()
+
+
+def load_weights_arg(model: torch.nn.Module, path: str) -> None:
+    """``--weights PATH`` into ``model``; a checkpoint that does not fit it is bad input
+    (:class:`UsageError`)."""
+    from ..eval.weights import load_weights
+
+    try:
+        load_weights(model, path)
+    except RuntimeError as e:
+        raise UsageError(str(e)) from e

@@ -22,12 +22,12 @@ from ..eval.image_data import (
 )
 from ..eval.imagenet import build_classifier, eval_imagenet, num_classes_of, open_dataset
 from ..eval.sweep import Setting, output_paths, slug
-from ..eval.weights import load_weights
 from .args import (
     RunError,
     UsageError,
     add_reduction_args,
     eval_settings_from_args,
+    load_weights_arg,
     parse_dtype,
     parse_named_setting,
     print_sweep_result,
@@ -192,10 +192,7 @@ def run(args: Any, settings: Sequence[Setting], methods: Mapping[str, str]) -> i
     except RuntimeError as e:  # no hub, no timm
         raise RunError(str(e)) from e
     if args.weights is not None:
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:  # a checkpoint that does not fit the model: bad input
-            raise UsageError(str(e)) from e
+        load_weights_arg(model, args.weights)
     override: dict[str, Any] = {}
     if args.img_size:
         override["input_size"] = (3, args.img_size, args.img_size)

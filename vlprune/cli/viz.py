@@ -10,9 +10,15 @@ from typing import Any
 from torch import nn
 
 from ..core.scores import SCORE_NAMES
-from ..eval.weights import load_weights
 from ..viz import COLOR_MODES, DEFAULT_MODEL, visualize
-from .args import RunError, UsageError, parse_config_file, parse_int_tuple, parse_list
+from .args import (
+    RunError,
+    UsageError,
+    load_weights_arg,
+    parse_config_file,
+    parse_int_tuple,
+    parse_list,
+)
 
 
 def _merge_value(text: str) -> int | tuple[int, float] | list[int]:
@@ -131,10 +137,7 @@ def _build_timm_model(args: argparse.Namespace) -> nn.Module:
         return model
     model = timm.create_model(args.model, pretrained=False)
     if args.weights:
-        try:
-            load_weights(model, args.weights)
-        except RuntimeError as e:  # a checkpoint that does not fit the model
-            raise UsageError(str(e)) from e
+        load_weights_arg(model, args.weights)
     return model
 
 
