@@ -200,6 +200,9 @@ def test_model_args_refused(setup):
         lm.generate_until_multi_round([])
     with pytest.raises(ValueError, match="greedily"):
         lm._greedy_kwargs({"do_sample": True, "temperature": 0.7})
+    gen, until = lm._greedy_kwargs({"max_new_tokens": 5, "temperature": 0, "until": "ASSISTANT:"})
+    assert gen["max_new_tokens"] == 5 and not gen["do_sample"] and until == ["ASSISTANT:"]
+    assert lm._question("<image>\nWhat is it?") == "What is it?"
 
 
 def test_entry_point_registers_the_model():

@@ -5,7 +5,7 @@ visual_score=cls_attn`` loads the model and its processor (:func:`vlprune.eval.v
 patches it with the :class:`~vlprune.config.ReductionConfig` fields given in ``model_args``
 (none: the unpatched model) and answers ``generate_until`` requests by greedy ``generate`` in
 left-padded batches of ``--batch_size``. Each request must carry exactly one image; the
-prompt is the task's text in the family's template (:class:`vlprune.eval.vlm.Prompter`, no
+prompt is the task's text (image placeholders in it removed) in the family's template (:class:`vlprune.eval.vlm.Prompter`, no
 answer suffix added: the task's prompt holds it).
 
 What a run measures goes to the ``throughput`` section of lmms-eval's results JSON
@@ -166,6 +166,13 @@ class VLPruneLMM(lmms):
         return {k: v.to(param.device, param.dtype if v.is_floating_point() else None)
                 if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
 
+    def _question(self, context: str) -> str:
+        """The task's text without image placeholders (the prompt template places the
+        image)."""
+        for placeholder in {"<image>", self.prompter.image_token}:
+            context = context.replace(placeholder, " ")
+        return context.strip()
+
     def _visual(self, request) -> Any:
         _, _, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
@@ -186,7 +193,8 @@ class VLPruneLMM(lmms):
                 gen, until = self._greedy_kwargs(requests[idx[0]].args[1])
                 for j in range(0, len(idx), self.batch_size):
                     chunk = idx[j:j + self.batch_size]
-                    prompts = [self.prompter(requests[i].args[0]) for i in chunk]
+                    prompts = [self.prompter(self._question(requests[i].args[0]))
+                               for i in chunk]
                     images = [self._visual(requests[i]) for i in chunk]
                     for i, res in zip(chunk, self._batch(prompts, images, gen, until, clock)):
                         results[i] = res
